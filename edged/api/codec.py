@@ -1,0 +1,235 @@
+"""Open Inference Protocol (KServe v2) tensors: JSON and the binary extension.
+
+Shared by the server and `edged.client`. A request is untrusted: every size,
+shape and type is checked before any array is built, and nothing is cast.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from edged.errors import InvalidInput
+
+HEADER_LENGTH = "inference-header-content-length"
+MAX_RANK = 16
+MAX_TENSORS = 256
+
+DATATYPES: dict[str, np.dtype] = {
+    "BOOL": np.dtype(np.bool_),
+    "UINT8": np.dtype(np.uint8), "UINT16": np.dtype(np.uint16),
+    "UINT32": np.dtype(np.uint32), "UINT64": np.dtype(np.uint64),
+    "INT8": np.dtype(np.int8), "INT16": np.dtype(np.int16),
+    "INT32": np.dtype(np.int32), "INT64": np.dtype(np.int64),
+    "FP16": np.dtype(np.float16), "FP32": np.dtype(np.float32), "FP64": np.dtype(np.float64),
+}
+DATATYPE_OF: dict[np.dtype, str] = {dtype: name for name, dtype in DATATYPES.items()}
+
+
+def datatype_of(dtype: np.dtype) -> str:
+    try:
+        return DATATYPE_OF[np.dtype(dtype)]
+    except KeyError:
+        raise InvalidInput(f"dtype {dtype} has no Open Inference Protocol datatype") from None
+
+
+@dataclass
+class InferRequest:
+    inputs: dict[str, np.ndarray]
+    id: str | None = None
+    outputs: dict[str, bool] | None = None  # name -> binary; None means all outputs
+    binary_default: bool = False
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_json(data: bytes | memoryview, what: str = "request") -> Any:
+    try:
+        return json.loads(bytes(data))
+    except RecursionError:
+        raise InvalidInput(f"{what} JSON is nested too deeply") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidInput(f"{what} is not valid JSON: {exc}") from None
+
+
+def _expect(value: Any, kind: type | tuple[type, ...], where: str) -> Any:
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        names = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
+        raise InvalidInput(f"{where} must be {_article(names)}")
+    return value
+
+
+def _article(name: str) -> str:
+    return {"dict": "an object", "list": "a list", "str": "a string", "int": "an integer",
+            "bool": "true or false"}.get(name, name)
+
+
+def _shape(value: Any, where: str) -> tuple[int, ...]:
+    _expect(value, list, f"{where}.shape")
+    if len(value) > MAX_RANK:
+        raise InvalidInput(f"{where}.shape has rank {len(value)}, over {MAX_RANK}")
+    for dim in value:
+        if not isinstance(dim, int) or isinstance(dim, bool) or dim < 0:
+            raise InvalidInput(f"{where}.shape must hold non-negative integers, got {value}")
+    return tuple(value)
+
+
+def _from_json_data(data: Any, dtype: np.dtype, shape: tuple[int, ...], where: str) -> np.ndarray:
+    count = math.prod(shape)
+    try:
+        array = np.array(data)
+    except (ValueError, TypeError) as exc:
+        raise InvalidInput(f"{where}.data is not a regular array: {exc}") from None
+    if array.size != count:
+        raise InvalidInput(f"{where}.data has {array.size} elements, shape {list(shape)} needs {count}")
+    kind = array.dtype.kind if array.size else dtype.kind
+    allowed = {"b": "b", "i": "iu", "u": "iu", "f": "iuf"}[dtype.kind]
+    if kind not in allowed:
+        raise InvalidInput(f"{where}.data holds {array.dtype} values, not {datatype_of(dtype)}")
+    if dtype.kind in "iu" and array.size:
+        info = np.iinfo(dtype)
+        if array.min() < info.min or array.max() > info.max:
+            raise InvalidInput(f"{where}.data has values outside the range of {datatype_of(dtype)}")
+    return array.astype(dtype).reshape(shape)
+
+
+def decode_request(body: bytes | memoryview, header_length: int | None) -> InferRequest:
+    """Turn an infer request body (JSON, optionally followed by binary tensors) into arrays."""
+    body = memoryview(body)
+    if header_length is None:
+        header, binary = body, memoryview(b"")
+    else:
+        if not 0 < header_length <= len(body):
+            raise InvalidInput(
+                f"Inference-Header-Content-Length {header_length} does not fit a {len(body)}-byte body"
+            )
+        header, binary = body[:header_length], body[header_length:]
+    doc = _expect(parse_json(header), dict, "request")
+    raw_inputs = _expect(doc.get("inputs"), list, "request.inputs")
+    if not raw_inputs or len(raw_inputs) > MAX_TENSORS:
+        raise InvalidInput(f"request.inputs must hold 1 to {MAX_TENSORS} tensors")
+    inputs: dict[str, np.ndarray] = {}
+    offset = 0
+    for index, raw in enumerate(raw_inputs):
+        where = f"inputs[{index}]"
+        _expect(raw, dict, where)
+        name = _expect(raw.get("name"), str, f"{where}.name")
+        datatype = _expect(raw.get("datatype"), str, f"{where}.datatype")
+        if datatype not in DATATYPES:
+            raise InvalidInput(f"{where}.datatype {datatype!r} is not supported")
+        dtype = DATATYPES[datatype]
+        shape = _shape(raw.get("shape"), where)
+        if name in inputs:
+            raise InvalidInput(f"input {name!r} appears twice")
+        params = _expect(raw.get("parameters", {}), dict, f"{where}.parameters")
+        size = params.get("binary_data_size")
+        if size is not None:
+            _expect(size, int, f"{where}.parameters.binary_data_size")
+            needed = math.prod(shape) * dtype.itemsize
+            if size != needed:
+                raise InvalidInput(
+                    f"input {name!r}: binary_data_size {size} but shape {list(shape)} of {datatype} "
+                    f"needs {needed} bytes"
+                )
+            if offset + size > len(binary):
+                left = len(binary) - offset
+                raise InvalidInput(f"input {name!r}: binary data ends after {left} of {size} bytes")
+            inputs[name] = np.frombuffer(binary[offset : offset + size], dtype=dtype).reshape(shape)
+            offset += size
+        elif "data" in raw:
+            inputs[name] = _from_json_data(raw["data"], dtype, shape, where)
+        else:
+            raise InvalidInput(f"input {name!r} has neither data nor parameters.binary_data_size")
+    if offset != len(binary):
+        raise InvalidInput(f"{len(binary) - offset} bytes of binary data are not claimed by any input")
+    request_params = _expect(doc.get("parameters", {}), dict, "request.parameters")
+    binary_default = bool(request_params.get("binary_data_output", False))
+    outputs = None
+    if "outputs" in doc:
+        outputs = {}
+        for index, raw in enumerate(_expect(doc["outputs"], list, "request.outputs")):
+            _expect(raw, dict, f"outputs[{index}]")
+            name = _expect(raw.get("name"), str, f"outputs[{index}].name")
+            params = _expect(raw.get("parameters", {}), dict, f"outputs[{index}].parameters")
+            outputs[name] = bool(params.get("binary_data", binary_default))
+    request_id = doc.get("id")
+    if request_id is not None:
+        request_id = str(_expect(request_id, (str, int), "request.id"))
+    return InferRequest(inputs, request_id, outputs, binary_default, request_params)
+
+
+def encode_response(
+    model_name: str, model_version: str, outputs: dict[str, np.ndarray], request: InferRequest
+) -> tuple[bytes, int | None]:
+    """Body and JSON header length (None when the body is JSON only)."""
+    wanted = request.outputs
+    if wanted is None:
+        wanted = dict.fromkeys(outputs, request.binary_default)
+    else:
+        unknown = sorted(set(wanted) - set(outputs))
+        if unknown:
+            raise InvalidInput(f"unknown output {unknown[0]!r}; the model gives {sorted(outputs)}")
+    tensors, blobs = _encode_tensors({name: (outputs[name], binary) for name, binary in wanted.items()})
+    doc: dict[str, Any] = {"model_name": model_name, "model_version": model_version, "outputs": tensors}
+    if request.id is not None:
+        doc["id"] = request.id
+    header = json.dumps(doc, separators=(",", ":")).encode()
+    if not blobs:
+        return header, None
+    return b"".join([header, *blobs]), len(header)
+
+
+def _encode_tensors(arrays: dict[str, tuple[np.ndarray, bool]]) -> tuple[list[dict], list[bytes]]:
+    """Tensor descriptions and, for those sent as binary, their raw bytes in order."""
+    tensors, blobs = [], []
+    for name, (value, binary) in arrays.items():
+        array = np.asarray(value)
+        tensor: dict[str, Any] = {"name": name, "datatype": datatype_of(array.dtype), "shape": list(array.shape)}
+        if binary:
+            blob = np.ascontiguousarray(array).tobytes()
+            tensor["parameters"] = {"binary_data_size": len(blob)}
+            blobs.append(blob)
+        else:
+            tensor["data"] = array.ravel().tolist()
+        tensors.append(tensor)
+    return tensors, blobs
+
+
+def encode_request(
+    inputs: dict[str, np.ndarray], *, binary: bool = True, outputs: list[str] | None = None,
+    binary_outputs: bool = True, request_id: str | None = None,
+) -> tuple[bytes, int | None]:
+    """Client side: body and JSON header length for an infer request."""
+    tensors, blobs = _encode_tensors({name: (array, binary) for name, array in inputs.items()})
+    doc: dict[str, Any] = {"inputs": tensors, "parameters": {"binary_data_output": binary_outputs}}
+    if outputs is not None:
+        doc["outputs"] = [{"name": n, "parameters": {"binary_data": binary_outputs}} for n in outputs]
+    if request_id is not None:
+        doc["id"] = request_id
+    header = json.dumps(doc, separators=(",", ":")).encode()
+    if not blobs:
+        return header, None
+    return b"".join([header, *blobs]), len(header)
+
+
+def decode_response(body: bytes, header_length: int | None) -> tuple[dict, dict[str, np.ndarray]]:
+    """Client side: the response document and its output arrays."""
+    view = memoryview(body)
+    header = view if header_length is None else view[:header_length]
+    binary = memoryview(b"") if header_length is None else view[header_length:]
+    doc = parse_json(header, "response")
+    arrays: dict[str, np.ndarray] = {}
+    offset = 0
+    for tensor in doc.get("outputs", []):
+        dtype = DATATYPES[tensor["datatype"]]
+        shape = tuple(tensor["shape"])
+        size = tensor.get("parameters", {}).get("binary_data_size")
+        if size is not None:
+            arrays[tensor["name"]] = np.frombuffer(binary[offset : offset + size], dtype=dtype).reshape(shape)
+            offset += size
+        else:
+            arrays[tensor["name"]] = np.array(tensor["data"], dtype=dtype).reshape(shape)
+    return doc, arrays

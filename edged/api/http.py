@@ -1,0 +1,163 @@
+"""A small, strict HTTP/1.1 reader and writer for one connection.
+
+The API speaks a narrow slice of HTTP (GET and POST with Content-Length,
+keep-alive) to local clients; writing it here keeps a request to a few
+syscalls and lets every limit be enforced where the bytes arrive: header
+size, body size, a deadline for the whole request, and an idle timeout.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from dataclasses import dataclass
+
+MAX_HEADER_BYTES = 16 * 1024
+MAX_HEADERS = 100
+REASONS = {
+    100: "Continue", 200: "OK", 400: "Bad Request", 403: "Forbidden", 404: "Not Found",
+    405: "Method Not Allowed", 408: "Request Timeout", 411: "Length Required",
+    413: "Content Too Large", 431: "Request Header Fields Too Large", 500: "Internal Server Error",
+    501: "Not Implemented", 503: "Service Unavailable", 505: "HTTP Version Not Supported",
+}
+
+
+class HTTPError(Exception):
+    """A request that cannot be read; the connection answers `status` and closes."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class ClientGone(Exception):
+    """The peer closed the connection or let it idle out; nothing to answer."""
+
+
+@dataclass
+class Request:
+    method: str
+    path: str
+    query: str
+    headers: dict[str, str]
+    body: memoryview
+    keep_alive: bool
+
+
+@dataclass
+class Response:
+    status: int
+    body: bytes
+    content_type: str = "application/json"
+    headers: dict[str, str] | None = None
+
+
+class Connection:
+    def __init__(
+        self, sock: socket.socket, *, max_body: int, request_timeout: float, idle_timeout: float
+    ) -> None:
+        self.sock = sock
+        self.max_body = max_body
+        self.request_timeout = request_timeout
+        self.idle_timeout = idle_timeout
+        self.buffer = bytearray()
+
+    def _fill(self, deadline: float, idle: bool = False) -> None:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise ClientGone("idle") if idle else HTTPError(408, "request not received in time")
+        self.sock.settimeout(remaining)
+        try:
+            chunk = self.sock.recv(65536)
+        except TimeoutError:
+            raise ClientGone("idle") if idle else HTTPError(408, "request not received in time") from None
+        except (ConnectionResetError, BrokenPipeError):
+            raise ClientGone("reset") from None
+        if not chunk:
+            raise ClientGone("closed")
+        self.buffer += chunk
+
+    def read_request(self) -> Request:
+        if not self.buffer:
+            self._fill(time.monotonic() + self.idle_timeout, idle=True)
+        deadline = time.monotonic() + self.request_timeout
+        while (end := self.buffer.find(b"\r\n\r\n")) < 0:
+            if len(self.buffer) > MAX_HEADER_BYTES:
+                raise HTTPError(431, f"request head over {MAX_HEADER_BYTES} bytes")
+            self._fill(deadline)
+        if end > MAX_HEADER_BYTES:
+            raise HTTPError(431, f"request head over {MAX_HEADER_BYTES} bytes")
+        head = bytes(self.buffer[:end]).decode("latin-1")
+        del self.buffer[: end + 4]
+        lines = head.split("\r\n")
+        parts = lines[0].split(" ")
+        if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+            raise HTTPError(400, f"malformed request line {lines[0][:80]!r}")
+        method, target, version = parts
+        if len(lines) - 1 > MAX_HEADERS:
+            raise HTTPError(431, f"more than {MAX_HEADERS} header lines")
+        headers: dict[str, str] = {}
+        for line in lines[1:]:
+            name, sep, value = line.partition(":")
+            if not sep or not name or name != name.strip():
+                raise HTTPError(400, f"malformed header line {line[:80]!r}")
+            headers[name.lower()] = value.strip()
+        if "transfer-encoding" in headers:
+            raise HTTPError(411, "chunked bodies are not supported: send Content-Length")
+        length_text = headers.get("content-length", "0")
+        if not length_text.isdigit():
+            raise HTTPError(400, f"bad Content-Length {length_text[:20]!r}")
+        length = int(length_text)
+        if length > self.max_body:
+            raise HTTPError(413, f"body of {length} bytes is over the {self.max_body}-byte limit")
+        if length and headers.get("expect", "").lower() == "100-continue":
+            self.sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+        body = self._read_body(length, deadline)
+        connection = headers.get("connection", "").lower()
+        keep_alive = connection != "close" if version == "HTTP/1.1" else connection == "keep-alive"
+        path, _, query = target.partition("?")
+        return Request(method, path, query, headers, body, keep_alive)
+
+    def _read_body(self, length: int, deadline: float) -> memoryview:
+        if len(self.buffer) >= length:
+            body = bytes(self.buffer[:length])
+            del self.buffer[:length]
+            return memoryview(body)
+        body = bytearray(length)
+        view = memoryview(body)
+        have = len(self.buffer)
+        view[:have] = self.buffer
+        self.buffer.clear()
+        while have < length:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise HTTPError(408, f"body not received in time ({have} of {length} bytes)")
+            self.sock.settimeout(remaining)
+            try:
+                n = self.sock.recv_into(view[have:])
+            except TimeoutError:
+                raise HTTPError(408, f"body not received in time ({have} of {length} bytes)") from None
+            except (ConnectionResetError, BrokenPipeError):
+                raise ClientGone("reset") from None
+            if n == 0:
+                raise ClientGone("closed mid-body")
+            have += n
+        return view
+
+    def send(self, response: Response, keep_alive: bool) -> None:
+        lines = [
+            f"HTTP/1.1 {response.status} {REASONS.get(response.status, 'Unknown')}",
+            f"Content-Type: {response.content_type}",
+            f"Content-Length: {len(response.body)}",
+        ]
+        for name, value in (response.headers or {}).items():
+            lines.append(f"{name}: {value}")
+        if not keep_alive:
+            lines.append("Connection: close")
+        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        self.sock.settimeout(self.request_timeout)
+        if len(response.body) < 65536:
+            self.sock.sendall(head + response.body)
+        else:
+            self.sock.sendall(head)
+            self.sock.sendall(response.body)

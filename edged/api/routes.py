@@ -1,0 +1,230 @@
+"""The Open Inference Protocol endpoints and edged's own extensions.
+
+Handlers call the model manager and turn domain errors into HTTP statuses;
+this is the only place that knows about either.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+import time
+from collections.abc import Callable
+from urllib.parse import unquote
+
+from edged import __version__
+from edged.api import codec
+from edged.api.access import Peer, Rule
+from edged.api.http import Request, Response
+from edged.config import Settings
+from edged.errors import (
+    BackendError,
+    Busy,
+    EdgedError,
+    Forbidden,
+    InvalidInput,
+    ModelNotFound,
+    ModelUnavailable,
+)
+from edged.metrics import PrometheusText
+from edged.models.manager import ModelManager, ServedModel
+
+log = logging.getLogger(__name__)
+
+STATUS_OF: list[tuple[type[Exception], int]] = [
+    (InvalidInput, 400), (Forbidden, 403), (ModelNotFound, 404),
+    (Busy, 503), (ModelUnavailable, 503), (BackendError, 500),
+]
+_MODEL = r"/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?"
+
+
+def json_response(status: int, doc: object) -> Response:
+    return Response(status, json.dumps(doc, separators=(",", ":")).encode())
+
+
+def error_response(status: int, message: str) -> Response:
+    return json_response(status, {"error": message})
+
+
+class Api:
+    def __init__(self, manager: ModelManager, settings: Settings) -> None:
+        self.manager = manager
+        self.settings = settings
+        self.started = time.time()
+        self.socket_rule = Rule.build(
+            settings.socket.allowed_users, settings.socket.allowed_groups, "socket"
+        )
+        self.model_rules = {
+            name: Rule.build(m.allowed_users, m.allowed_groups, f"models.{name}")
+            for name, m in settings.models.items()
+        }
+        self.max_pending = settings.socket.max_pending_requests
+        self.pending = 0
+        self.refused_busy = 0
+        self.counters: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self.routes: list[tuple[str, re.Pattern[str], Callable[..., Response]]] = [
+            ("GET", re.compile(r"/v2/health/live"), self.live),
+            ("GET", re.compile(r"/v2/health/ready"), self.ready),
+            ("GET", re.compile(r"/v2/?"), self.server_metadata),
+            ("GET", re.compile(_MODEL), self.model_metadata),
+            ("GET", re.compile(_MODEL + r"/ready"), self.model_ready),
+            ("POST", re.compile(_MODEL + r"/infer"), self.infer),
+            ("GET", re.compile(r"/metrics"), self.metrics),
+            ("GET", re.compile(r"/v2/edged/status"), self.status),
+        ]
+
+    # --- dispatch -------------------------------------------------------------
+    def handle(self, request: Request, peer: Peer) -> Response:
+        if not self.socket_rule.allows(peer):
+            return error_response(403, f"uid {peer.uid} is not allowed to use this socket")
+        allowed_methods = []
+        for method, pattern, handler in self.routes:
+            match = pattern.fullmatch(request.path)
+            if match is None:
+                continue
+            if method != request.method:
+                allowed_methods.append(method)
+                continue
+            try:
+                params = {k: unquote(v) for k, v in match.groupdict().items() if v is not None}
+                return handler(request, peer, **params)
+            except EdgedError as exc:
+                return error_response(self._status(exc), str(exc))
+            except Exception as exc:  # a bug must cost one request, never the daemon
+                log.exception("unhandled error on %s %s", request.method, request.path)
+                return error_response(500, f"internal error: {type(exc).__name__}: {exc}")
+        if allowed_methods:
+            return error_response(405, f"{request.method} is not allowed on {request.path}")
+        return error_response(404, f"no such endpoint: {request.method} {request.path}")
+
+    @staticmethod
+    def _status(exc: EdgedError) -> int:
+        for kind, status in STATUS_OF:
+            if isinstance(exc, kind):
+                return status
+        return 400
+
+    def _model(self, name: str, peer: Peer, version: str | None = None) -> ServedModel:
+        rule = self.model_rules.get(name)
+        if rule is not None and not rule.allows(peer):
+            raise Forbidden(f"uid {peer.uid} is not allowed to use model {name!r}")
+        return self.manager.get(name, version)
+
+    # --- health and metadata ------------------------------------------------------
+    def live(self, request: Request, peer: Peer) -> Response:
+        return json_response(200, {"live": True})
+
+    def ready(self, request: Request, peer: Peer) -> Response:
+        ready = self.manager.ready()
+        return json_response(200 if ready else 503, {"ready": ready})
+
+    def server_metadata(self, request: Request, peer: Peer) -> Response:
+        return json_response(200, {
+            "name": "edged", "version": __version__, "extensions": ["binary_tensor_data", "edged"],
+        })
+
+    def model_metadata(self, request: Request, peer: Peer, name: str, version: str | None = None) -> Response:
+        served = self._model(name, peer, version)
+        loaded = served.loaded
+
+        def tensors(specs):
+            return [{"name": s.name, "datatype": codec.datatype_of(s.dtype), "shape": list(s.shape)}
+                    for s in specs]
+
+        return json_response(200, {
+            "name": name, "versions": [served.version], "platform": served.selection.backend,
+            "inputs": tensors(loaded.inputs), "outputs": tensors(loaded.outputs),
+            "parameters": {
+                "precision": served.selection.precision, "format": served.manifest.format,
+                "labels": served.manifest.labels, "preprocessing": served.manifest.preprocessing,
+            },
+        })
+
+    def model_ready(self, request: Request, peer: Peer, name: str, version: str | None = None) -> Response:
+        try:
+            self._model(name, peer, version)
+        except ModelUnavailable:
+            return json_response(503, {"name": name, "ready": False})
+        return json_response(200, {"name": name, "ready": True})
+
+    # --- inference ------------------------------------------------------------------
+    def infer(self, request: Request, peer: Peer, name: str, version: str | None = None) -> Response:
+        rule = self.model_rules.get(name)
+        if rule is not None and not rule.allows(peer):
+            raise Forbidden(f"uid {peer.uid} is not allowed to use model {name!r}")
+        with self._lock:
+            if self.pending >= self.max_pending:
+                self.refused_busy += 1
+                raise Busy(f"server busy: {self.pending} requests in progress, try again")
+            self.pending += 1
+        try:
+            header_length = None
+            if codec.HEADER_LENGTH in request.headers:
+                text = request.headers[codec.HEADER_LENGTH]
+                if not text.isdigit():
+                    raise InvalidInput(f"bad Inference-Header-Content-Length {text[:20]!r}")
+                header_length = int(text)
+            decoded = codec.decode_request(request.body, header_length)
+            result = self.manager.infer(name, decoded.inputs, version)
+            body, json_length = codec.encode_response(
+                name, result.model.version, result.outputs, decoded
+            )
+        finally:
+            with self._lock:
+                self.pending -= 1
+        if json_length is None:
+            return Response(200, body)
+        return Response(200, body, "application/octet-stream",
+                        {"Inference-Header-Content-Length": str(json_length)})
+
+    # --- edged extensions --------------------------------------------------------------
+    def status(self, request: Request, peer: Peer) -> Response:
+        return json_response(200, self.status_document())
+
+    def status_document(self) -> dict:
+        return {
+            "version": __version__,
+            "uptime_s": round(time.time() - self.started, 3),
+            "ready": self.manager.ready(),
+            "models": self.manager.status(),
+            "api": {"pending": self.pending, "refused_busy": self.refused_busy, **self.counters},
+        }
+
+    def metrics(self, request: Request, peer: Peer) -> Response:
+        text = PrometheusText()
+        text.family("edged_uptime_seconds", "gauge", "Seconds since the daemon started.")
+        text.sample("edged_uptime_seconds", round(time.time() - self.started, 3))
+        text.family("edged_model_ready", "gauge", "1 when the model serves requests.")
+        served = self.manager.served()
+        for name in sorted(set(served) | set(self.manager.failures)):
+            text.sample("edged_model_ready", int(name in served), {"model": name})
+        text.family("edged_model_info", "gauge", "Active version and backend of each served model.")
+        for name, model in sorted(served.items()):
+            text.sample("edged_model_info", 1, {
+                "model": name, "version": model.version, "backend": model.selection.backend,
+                "precision": model.selection.precision,
+            })
+        stats_by_model = sorted(self.manager.stats.items())
+        text.family("edged_inference_errors_total", "counter", "Inferences the backend failed.")
+        for name, stats in stats_by_model:
+            text.sample("edged_inference_errors_total", stats.errors, {"model": name})
+        text.family("edged_inference_rejected_total", "counter", "Requests refused as invalid.")
+        for name, stats in stats_by_model:
+            text.sample("edged_inference_rejected_total", stats.rejected, {"model": name})
+        text.family("edged_inference_seconds", "histogram", "Time spent in the backend per inference.")
+        for name, stats in stats_by_model:
+            text.histogram("edged_inference_seconds", stats.latency, {"model": name})
+        text.family("edged_api_pending_requests", "gauge", "Inference requests in progress.")
+        text.sample("edged_api_pending_requests", self.pending)
+        text.family("edged_api_events_total", "counter", "Connection-level events on the socket.")
+        text.sample("edged_api_events_total", self.refused_busy, {"event": "refused_busy"})
+        for event, count in sorted(self.counters.items()):
+            text.sample("edged_api_events_total", count, {"event": event})
+        return Response(200, text.render(), "text/plain; version=0.0.4")
+
+    def count(self, event: str) -> None:
+        with self._lock:
+            self.counters[event] = self.counters.get(event, 0) + 1

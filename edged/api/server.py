@@ -1,0 +1,188 @@
+"""The Unix socket listener: binds safely, caps connections, one thread each.
+
+A thread per connection keeps a request on the fast path (blocking recv,
+inference with the GIL released, sendall) and isolates slow clients: a
+client that trickles bytes only ever holds its own thread, until its
+deadline. Past `max_connections`, new connections get 503 and are closed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import grp
+import logging
+import os
+import socket
+import threading
+from pathlib import Path
+
+from edged.api.access import Peer
+from edged.api.http import ClientGone, Connection, HTTPError, Response
+from edged.api.routes import Api, error_response
+from edged.config import SocketSettings
+from edged.errors import EdgedError
+
+log = logging.getLogger(__name__)
+SOCKET_MODE = 0o660
+
+
+class SocketInUse(EdgedError):
+    """Another process answers on the socket path."""
+
+
+def bind_unix_socket(path: Path, group: str | None, mode: int = SOCKET_MODE) -> socket.socket:
+    """Bind `path` with its final mode and group already set, replacing only a stale socket.
+
+    The socket is bound under a temporary name, given its mode and group, and
+    renamed into place, so there is never a moment when it is reachable with
+    looser permissions.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() or path.is_symlink():
+        if not path.is_socket() or path.is_symlink():
+            raise SocketInUse(f"{path} exists and is not a socket; refusing to replace it")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(path))
+        except ConnectionRefusedError:
+            log.info("replacing stale socket %s", path)
+        except OSError as exc:
+            if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT):
+                raise
+        else:
+            raise SocketInUse(f"another process is serving on {path}")
+        finally:
+            probe.close()
+    gid = -1
+    if group:
+        try:
+            gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise EdgedError(f"socket.group: no such group {group!r}") from None
+    temporary = path.with_name(f".{path.name}.{os.getpid()}")
+    with contextlib.suppress(FileNotFoundError):
+        temporary.unlink()
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        listener.bind(str(temporary))
+        os.chmod(temporary, mode)
+        if gid != -1:
+            os.chown(temporary, -1, gid)
+        os.rename(temporary, path)
+    except BaseException:
+        listener.close()
+        with contextlib.suppress(FileNotFoundError):
+            temporary.unlink()
+        raise
+    listener.listen(128)
+    return listener
+
+
+class ApiServer:
+    def __init__(self, settings: SocketSettings, api: Api, listener: socket.socket | None = None) -> None:
+        self.settings = settings
+        self.api = api
+        self.inherited = listener is not None
+        self.listener = listener
+        self._connections: dict[socket.socket, bool] = {}  # socket -> busy with a request
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def path(self) -> Path:
+        return self.settings.path
+
+    def start(self) -> None:
+        if self.listener is None:
+            self.listener = bind_unix_socket(self.settings.path, self.settings.group)
+        self.listener.settimeout(0.25)
+        self._thread = threading.Thread(target=self._accept_loop, name="api-accept", daemon=True)
+        self._thread.start()
+
+    def _accept_loop(self) -> None:
+        assert self.listener is not None
+        while not self._stopping.is_set():
+            try:
+                sock, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            except OSError as exc:
+                if self._stopping.is_set():
+                    return
+                log.warning("accept failed: %s", exc)
+                continue
+            with self._lock:
+                full = len(self._connections) >= self.settings.max_connections
+                if not full:
+                    self._connections[sock] = False
+            if full:
+                self.api.count("refused_connections")
+                self._refuse(sock)
+                continue
+            threading.Thread(target=self._serve, args=(sock,), name="api-conn", daemon=True).start()
+
+    def _refuse(self, sock: socket.socket) -> None:
+        try:
+            sock.settimeout(1.0)
+            conn = Connection(sock, max_body=0, request_timeout=1.0, idle_timeout=1.0)
+            limit = self.settings.max_connections
+            conn.send(error_response(503, f"too many connections (limit {limit})"), keep_alive=False)
+        except OSError:
+            pass
+        finally:
+            sock.close()
+
+    def _serve(self, sock: socket.socket) -> None:
+        s = self.settings
+        conn = Connection(
+            sock, max_body=s.max_body_bytes, request_timeout=s.request_timeout_s,
+            idle_timeout=s.idle_timeout_s,
+        )
+        try:
+            peer = Peer.of(sock)
+            while not self._stopping.is_set():
+                try:
+                    request = conn.read_request()
+                except HTTPError as exc:
+                    self.api.count(f"http_{exc.status}")
+                    conn.send(error_response(exc.status, str(exc)), keep_alive=False)
+                    return
+                self._connections[sock] = True
+                try:
+                    response = self.api.handle(request, peer)
+                finally:
+                    self._connections[sock] = False
+                keep_alive = request.keep_alive and not self._stopping.is_set()
+                conn.send(response, keep_alive)
+                if not keep_alive:
+                    return
+        except ClientGone:
+            pass
+        except OSError as exc:  # the client went away while we answered
+            self.api.count("client_errors")
+            log.debug("connection error: %s", exc)
+        finally:
+            with self._lock:
+                self._connections.pop(sock, None)
+            sock.close()
+
+    def stop(self) -> None:
+        """Stop accepting; close idle connections; requests in progress finish."""
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join(timeout=2)
+        with self._lock:
+            for sock, busy in self._connections.items():
+                if not busy:
+                    with contextlib.suppress(OSError):
+                        sock.shutdown(socket.SHUT_RDWR)
+        if self.listener is not None:
+            self.listener.close()
+        if not self.inherited:
+            with contextlib.suppress(FileNotFoundError):
+                self.settings.path.unlink()
+
+
+__all__ = ["ApiServer", "Response", "SocketInUse", "bind_unix_socket"]

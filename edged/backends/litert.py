@@ -1,0 +1,100 @@
+"""LiteRT (TensorFlow Lite) runtime for .tflite models.
+
+LiteRT comes from `ai-edge-litert`; the older `tflite_runtime` wheel is
+accepted when that is what a device has. An interpreter is not thread-safe,
+so a model holds a small pool of them, one per concurrent caller.
+"""
+
+from __future__ import annotations
+
+import queue
+from pathlib import Path
+
+import numpy as np
+
+try:
+    from ai_edge_litert.interpreter import Interpreter
+except ImportError:  # pragma: no cover - depends on what the device has installed
+    from tflite_runtime.interpreter import Interpreter  # type: ignore[no-redef]
+
+from edged.backends.base import Backend, LoadedModel, LoadOptions, TensorSpec
+from edged.errors import BackendError
+
+
+def _specs(details: list[dict]) -> list[TensorSpec]:
+    specs = []
+    for detail in details:
+        signature = detail.get("shape_signature", detail["shape"])
+        shape = tuple(int(d) for d in signature)
+        specs.append(TensorSpec(detail["name"], shape, np.dtype(detail["dtype"])))
+    return specs
+
+
+class _Instance:
+    """One interpreter with its tensor indices looked up once."""
+
+    def __init__(self, content: bytes, threads: int) -> None:
+        self.interpreter = Interpreter(model_content=content, num_threads=threads)
+        self.interpreter.allocate_tensors()
+        self.input_details = self.interpreter.get_input_details()
+        self.output_details = self.interpreter.get_output_details()
+        self.input_index = {d["name"]: d["index"] for d in self.input_details}
+        self.shapes = {d["name"]: tuple(d["shape"]) for d in self.input_details}
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        resized = False
+        for name, array in inputs.items():
+            if self.shapes[name] != array.shape:
+                self.interpreter.resize_tensor_input(self.input_index[name], array.shape)
+                self.shapes[name] = array.shape
+                resized = True
+        if resized:
+            self.interpreter.allocate_tensors()
+        for name, array in inputs.items():
+            self.interpreter.set_tensor(self.input_index[name], array)
+        self.interpreter.invoke()
+        # get_tensor returns a copy, so the result outlives the next invoke.
+        return {d["name"]: self.interpreter.get_tensor(d["index"]) for d in self.output_details}
+
+
+class LiteRTModel(LoadedModel):
+    backend = "litert"
+    precision = "f32"  # LiteRT runs a float model in its own precision; it never downcasts
+
+    def __init__(self, content: bytes, options: LoadOptions) -> None:
+        first = _Instance(content, options.threads_per_worker)
+        self.inputs = _specs(first.input_details)
+        self.outputs = _specs(first.output_details)
+        self._pool: queue.SimpleQueue[_Instance] = queue.SimpleQueue()
+        self._pool.put(first)
+        for _ in range(max(1, options.workers) - 1):
+            self._pool.put(_Instance(content, options.threads_per_worker))
+
+    def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        instance = self._pool.get()
+        try:
+            return instance.run(inputs)
+        finally:
+            self._pool.put(instance)
+
+    def close(self) -> None:
+        while True:
+            try:
+                self._pool.get_nowait()
+            except queue.Empty:
+                break
+
+
+class LiteRTBackend(Backend):
+    name = "litert"
+    formats = frozenset({"tflite"})
+
+    def load(self, path: Path, model_format: str, options: LoadOptions) -> LoadedModel:
+        if model_format not in self.formats:
+            raise BackendError(f"litert cannot read {model_format!r} models")
+        try:
+            content = path.read_bytes()
+            return LiteRTModel(content, options)
+        except (ValueError, RuntimeError) as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise BackendError(f"litert cannot load {path.name}: {reason}") from exc

@@ -1,0 +1,106 @@
+"""OpenVINO runtime: reads IR, ONNX and TFLite, compiles for the CPU.
+
+Precision is always set explicitly: on CPUs with AVX512_BF16, OpenVINO would
+otherwise run bf16 and quietly give different numbers than f32.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from pathlib import Path
+
+import numpy as np
+import openvino as ov
+
+from edged.backends.base import Backend, LoadedModel, LoadOptions, TensorSpec
+from edged.errors import BackendError
+
+_PRECISIONS = {"f32": "f32", "bf16": "bf16", "f16": "f16"}
+_core_lock = threading.Lock()
+_core: ov.Core | None = None
+
+
+def _shared_core() -> ov.Core:
+    """One Core per process: it owns the plugin and the compiled-model cache."""
+    global _core
+    with _core_lock:
+        if _core is None:
+            _core = ov.Core()
+        return _core
+
+
+def _spec(port: ov.Output, index: int, prefix: str) -> TensorSpec:
+    try:
+        name = port.get_any_name()
+    except RuntimeError:
+        name = f"{prefix}{index}"
+    shape = tuple(d.get_length() if d.is_static else -1 for d in port.get_partial_shape())
+    dtype = np.dtype(port.get_element_type().to_dtype())
+    return TensorSpec(name, shape, dtype)
+
+
+class OpenVINOModel(LoadedModel):
+    backend = "openvino"
+
+    def __init__(self, compiled: ov.CompiledModel, workers: int) -> None:
+        self._compiled = compiled
+        self.inputs = [_spec(p, i, "input") for i, p in enumerate(compiled.inputs)]
+        self.outputs = [_spec(p, i, "output") for i, p in enumerate(compiled.outputs)]
+        self.precision = compiled.get_property("INFERENCE_PRECISION_HINT").to_string()
+        optimal = int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
+        self.num_requests = max(optimal, workers)
+        # Each caller thread borrows one infer request; the queue bounds concurrency.
+        self._requests: queue.SimpleQueue[ov.InferRequest] = queue.SimpleQueue()
+        for _ in range(self.num_requests):
+            self._requests.put(compiled.create_infer_request())
+        self._output_names = [spec.name for spec in self.outputs]
+
+    def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        request = self._requests.get()
+        try:
+            # share_outputs=False (the default) copies results out of the request.
+            result = request.infer(inputs, share_inputs=True)
+            return dict(zip(self._output_names, result.to_tuple(), strict=True))
+        finally:
+            self._requests.put(request)
+
+    def close(self) -> None:
+        while True:
+            try:
+                self._requests.get_nowait()
+            except queue.Empty:
+                break
+        del self._compiled
+
+
+class OpenVINOBackend(Backend):
+    name = "openvino"
+    formats = frozenset({"openvino", "onnx", "tflite"})
+
+    def load(self, path: Path, model_format: str, options: LoadOptions) -> LoadedModel:
+        if options.precision not in _PRECISIONS:
+            raise BackendError(f"openvino: unsupported precision {options.precision!r}")
+        core = _shared_core()
+        config: dict[str, object] = {
+            "INFERENCE_PRECISION_HINT": _PRECISIONS[options.precision],
+            "PERFORMANCE_HINT": options.performance_hint,
+        }
+        if options.cache_dir is not None:
+            options.cache_dir.mkdir(parents=True, exist_ok=True)
+            config["CACHE_DIR"] = str(options.cache_dir)
+        try:
+            model = core.read_model(str(path))
+            compiled = core.compile_model(model, "CPU", config)
+        except RuntimeError as exc:
+            raise BackendError(f"openvino cannot load {path.name}: {_first_reason(exc)}") from exc
+        return OpenVINOModel(compiled, options.workers)
+
+
+def _first_reason(exc: Exception) -> str:
+    """OpenVINO errors span many lines of C++ context; keep the line that says why."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    for line in reversed(lines):
+        if not line.startswith(("Exception from", "Check ")):
+            return line
+    return lines[-1] if lines else type(exc).__name__

@@ -1,0 +1,215 @@
+"""The `edged` command: run the daemon, query it, manage the local model store.
+
+The only module that turns errors into exit codes: 0 ok, 1 runtime error,
+2 bad usage or configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from edged import __version__
+from edged.config import ConfigError, Settings, load_settings
+from edged.errors import EdgedError
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides: dict = {}
+    if getattr(args, "socket", None):
+        overrides["socket"] = {"path": args.socket}
+    if getattr(args, "store", None):
+        overrides["store"] = {"path": args.store}
+    return load_settings(args.config, **overrides)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from edged.daemon import Daemon, configure_logging
+
+    settings = _settings(args)
+    configure_logging(settings.logging.level)
+    if args.check:
+        return _check(settings)
+    daemon = Daemon(settings)
+    daemon.install_signal_handlers()
+    print(f"edged {__version__}: serving the models in {settings.store.path} "
+          f"on {settings.socket.path}", file=sys.stderr, flush=True)
+    return daemon.run()
+
+
+def _check(settings: Settings) -> int:
+    from edged.api.routes import Api
+    from edged.models.manager import ModelManager
+    from edged.models.store import ModelStore
+
+    store = ModelStore(settings.store.path)
+    manager = ModelManager(store, settings)
+    Api(manager, settings)  # resolves users and groups
+    manager.load_all()
+    for name, info in sorted(manager.status().items()):
+        detail = info.get("error") or f"{info['version']} on {info['backend']} ({info['reason']})"
+        print(f"{name}: {info['state']}: {detail}")
+    manager.close()
+    return 1 if manager.failures else 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from edged.client import Client
+
+    settings = _settings(args)
+    path = Path(args.input)
+    with Client(settings.socket.path) as client:
+        if path.suffix == ".npy":
+            try:
+                array = np.load(path, allow_pickle=False)
+            except (OSError, ValueError) as exc:
+                raise EdgedError(f"{path}: not a readable .npy file: {exc}") from None
+            meta = client.metadata(args.model, args.version)
+            inputs = {meta["inputs"][0]["name"]: array}
+        else:
+            from edged.api.codec import DATATYPES
+            from edged.preprocess import image_to_tensor, read_image
+
+            meta = client.metadata(args.model, args.version)
+            spec = meta["inputs"][0]
+            tensor = image_to_tensor(read_image(path), spec["shape"], DATATYPES[spec["datatype"]],
+                                     meta["parameters"].get("preprocessing"))
+            inputs = {spec["name"]: tensor}
+        doc, outputs = client.infer_full(args.model, inputs, version=args.version, binary=not args.json)
+    if args.json:
+        print(json.dumps(doc))
+        return 0
+    print(f"{doc['model_name']} {doc['model_version']}")
+    for name, array in outputs.items():
+        summary = f"min {array.min():.6g} max {array.max():.6g} mean {array.mean():.6g}" if array.size else ""
+        print(f"  {name} {array.dtype} {list(array.shape)} {summary}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from edged.client import Client
+
+    settings = _settings(args)
+    with Client(settings.socket.path) as client:
+        status = client.status()
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return 0
+    print(f"edged {status['version']}  up {status['uptime_s']:.0f} s  ready: {status['ready']}")
+    for name, info in sorted(status["models"].items()):
+        if info["state"] != "ready":
+            print(f"  {name:20} {info['state']:8} {info.get('error', '')}")
+            continue
+        lat = info["latency"]
+        print(f"  {name:20} {info['version']:8} {info['backend']:9} {info['precision']:5} "
+              f"req {info['requests']:<8} err {info['errors']:<4} p50 {lat['p50_ms']} ms  "
+              f"({info['reason']})")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from edged.models.store import ModelStore
+
+    store = ModelStore(_settings(args).store.path)
+    if args.action == "list":
+        for name in store.names():
+            active = store.active(name)
+            versions = ", ".join(f"{v}*" if v == active else v for v in store.versions(name))
+            print(f"{name}: {versions or '(no versions)'}")
+        if not store.names():
+            print(f"(no models in {store.root})")
+    elif args.action == "add":
+        labels = Path(args.labels).read_text().splitlines() if args.labels else None
+        preprocessing = json.loads(Path(args.preprocess).read_text()) if args.preprocess else None
+        manifest = store.add(args.name, [Path(f) for f in args.files], args.version,
+                             labels=labels, preprocessing=preprocessing)
+        activate = args.activate or store.active(args.name) is None
+        if activate:
+            store.activate(args.name, args.version)
+        print(f"added {manifest.name} {manifest.version} ({manifest.format})"
+              + (", active" if activate else ""))
+    elif args.action == "activate":
+        store.activate(args.name, args.version)
+        print(f"{args.name}: {args.version} is active")
+    elif args.action == "rollback":
+        print(f"{args.name}: rolled back to {store.rollback(args.name)}")
+    elif args.action == "remove":
+        store.remove(args.name, args.version)
+        print(f"removed {args.name} {args.version or '(all versions)'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edged", description="Edge inference daemon.")
+    parser.add_argument("--version", action="version", version=f"edged {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser, socket: bool = False, store: bool = False) -> None:
+        p.add_argument("--config", type=Path, help="TOML config (default /etc/edged/edged.toml if present)")
+        if socket:
+            p.add_argument("--socket", help="API socket path")
+        if store:
+            p.add_argument("--store", help="model store directory")
+
+    run = sub.add_parser("run", help="run the daemon")
+    common(run, socket=True, store=True)
+    run.add_argument("--check", action="store_true", help="validate config and models, then exit")
+    run.set_defaults(func=cmd_run)
+
+    predict = sub.add_parser("predict", help="run one inference through the socket")
+    common(predict, socket=True)
+    predict.add_argument("--model", required=True)
+    predict.add_argument("--version", dest="version", default=None, help="model version (default: active)")
+    predict.add_argument("--input", required=True, help=".npy tensor, or a .jpg/.png image")
+    predict.add_argument("--json", action="store_true", help="print the full JSON response")
+    predict.set_defaults(func=cmd_predict)
+
+    status = sub.add_parser("status", help="show the daemon's models and counters")
+    common(status, socket=True)
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(func=cmd_status)
+
+    models = sub.add_parser("models", help="manage the local model store")
+    actions = models.add_subparsers(dest="action", required=True)
+    common(actions.add_parser("list", help="list models and versions (* = active)"), store=True)
+    add = actions.add_parser("add", help="add a version from model files")
+    common(add, store=True)
+    add.add_argument("name")
+    add.add_argument("files", nargs="+")
+    add.add_argument("--version", dest="version", required=True)
+    add.add_argument("--labels", help="text file, one label per line")
+    add.add_argument("--preprocess", help="JSON file with preprocessing settings")
+    add.add_argument("--activate", action="store_true", help="activate it (default: only if none is)")
+    for action, helptext in (("activate", "make a version active"), ("rollback", "go back one version"),
+                             ("remove", "remove a version, or the whole model")):
+        p = actions.add_parser(action, help=helptext)
+        common(p, store=True)
+        p.add_argument("name")
+        if action != "rollback":
+            p.add_argument("version", nargs="?" if action == "remove" else None)
+    models.set_defaults(func=cmd_models)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"edged: {exc}", file=sys.stderr)
+        return 2
+    except EdgedError as exc:
+        print(f"edged: {exc}", file=sys.stderr)
+        return 1
+    except (OSError, ValueError) as exc:
+        print(f"edged: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        logging.shutdown()

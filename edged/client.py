@@ -1,0 +1,170 @@
+"""A small, fast client for the edged socket API.
+
+One keep-alive connection, the binary tensor extension by default, and errors
+raised as `ClientError` carrying the server's one-line message.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edged.api import codec
+from edged.errors import EdgedError
+
+
+class ClientError(EdgedError):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"HTTP {status}: {message}")
+        self.status = status
+        self.message = message
+
+
+class Client:
+    def __init__(self, socket_path: str | Path, timeout: float = 30.0) -> None:
+        self.socket_path = str(socket_path)
+        self.timeout = timeout
+        self._sock: socket.socket | None = None
+        self._buffer = bytearray()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        self._buffer.clear()
+
+    # --- API ----------------------------------------------------------------
+    def live(self) -> bool:
+        return self.request("GET", "/v2/health/live")[0] == 200
+
+    def ready(self) -> bool:
+        return self.request("GET", "/v2/health/ready")[0] == 200
+
+    def server_metadata(self) -> dict:
+        return self._json("GET", "/v2")
+
+    def metadata(self, model: str, version: str | None = None) -> dict:
+        return self._json("GET", _model_path(model, version))
+
+    def status(self) -> dict:
+        return self._json("GET", "/v2/edged/status")
+
+    def metrics(self) -> str:
+        status, _, body = self.request("GET", "/metrics")
+        if status != 200:
+            raise ClientError(status, body.decode(errors="replace"))
+        return body.decode()
+
+    def infer(
+        self, model: str, inputs: dict[str, np.ndarray], *, version: str | None = None,
+        binary: bool = True, outputs: list[str] | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Run `model` on `inputs`; returns its outputs by name."""
+        return self.infer_full(model, inputs, version=version, binary=binary, outputs=outputs)[1]
+
+    def infer_full(
+        self, model: str, inputs: dict[str, np.ndarray], *, version: str | None = None,
+        binary: bool = True, outputs: list[str] | None = None,
+    ) -> tuple[dict, dict[str, np.ndarray]]:
+        """Like `infer`, also returning the response document (model_version, id)."""
+        body, header_length = codec.encode_request(
+            inputs, binary=binary, outputs=outputs, binary_outputs=binary
+        )
+        headers = {"Content-Type": "application/octet-stream" if header_length else "application/json"}
+        if header_length is not None:
+            headers["Inference-Header-Content-Length"] = str(header_length)
+        status, response_headers, data = self.request("POST", _model_path(model, version) + "/infer",
+                                                      body, headers)
+        if status != 200:
+            raise ClientError(status, _error_text(data))
+        length = response_headers.get("inference-header-content-length")
+        return codec.decode_response(data, int(length) if length else None)
+
+    # --- HTTP -----------------------------------------------------------------
+    def _json(self, method: str, path: str) -> Any:
+        status, _, body = self.request(method, path)
+        if status != 200:
+            raise ClientError(status, _error_text(body))
+        return json.loads(body)
+
+    def request(
+        self, method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None
+    ) -> tuple[int, dict[str, str], bytes]:
+        head = [f"{method} {path} HTTP/1.1", "Host: localhost", f"Content-Length: {len(body)}"]
+        head += [f"{k}: {v}" for k, v in (headers or {}).items()]
+        message = ("\r\n".join(head) + "\r\n\r\n").encode() + body
+        for attempt in (1, 2):
+            fresh = self._sock is None
+            sock = self._connect()
+            try:
+                sock.sendall(message)
+                return self._read_response()
+            except (ConnectionError, _Closed):
+                self.close()
+                if not fresh and attempt == 1:
+                    continue  # the server closed an idle keep-alive connection: retry once
+                raise
+        raise AssertionError("unreachable")
+
+    def _connect(self) -> socket.socket:
+        if self._sock is None:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(self.timeout)
+            try:
+                sock.connect(self.socket_path)
+            except OSError as exc:
+                sock.close()
+                raise EdgedError(f"cannot connect to {self.socket_path}: {exc.strerror or exc}") from None
+            self._sock = sock
+        return self._sock
+
+    def _read_response(self) -> tuple[int, dict[str, str], bytes]:
+        while (end := self._buffer.find(b"\r\n\r\n")) < 0:
+            self._recv()
+        lines = bytes(self._buffer[:end]).decode("latin-1").split("\r\n")
+        del self._buffer[: end + 4]
+        status = int(lines[0].split(" ", 2)[1])
+        headers = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        length = int(headers.get("content-length", "0"))
+        while len(self._buffer) < length:
+            self._recv()
+        body = bytes(self._buffer[:length])
+        del self._buffer[:length]
+        if headers.get("connection", "").lower() == "close":
+            self.close()
+        return status, headers, body
+
+    def _recv(self) -> None:
+        assert self._sock is not None
+        chunk = self._sock.recv(1 << 20)
+        if not chunk:
+            raise _Closed("server closed the connection")
+        self._buffer += chunk
+
+
+class _Closed(Exception):
+    pass
+
+
+def _model_path(model: str, version: str | None) -> str:
+    return f"/v2/models/{model}" + (f"/versions/{version}" if version else "")
+
+
+def _error_text(body: bytes) -> str:
+    try:
+        return str(json.loads(body)["error"])
+    except (ValueError, KeyError, TypeError):
+        return body.decode(errors="replace")[:200]

@@ -1,0 +1,110 @@
+"""Counters and latency histograms, and their Prometheus text form.
+
+Histograms use fixed buckets so recording is one bisect and one add, cheap
+enough for the request path; quantiles are read from the buckets.
+"""
+
+from __future__ import annotations
+
+import bisect
+import threading
+
+# Seconds: 50 us .. 10 s, roughly x1.5 apart.
+LATENCY_BUCKETS: tuple[float, ...] = (
+    *(round(0.00005 * 1.5**i, 7) for i in range(31) if 0.00005 * 1.5**i < 10.0), 10.0
+)
+
+
+class Histogram:
+    def __init__(self, buckets: tuple[float, ...] = LATENCY_BUCKETS) -> None:
+        self.buckets = buckets
+        self.counts = [0] * (len(buckets) + 1)
+        self.total = 0.0
+        self.count = 0
+        self._lock = threading.Lock()
+
+    def observe(self, value: float) -> None:
+        index = bisect.bisect_left(self.buckets, value)
+        with self._lock:
+            self.counts[index] += 1
+            self.total += value
+            self.count += 1
+
+    def quantile(self, q: float) -> float | None:
+        """Upper bound of the bucket holding the q-th value (None when empty)."""
+        with self._lock:
+            counts, count = list(self.counts), self.count
+        if count == 0:
+            return None
+        rank = q * count
+        seen = 0
+        for index, n in enumerate(counts):
+            seen += n
+            if seen >= rank:
+                return self.buckets[index] if index < len(self.buckets) else float("inf")
+        return float("inf")
+
+    def summary_ms(self) -> dict[str, float | None]:
+        def ms(v: float | None) -> float | None:
+            return None if v is None else round(v * 1000, 3)
+
+        return {f"p{int(q * 100)}_ms": ms(self.quantile(q)) for q in (0.5, 0.95, 0.99)}
+
+
+class ModelStats:
+    """What the daemon counts for one model name, across its versions."""
+
+    def __init__(self) -> None:
+        self.errors = 0  # the backend failed
+        self.rejected = 0  # the request was invalid
+        self.latency = Histogram()
+
+    @property
+    def requests(self) -> int:
+        """Inferences that succeeded (each one is timed)."""
+        return self.latency.count
+
+    def as_dict(self) -> dict:
+        return {
+            "requests": self.requests, "errors": self.errors, "rejected": self.rejected,
+            "latency": self.latency.summary_ms(),
+        }
+
+
+def _labels(labels: dict[str, str]) -> str:
+    if not labels:
+        return ""
+    inner = ",".join(
+        f'{k}="{v.replace(chr(92), chr(92) * 2).replace(chr(34), chr(92) + chr(34))}"'
+        for k, v in labels.items()
+    )
+    return "{" + inner + "}"
+
+
+class PrometheusText:
+    """Builds the text exposition format, one metric family at a time."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def family(self, name: str, kind: str, help_text: str) -> None:
+        self.lines.append(f"# HELP {name} {help_text}")
+        self.lines.append(f"# TYPE {name} {kind}")
+
+    def sample(self, name: str, value: float, labels: dict[str, str] | None = None) -> None:
+        self.lines.append(f"{name}{_labels(labels or {})} {value}")
+
+    def histogram(self, name: str, hist: Histogram, labels: dict[str, str]) -> None:
+        with hist._lock:
+            counts, total, count = list(hist.counts), hist.total, hist.count
+        cumulative = 0
+        for bound, n in zip(hist.buckets, counts, strict=False):
+            cumulative += n
+            self.sample(f"{name}_bucket", cumulative, {**labels, "le": repr(bound)})
+        self.sample(f"{name}_bucket", count, {**labels, "le": "+Inf"})
+        self.sample(f"{name}_sum", total, labels)
+        self.sample(f"{name}_count", count, labels)
+
+    def render(self) -> bytes:
+        return ("\n".join(self.lines) + "\n").encode()
+

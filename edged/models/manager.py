@@ -1,0 +1,307 @@
+"""Serves the active version of every model in the store.
+
+The manager is the one inference service behind every transport: the socket
+API, pipelines and MQTT commands all call `infer`. It loads what the store
+marks active, swaps versions without failing a request (load and warm the new
+one, switch, close the old one when its last request finishes), and moves a
+model to another backend when its backend starts failing.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from edged.backends.base import LoadedModel, LoadOptions
+from edged.backends.selection import Selection, select
+from edged.config import ModelSettings, Settings
+from edged.errors import BackendError, EdgedError, ModelNotFound, ModelUnavailable
+from edged.metrics import ModelStats
+from edged.models.manifest import Manifest
+from edged.models.store import ModelStore
+from edged.models.validation import validate_inputs
+
+log = logging.getLogger(__name__)
+Listener = Callable[[str, dict], None]
+
+
+class ServedModel:
+    """One loaded version, counted in and out so it is closed only when idle."""
+
+    def __init__(
+        self, manifest: Manifest, loaded: LoadedModel, selection: Selection, settings: ModelSettings
+    ) -> None:
+        self.manifest = manifest
+        self.name = manifest.name
+        self.version = manifest.version
+        self.loaded = loaded
+        self.selection = selection
+        self.settings = settings
+        self.loaded_at = time.time()
+        self.retry_at: float | None = None  # set after a fallback: when to probe again
+        self.consecutive_errors = 0
+        self._lock = threading.Lock()
+        self._inflight = 0
+        self._retired = False
+
+    def acquire(self) -> bool:
+        with self._lock:
+            if self._retired:
+                return False
+            self._inflight += 1
+            return True
+
+    def release(self) -> None:
+        with self._lock:
+            self._inflight -= 1
+            close = self._retired and self._inflight == 0
+        if close:
+            self.loaded.close()
+
+    def retire(self) -> None:
+        with self._lock:
+            self._retired = True
+            close = self._inflight == 0
+        if close:
+            self.loaded.close()
+
+    def describe(self) -> dict:
+        return {
+            "version": self.version,
+            "format": self.manifest.format,
+            "sha256": self.manifest.files[0].sha256 if len(self.manifest.files) == 1 else None,
+            "loaded_at": self.loaded_at,
+            **self.selection.as_dict(),
+        }
+
+
+@dataclass
+class InferResult:
+    model: ServedModel
+    outputs: dict[str, np.ndarray]
+
+
+class ModelManager:
+    def __init__(self, store: ModelStore, settings: Settings) -> None:
+        self.store = store
+        self.settings = settings
+        self.failures: dict[str, str] = {}  # model name -> why it cannot be served
+        self.stats: dict[str, ModelStats] = {}
+        self.listeners: list[Listener] = []
+        self._models: dict[str, ServedModel] = {}
+        self._failed_version: dict[str, str] = {}
+        self._pending: set[str] = set()
+        self._swap_lock = threading.RLock()
+        self._stats_lock = threading.Lock()
+
+    # --- serving -----------------------------------------------------------
+    def infer(
+        self, name: str, inputs: dict[str, np.ndarray], version: str | None = None
+    ) -> InferResult:
+        served = self._acquire(name, version)
+        try:
+            stats = self.stats[name]
+            try:
+                checked = validate_inputs(
+                    inputs, served.loaded.inputs, reject_non_finite=served.settings.reject_non_finite
+                )
+            except EdgedError:
+                self._count(stats, "rejected")
+                raise
+            start = time.perf_counter()
+            try:
+                outputs = served.loaded.infer(checked)
+            except Exception as exc:  # any runtime failure is a backend error for this request
+                self._count(stats, "errors")
+                self._on_backend_error(served, exc)
+                raise BackendError(
+                    f"{name} {served.version} on {served.selection.backend}: inference failed: {exc}"
+                ) from exc
+            stats.latency.observe(time.perf_counter() - start)
+            served.consecutive_errors = 0
+            return InferResult(served, outputs)
+        finally:
+            served.release()
+
+    def get(self, name: str, version: str | None = None) -> ServedModel:
+        """The served model (for metadata); raises like `infer` would."""
+        served = self._lookup(name, version)
+        return served
+
+    def served(self) -> dict[str, ServedModel]:
+        return dict(self._models)
+
+    def ready(self) -> bool:
+        """True once every active model has been loaded or has failed."""
+        return not self._pending
+
+    def is_ready(self, name: str) -> bool:
+        return name in self._models
+
+    def _lookup(self, name: str, version: str | None) -> ServedModel:
+        served = self._models.get(name)
+        if served is None:
+            if name in self._pending:
+                raise ModelUnavailable(f"model {name!r} is still loading")
+            if name in self.failures:
+                raise ModelUnavailable(self.failures[name])
+            raise ModelNotFound(name)
+        if version is not None and version != served.version:
+            raise ModelNotFound(name, version, f"the active version is {served.version}")
+        return served
+
+    def _acquire(self, name: str, version: str | None) -> ServedModel:
+        while True:  # a swap between lookup and acquire retires the old model: look again
+            served = self._lookup(name, version)
+            if served.acquire():
+                return served
+
+    def _count(self, stats: ModelStats, field: str) -> None:
+        with self._stats_lock:
+            setattr(stats, field, getattr(stats, field) + 1)
+
+    # --- loading -----------------------------------------------------------
+    def load_all(self) -> None:
+        """First load at start-up: every active version in the store."""
+        self._pending = set(self._active_versions())
+        self.sync()
+
+    def sync(self) -> None:
+        """Make the served models match the store's active versions."""
+        with self._swap_lock:
+            wanted = self._active_versions()
+            now = time.monotonic()
+            for name, version in wanted.items():
+                current = self._models.get(name)
+                due = current is not None and current.retry_at is not None and now >= current.retry_at
+                if current is not None and current.version == version and not due:
+                    continue
+                if current is None and self._failed_version.get(name) == version:
+                    self._pending.discard(name)
+                    continue
+                self._load(name, version, reason="retry after fallback" if due else "activated")
+            for name in set(self._models) - set(wanted):
+                self._emit("model_unloaded", {"model": name, "version": self._models[name].version})
+                self._models.pop(name).retire()
+            for name in set(self.failures) - set(wanted):
+                self.failures.pop(name)
+                self._failed_version.pop(name, None)
+
+    def _active_versions(self) -> dict[str, str]:
+        wanted = {}
+        for name in self.store.names():
+            try:
+                version = self.store.active(name)
+            except EdgedError as exc:
+                self._fail(name, None, str(exc))
+                continue
+            if version is not None:
+                wanted[name] = version
+        return wanted
+
+    def load_options(self, settings: ModelSettings) -> dict[str, LoadOptions]:
+        b = self.settings.backends
+        return {
+            "openvino": LoadOptions(
+                precision=settings.precision, workers=b.workers,
+                cache_dir=b.openvino_cache_dir, performance_hint=b.openvino_performance_hint,
+            ),
+            "litert": LoadOptions(
+                precision=settings.precision, workers=b.workers, threads_per_worker=b.litert_threads,
+            ),
+        }
+
+    def _load(self, name: str, version: str, reason: str, exclude: frozenset[str] = frozenset()) -> bool:
+        settings = self.settings.model(name)
+        wanted = "auto" if exclude else settings.backend
+        try:
+            manifest = self.store.verify(name, version)
+            path = self.store.version_dir(name, version) / manifest.entry
+            loaded, selection = select(
+                path, manifest.format, wanted, self.load_options(settings),
+                self.settings.backends.probe_runs, exclude,
+            )
+        except EdgedError as exc:
+            self._fail(name, version, str(exc))
+            return False
+        served = ServedModel(manifest, loaded, selection, settings)
+        old = self._models.get(name)
+        self.stats.setdefault(name, ModelStats())
+        self._models[name] = served  # the swap: new requests go to the new version from here
+        self._pending.discard(name)
+        self.failures.pop(name, None)
+        self._failed_version.pop(name, None)
+        log.info("%s %s serving on %s: %s", name, version, selection.backend, selection.reason)
+        self._emit("model_loaded", {"model": name, "version": version, "why": reason,
+                                    "backend": selection.backend, "reason": selection.reason})
+        if old is not None:
+            old.retire()
+        return True
+
+    def _fail(self, name: str, version: str | None, reason: str) -> None:
+        prefix = f"{name} {version}" if version else name
+        message = reason if reason.startswith(name) else f"{prefix}: {reason}"
+        if self.failures.get(name) != message:
+            log.error("cannot serve %s", message)
+            self._emit("model_failed", {"model": name, "version": version, "error": message})
+        self._pending.discard(name)
+        if version is not None:
+            self._failed_version[name] = version
+        if name not in self._models:
+            self.failures[name] = message
+
+    # --- runtime fallback ----------------------------------------------------
+    def _on_backend_error(self, served: ServedModel, exc: Exception) -> None:
+        served.consecutive_errors += 1
+        limit = self.settings.backends.fallback_after_errors
+        if served.consecutive_errors == limit and served.settings.backend == "auto":
+            threading.Thread(
+                target=self._fall_back, args=(served, str(exc)), name=f"fallback-{served.name}", daemon=True
+            ).start()
+
+    def _fall_back(self, served: ServedModel, error: str) -> None:
+        with self._swap_lock:
+            if self._models.get(served.name) is not served:
+                return
+            failing = served.selection.backend
+            log.warning("%s: %s failing (%s); trying another backend", served.name, failing, error)
+            if not self._load(served.name, served.version, reason=f"fallback from {failing}",
+                              exclude=frozenset({failing})):
+                return
+            new = self._models[served.name]
+            new.selection.reason = (
+                f"fallback from {failing} after {served.consecutive_errors} errors ({error})"
+            )
+            new.retry_at = time.monotonic() + self.settings.backends.fallback_retry_s
+            self._emit("backend_fallback", {"model": served.name, "version": served.version,
+                                            "from": failing, "to": new.selection.backend, "error": error})
+
+    # --- reporting -----------------------------------------------------------
+    def _emit(self, kind: str, data: dict) -> None:
+        for listener in self.listeners:
+            try:
+                listener(kind, data)
+            except Exception:  # a listener must never break loading
+                log.exception("event listener failed on %s", kind)
+
+    def status(self) -> dict:
+        models = {}
+        for name, served in self.served().items():
+            stats = self.stats.get(name, ModelStats())
+            models[name] = {"state": "ready", **served.describe(), **stats.as_dict()}
+        for name in self._pending - set(models):
+            models[name] = {"state": "loading"}
+        for name, reason in self.failures.items():
+            models.setdefault(name, {"state": "failed", "error": reason})
+        return models
+
+    def close(self) -> None:
+        with self._swap_lock:
+            for served in self._models.values():
+                served.retire()
+            self._models.clear()

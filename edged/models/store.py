@@ -1,0 +1,284 @@
+"""The on-disk model store: `{root}/{name}/{version}/` plus an active pointer.
+
+Layout:
+    {root}/{name}/{version}/manifest.json   what the version holds (hashes, sizes)
+    {root}/{name}/{version}/<model files>
+    {root}/{name}/.active.json              {"version": ..., "history": [older actives]}
+    {root}/{name}/.staging-<pid>-<rand>/    a version being written (never read)
+
+A version appears only by renaming a complete, fsynced staging directory, and
+the active pointer changes only by renaming a fsynced temp file, so a crash
+at any point leaves either the old state or the new one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+from edged.errors import InvalidInput, ModelNotFound, StoreError
+from edged.models.manifest import Manifest, ManifestFile, check_name, guess_format, sha256_of
+
+ACTIVE_FILE = ".active.json"
+STAGING_PREFIX = ".staging-"
+MAX_HISTORY = 32
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write temp, fsync, rename over `path`, fsync the directory."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)
+
+
+def version_key(version: str) -> tuple:
+    """Natural order: 2 < 10, 1.9 < 1.10; text parts compare as text."""
+    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"(\d+)", version) if p)
+
+
+class ModelStore:
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    # --- reading -----------------------------------------------------------
+    def names(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+    def versions(self, name: str) -> list[str]:
+        model_dir = self._model_dir(name)
+        if not model_dir.is_dir():
+            return []
+        found = [p.name for p in model_dir.iterdir() if p.is_dir() and not p.name.startswith(".")]
+        return sorted(found, key=version_key)
+
+    def _pointer(self, name: str) -> dict:
+        path = self._model_dir(name) / ACTIVE_FILE
+        try:
+            data = json.loads(path.read_bytes())
+        except FileNotFoundError:
+            return {"version": None, "history": []}
+        except (OSError, ValueError) as exc:
+            raise StoreError(f"{path}: unreadable active pointer: {exc}") from exc
+        if not isinstance(data, dict) or not isinstance(data.get("history", []), list):
+            raise StoreError(f"{path}: malformed active pointer")
+        return {"version": data.get("version"), "history": list(data.get("history", []))}
+
+    def active(self, name: str) -> str | None:
+        return self._pointer(name)["version"]
+
+    def history(self, name: str) -> list[str]:
+        """Earlier active versions, most recent first: where rollback goes."""
+        return self._pointer(name)["history"]
+
+    def active_versions(self) -> dict[str, str]:
+        """Every model that has an active version, mapped to it."""
+        result = {}
+        for name in self.names():
+            version = self.active(name)
+            if version is not None:
+                result[name] = version
+        return result
+
+    def version_dir(self, name: str, version: str) -> Path:
+        return self._model_dir(name) / check_name(version, "version")
+
+    def manifest(self, name: str, version: str) -> Manifest:
+        path = self.version_dir(name, version) / "manifest.json"
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise ModelNotFound(name, version) from None
+        try:
+            manifest = Manifest.from_json(data)
+        except InvalidInput as exc:
+            raise StoreError(f"{name} {version}: {exc}") from None
+        if (manifest.name, manifest.version) != (name, version):
+            raise StoreError(
+                f"{name} {version}: manifest says {manifest.name} {manifest.version}; refusing it"
+            )
+        return manifest
+
+    def verify(self, name: str, version: str) -> Manifest:
+        """Check every file against the manifest; raise StoreError naming the first mismatch."""
+        manifest = self.manifest(name, version)
+        directory = self.version_dir(name, version)
+        for entry in manifest.files:
+            path = directory / entry.name
+            try:
+                st = path.lstat()
+            except FileNotFoundError:
+                raise StoreError(f"{name} {version}: {entry.name} is missing") from None
+            if not path.is_file() or path.is_symlink():
+                raise StoreError(f"{name} {version}: {entry.name} is not a regular file")
+            if st.st_size != entry.size:
+                raise StoreError(
+                    f"{name} {version}: {entry.name} is {st.st_size} bytes, manifest says {entry.size}"
+                )
+            if sha256_of(path) != entry.sha256:
+                raise StoreError(f"{name} {version}: {entry.name} does not match its sha256")
+        return manifest
+
+    # --- writing -----------------------------------------------------------
+    def add(
+        self,
+        name: str,
+        files: list[Path],
+        version: str,
+        *,
+        labels: list[str] | None = None,
+        preprocessing: dict | None = None,
+        description: str = "",
+    ) -> Manifest:
+        """Copy `files` in as a new version; it appears complete or not at all."""
+        check_name(name)
+        check_name(version, "version")
+        paths = [Path(f) for f in files]
+        for path in paths:
+            if not path.is_file():
+                raise InvalidInput(f"{path}: not a readable file")
+        if len({p.name for p in paths}) != len(paths):
+            raise InvalidInput("two files share a name")
+        fmt = guess_format(paths)
+        final = self.version_dir(name, version)
+        if final.exists():
+            raise StoreError(f"{name} {version} already exists in {self.root}")
+        model_dir = self._model_dir(name)
+        model_dir.mkdir(parents=True, exist_ok=True)
+        self.clean_staging(name)
+        staging = Path(tempfile.mkdtemp(dir=model_dir, prefix=f"{STAGING_PREFIX}{os.getpid()}-"))
+        try:
+            entries = [self._copy_in(path, staging) for path in paths]
+            manifest = Manifest(
+                name=name, version=version, format=fmt, files=entries,
+                labels=labels, preprocessing=preprocessing, description=description,
+            )
+            atomic_write(staging / "manifest.json", manifest.to_json())
+            fsync_dir(staging)
+            os.rename(staging, final)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        fsync_dir(model_dir)
+        return manifest
+
+    def add_directory(self, staging: Path) -> Manifest:
+        """Move a complete staged version (files plus manifest.json) into place."""
+        manifest = Manifest.from_json((staging / "manifest.json").read_bytes())
+        final = self.version_dir(manifest.name, manifest.version)
+        if final.exists():
+            raise StoreError(f"{manifest.name} {manifest.version} already exists")
+        final.parent.mkdir(parents=True, exist_ok=True)
+        fsync_dir(staging)
+        os.rename(staging, final)
+        fsync_dir(final.parent)
+        return manifest
+
+    def activate(self, name: str, version: str) -> None:
+        """Point `name` at `version` (which must verify), keeping the old one in history."""
+        self.verify(name, version)
+        pointer = self._pointer(name)
+        if pointer["version"] == version:
+            return
+        history = [v for v in pointer["history"] if v != version]
+        if pointer["version"] is not None:
+            history.insert(0, pointer["version"])
+        self._write_pointer(name, version, history[:MAX_HISTORY])
+
+    def rollback(self, name: str) -> str:
+        """Go back to the most recent earlier active version that still verifies."""
+        pointer = self._pointer(name)
+        history = list(pointer["history"])
+        while history:
+            candidate = history.pop(0)
+            try:
+                self.verify(name, candidate)
+            except (StoreError, ModelNotFound):
+                continue
+            self._write_pointer(name, candidate, history)
+            return candidate
+        raise StoreError(f"{name}: no earlier version to roll back to")
+
+    def remove(self, name: str, version: str | None = None) -> None:
+        """Remove one version (never the active one), or a whole model."""
+        model_dir = self._model_dir(name)
+        if not model_dir.is_dir():
+            raise ModelNotFound(name)
+        if version is None:
+            shutil.rmtree(model_dir)
+            return
+        if self.active(name) == version:
+            raise StoreError(f"{name} {version} is active: activate another version first")
+        target = self.version_dir(name, version)
+        if not target.is_dir():
+            raise ModelNotFound(name, version)
+        trash = model_dir / f"{STAGING_PREFIX}{os.getpid()}-rm-{version}"
+        os.rename(target, trash)  # disappears atomically, then is deleted at leisure
+        fsync_dir(model_dir)
+        shutil.rmtree(trash, ignore_errors=True)
+        pointer = self._pointer(name)
+        if version in pointer["history"]:
+            history = [v for v in pointer["history"] if v != version]
+            self._write_pointer(name, pointer["version"], history)
+
+    def clean_staging(self, name: str) -> None:
+        """Delete staging directories left by processes that no longer run."""
+        model_dir = self._model_dir(name)
+        if not model_dir.is_dir():
+            return
+        for path in model_dir.glob(f"{STAGING_PREFIX}*"):
+            pid = path.name[len(STAGING_PREFIX):].split("-", 1)[0]
+            if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
+                continue
+            shutil.rmtree(path, ignore_errors=True)
+
+    # --- helpers -----------------------------------------------------------
+    def _model_dir(self, name: str) -> Path:
+        return self.root / check_name(name)
+
+    def _write_pointer(self, name: str, version: str | None, history: list[str]) -> None:
+        data = json.dumps({"version": version, "history": history}).encode()
+        atomic_write(self._model_dir(name) / ACTIVE_FILE, data)
+
+    @staticmethod
+    def _copy_in(source: Path, directory: Path) -> ManifestFile:
+        target = directory / source.name
+        check_name(source.name, "file name")
+        with source.open("rb") as src, target.open("xb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+            dst.flush()
+            os.fsync(dst.fileno())
+        return ManifestFile(name=source.name, sha256=sha256_of(target), size=target.stat().st_size)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
