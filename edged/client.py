@@ -107,7 +107,12 @@ class Client:
             fresh = self._sock is None
             sock = self._connect()
             try:
-                sock.sendall(message)
+                try:
+                    sock.sendall(message)
+                except BrokenPipeError:
+                    # The server may have refused the request early (413, 503) and closed:
+                    # its answer is still there to read.
+                    return self._read_response()
                 return self._read_response()
             except (ConnectionError, _Closed):
                 self.close()

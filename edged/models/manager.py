@@ -96,6 +96,7 @@ class ModelManager:
         self._models: dict[str, ServedModel] = {}
         self._failed_version: dict[str, str] = {}
         self._pending: set[str] = set()
+        self._first_load_done = False
         self._swap_lock = threading.RLock()
         self._stats_lock = threading.Lock()
 
@@ -138,7 +139,7 @@ class ModelManager:
 
     def ready(self) -> bool:
         """True once every active model has been loaded or has failed."""
-        return not self._pending
+        return self._first_load_done and not self._pending
 
     def is_ready(self, name: str) -> bool:
         return name in self._models
@@ -170,6 +171,7 @@ class ModelManager:
         """First load at start-up: every active version in the store."""
         self._pending = set(self._active_versions())
         self.sync()
+        self._first_load_done = True
 
     def sync(self) -> None:
         """Make the served models match the store's active versions."""

@@ -1,0 +1,193 @@
+"""Shared fixtures: real sample models, a tiny OpenVINO IR, short socket paths,
+and the daemon as a real subprocess on a real Unix socket."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edged.client import Client
+from edged.models.store import ModelStore
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _load_fetch_tool():
+    spec = importlib.util.spec_from_file_location("fetch_models", ROOT / "tools" / "fetch_models.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def sample_models() -> dict[str, Path]:
+    """{"face": ..., "selfie": ...}: the pinned MediaPipe .tflite files (fetched once, cached)."""
+    return _load_fetch_tool().fetch()
+
+
+def build_tiny_ir(directory: Path, scale: float = 2.0, name: str = "tiny") -> Path:
+    """A real OpenVINO IR: y = relu(x * scale + 1) on a float32 [1, 4] input called "x"."""
+    import openvino as ov
+    from openvino import opset13 as ops
+
+    x = ops.parameter([1, 4], np.float32, name="x")
+    y = ops.relu(ops.add(ops.multiply(x, np.float32(scale)), np.float32(1.0)))
+    y.output(0).get_tensor().set_names({"y"})
+    model = ov.Model([y], [x], name)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{name}.xml"
+    ov.save_model(model, str(path), compress_to_fp16=False)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_ir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_ir(tmp_path_factory.mktemp("tiny-ir"))
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    """A short directory for Unix sockets (their paths must stay under ~100 bytes)."""
+    path = Path(tempfile.mkdtemp(prefix="edged-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def ir_files(xml: Path) -> list[Path]:
+    return [xml, xml.with_suffix(".bin")]
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> ModelStore:
+    return ModelStore(tmp_path / "store")
+
+
+def to_toml(data: dict, prefix: str = "") -> str:
+    """Just enough TOML for test configs: tables, strings, numbers, booleans, lists."""
+    scalars, tables = [], []
+    for key, value in data.items():
+        if isinstance(value, dict):
+            tables.append((f"{prefix}{key}", value))
+        else:
+            scalars.append(f"{key} = {json.dumps(str(value) if isinstance(value, Path) else value)}")
+    text = "\n".join(scalars) + "\n"
+    for name, table in tables:
+        text += f"\n[{name}]\n" + to_toml(table, f"{name}.")
+    return text
+
+
+class DaemonProcess:
+    """`edged run` in a subprocess, with its socket, store and log."""
+
+    def __init__(self, workdir: Path, store_dir: Path, config: dict | None, env: dict | None) -> None:
+        self.workdir = workdir
+        self.socket = workdir / "edged.sock"
+        self.store_dir = store_dir
+        self.log_path = workdir / "daemon.log"
+        settings = {"store": {"path": str(store_dir), "poll_interval_s": 0.2},
+                    "socket": {"path": str(self.socket)},
+                    "backends": {"openvino_cache_dir": str(workdir / "ov-cache"), "probe_runs": 5}}
+        for section, values in (config or {}).items():
+            settings.setdefault(section, {}).update(values)
+        self.config_path = workdir / "edged.toml"
+        self.config_path.write_text(to_toml(settings))
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith("EDGED_")}
+        full_env.update(env or {})
+        self.log = self.log_path.open("wb")
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "edged", "run", "--config", str(self.config_path)],
+            stdout=self.log, stderr=subprocess.STDOUT, env=full_env, cwd=workdir,
+        )
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_ready(self, timeout: float = 60.0) -> DaemonProcess:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"daemon exited with {self.proc.returncode}:\n{self.output()}")
+            if self.socket.exists():
+                try:
+                    with Client(self.socket, timeout=5) as client:
+                        if client.ready():
+                            return self
+                except OSError:
+                    pass
+                except Exception as exc:  # not accepting yet
+                    if "cannot connect" not in str(exc):
+                        raise
+            time.sleep(0.05)
+        raise AssertionError(f"daemon not ready after {timeout} s:\n{self.output()}")
+
+    def client(self, timeout: float = 30.0) -> Client:
+        return Client(self.socket, timeout=timeout)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+        return self.proc.returncode
+
+
+def _daemon_factory() -> Iterator:
+    base = Path(tempfile.mkdtemp(prefix="edged-", dir="/tmp"))
+    started: list[DaemonProcess] = []
+
+    def start(store_dir: Path, config: dict | None = None, env: dict | None = None,
+              ready: bool = True) -> DaemonProcess:
+        workdir = base / f"d{len(started)}"
+        workdir.mkdir()
+        daemon = DaemonProcess(workdir, store_dir, config, env)
+        started.append(daemon)
+        return daemon.wait_ready() if ready else daemon
+
+    yield start
+    for daemon in started:
+        daemon.stop()
+    shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def start_daemon() -> Iterator:
+    """start_daemon(store_dir, config=None, env=None, ready=True) -> DaemonProcess, stopped after the test."""
+    yield from _daemon_factory()
+
+
+@pytest.fixture(scope="module")
+def start_module_daemon() -> Iterator:
+    """Like start_daemon, for a daemon shared by the tests of one module."""
+    yield from _daemon_factory()
+
+
+def fill_sample_store(store: ModelStore, sample_models: dict[str, Path], tiny_ir: Path) -> ModelStore:
+    for name, path in sample_models.items():
+        store.add(name, [path], "1")
+        store.activate(name, "1")
+    store.add("tiny", ir_files(tiny_ir), "1")
+    store.activate("tiny", "1")
+    return store
+
+
+@pytest.fixture
+def sample_store(tmp_path: Path, sample_models: dict[str, Path], tiny_ir: Path) -> ModelStore:
+    """A store with face, selfie and tiny (the IR), version 1 active."""
+    return fill_sample_store(ModelStore(tmp_path / "store"), sample_models, tiny_ir)

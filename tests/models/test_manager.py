@@ -1,0 +1,135 @@
+"""The model manager on real models: loading, failures, hot swap, runtime fallback."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from edged.config import load_settings
+from edged.errors import ModelNotFound, ModelUnavailable
+from edged.models.manager import ModelManager
+from tests.conftest import build_tiny_ir, ir_files
+
+X = np.array([[1, 2, -3, 0.5]], np.float32)
+
+
+def make_manager(store, tmp_path, **backends) -> ModelManager:
+    settings = load_settings(
+        None, store={"path": str(store.root)},
+        backends={"openvino_cache_dir": str(tmp_path / "cache"), "probe_runs": 3, **backends},
+    )
+    manager = ModelManager(store, settings)
+    manager.load_all()
+    return manager
+
+
+def test_loads_every_active_model(sample_store, tmp_path):
+    manager = make_manager(sample_store, tmp_path)
+    try:
+        status = manager.status()
+        assert {n: s["state"] for n, s in status.items()} == {
+            "face": "ready", "selfie": "ready", "tiny": "ready"
+        }
+        assert status["selfie"]["backend"] == "litert"
+        assert status["tiny"]["backend"] == "openvino"
+        assert manager.ready()
+        result = manager.infer("tiny", {"x": X})
+        np.testing.assert_array_equal(result.outputs["y"], [[3, 5, 0, 2]])
+        assert result.model.version == "1"
+    finally:
+        manager.close()
+
+
+def test_a_model_that_cannot_load_fails_alone(sample_store, tmp_path):
+    version_dir = sample_store.version_dir("face", "1")
+    (version_dir / "face_detection_short_range.tflite").write_bytes(b"not a model")
+    manager = make_manager(sample_store, tmp_path)
+    try:
+        with pytest.raises(ModelUnavailable) as info:
+            manager.infer("face", {"input": np.zeros((1, 128, 128, 3), np.float32)})
+        assert "\n" not in str(info.value)
+        assert "face 1:" in str(info.value) and "bytes, manifest says" in str(info.value)
+        assert manager.status()["face"]["state"] == "failed"
+        assert manager.infer("tiny", {"x": X}).outputs["y"].shape == (1, 4)
+        with pytest.raises(ModelNotFound):
+            manager.infer("nosuch", {"x": X})
+    finally:
+        manager.close()
+
+
+def test_hot_swap_fails_no_request(sample_store, tmp_path):
+    manager = make_manager(sample_store, tmp_path)
+    v2 = build_tiny_ir(tmp_path / "v2", scale=3.0)
+    sample_store.add("tiny", ir_files(v2), "2")
+    failures: list[Exception] = []
+    seen: set[str] = set()
+    stop = threading.Event()
+
+    def hammer() -> None:
+        while not stop.is_set():
+            try:
+                result = manager.infer("tiny", {"x": X})
+                expected = {"1": [[3, 5, 0, 2]], "2": [[4, 7, 0, 2.5]]}[result.model.version]
+                np.testing.assert_array_equal(result.outputs["y"], expected)
+                seen.add(result.model.version)
+            except Exception as exc:
+                failures.append(exc)
+
+    threads = [threading.Thread(target=hammer) for _ in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(0.2)
+    sample_store.activate("tiny", "2")
+    manager.sync()
+    time.sleep(0.2)
+    stop.set()
+    for t in threads:
+        t.join()
+    manager.close()
+    assert failures == []
+    assert seen == {"1", "2"}
+
+
+def test_a_failing_backend_hands_the_model_to_the_next(sample_store, tmp_path):
+    manager = make_manager(sample_store, tmp_path, fallback_after_errors=2, fallback_retry_s=0.5)
+    try:
+        served = manager.get("face")
+        first = served.selection.backend
+
+        def broken_infer(inputs):  # a fault the real runtime cannot produce on demand
+            raise RuntimeError("device lost")
+
+        served.loaded.infer = broken_infer
+        x = {"input": np.zeros((1, 128, 128, 3), np.float32)}
+        for _ in range(2):
+            with pytest.raises(Exception, match="device lost"):
+                manager.infer("face", x)
+        deadline = time.monotonic() + 10
+        while manager.get("face") is served and time.monotonic() < deadline:
+            time.sleep(0.02)
+        moved = manager.get("face")
+        assert moved.selection.backend != first
+        assert moved.selection.reason.startswith(f"fallback from {first} after 2 errors (device lost)")
+        assert manager.infer("face", x).outputs["regressors"].shape == (1, 896, 16)
+        assert manager.stats["face"].errors == 2
+        # Later the faster backend is probed again.
+        time.sleep(0.6)
+        manager.sync()
+        again = manager.get("face")
+        assert again is not moved and again.retry_at is None
+        assert "fastest in probe" in again.selection.reason
+    finally:
+        manager.close()
+
+
+def test_unversioned_and_versioned_lookup(sample_store, tmp_path):
+    manager = make_manager(sample_store, tmp_path)
+    try:
+        assert manager.get("tiny", "1").version == "1"
+        with pytest.raises(ModelNotFound, match="the active version is 1"):
+            manager.get("tiny", "7")
+    finally:
+        manager.close()
