@@ -101,6 +101,7 @@ class DaemonProcess:
                     "backends": {"openvino_cache_dir": str(workdir / "ov-cache"), "probe_runs": 5}}
         for section, values in (config or {}).items():
             settings.setdefault(section, {}).update(values)
+        self.socket = Path(settings["socket"]["path"])
         self.config_path = workdir / "edged.toml"
         self.config_path.write_text(to_toml(settings))
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("EDGED_")}

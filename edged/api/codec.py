@@ -187,7 +187,9 @@ def _encode_tensors(arrays: dict[str, tuple[np.ndarray, bool]]) -> tuple[list[di
     tensors, blobs = [], []
     for name, (value, binary) in arrays.items():
         array = np.asarray(value)
-        tensor: dict[str, Any] = {"name": name, "datatype": datatype_of(array.dtype), "shape": list(array.shape)}
+        tensor: dict[str, Any] = {
+            "name": name, "datatype": datatype_of(array.dtype), "shape": list(array.shape)
+        }
         if binary:
             blob = np.ascontiguousarray(array).tobytes()
             tensor["parameters"] = {"binary_data_size": len(blob)}

@@ -35,10 +35,9 @@ def raw(path, data: bytes, timeout: float = 10.0) -> tuple[int, dict]:
                 break
             response += chunk
         head, _, body = response.partition(b"\r\n\r\n")
-        length = int(next(
-            (line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")),
-            b"0",
-        ))
+        lengths = [line.split(b":")[1] for line in head.split(b"\r\n")
+                   if line.lower().startswith(b"content-length")]
+        length = int(lengths[0]) if lengths else 0
         while len(body) < length:
             chunk = sock.recv(65536)
             if not chunk:
@@ -284,12 +283,12 @@ def test_socket_access_by_peer_credentials(start_daemon, sample_store):
     deadline = time.monotonic() + 30
     while True:
         try:
-            status, body = raw(daemon.socket, b"GET /v2/health/live HTTP/1.1\r\n\r\n")
+            status, reply = raw(daemon.socket, b"GET /v2/health/live HTTP/1.1\r\n\r\n")
             break
         except (FileNotFoundError, ConnectionRefusedError):
             assert time.monotonic() < deadline, daemon.output()
             time.sleep(0.05)
-    assert status == 403 and "uid 0 is not allowed to use this socket" in body["error"]
+    assert status == 403 and "uid 0 is not allowed to use this socket" in reply["error"]
 
 
 def test_model_access_by_peer_credentials(start_daemon, sample_store):
@@ -308,7 +307,7 @@ def test_a_broken_model_is_reported_while_others_serve(start_daemon, sample_stor
     daemon = start_daemon(sample_store.root)
     with daemon.client() as client:
         status, _, body = client.request("GET", "/v2/models/selfie/ready")
-        assert status == 503
+        assert status == 503 and json.loads(body) == {"name": "selfie", "ready": False}
         with pytest.raises(ClientError) as info:
             client.infer("selfie", {"input_1": np.zeros((1, 256, 256, 3), np.float32)})
         assert info.value.status == 503 and "selfie 1:" in info.value.message
