@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -18,9 +20,15 @@ from tests.conftest import build_tiny_ir, ir_files
 X = np.array([[1, 2, -3, 0.5]], np.float32)
 
 
+CACHE = tempfile.mkdtemp(prefix="edged-test-cache-")
+
+
 def edged(*args: str, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run the CLI as a user would; the OpenVINO cache stays out of /var/cache."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("EDGED_")}
+    full_env.update({"EDGED_BACKENDS__OPENVINO_CACHE_DIR": CACHE, **(env or {})})
     result = subprocess.run([sys.executable, "-m", "edged", *args], capture_output=True, text=True,
-                            timeout=120, env=env)
+                            timeout=120, env=full_env)
     if check and result.returncode != 0:
         raise AssertionError(f"edged {' '.join(args)} exited {result.returncode}:\n{result.stderr}")
     return result

@@ -302,10 +302,19 @@ def test_model_access_by_peer_credentials(start_daemon, sample_store):
         assert client.infer("face", {"input": FACE})["classificators"].shape == (1, 896, 1)
 
 
-def test_a_broken_model_is_reported_while_others_serve(start_daemon, sample_store):
+def test_a_broken_model_is_reported_while_others_serve(start_daemon, sample_store, tmp_path):
     (sample_store.version_dir("selfie", "1") / "selfie_segmentation.tflite").write_bytes(b"\0" * 100)
+    garbage = tmp_path / "garbage.tflite"  # hashes match its manifest, but no runtime can read it
+    garbage.write_bytes(b"TFL3" + bytes(range(256)) * 4)
+    sample_store.add("garbage", [garbage], "1")
+    sample_store.activate("garbage", "1")
     daemon = start_daemon(sample_store.root)
     with daemon.client() as client:
+        with pytest.raises(ClientError) as info:
+            client.metadata("garbage")
+        assert info.value.status == 503
+        assert info.value.message.startswith("garbage 1: no backend can run garbage.tflite (openvino: ")
+        assert "\n" not in info.value.message
         status, _, body = client.request("GET", "/v2/models/selfie/ready")
         assert status == 503 and json.loads(body) == {"name": "selfie", "ready": False}
         with pytest.raises(ClientError) as info:
