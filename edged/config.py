@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextvars
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -197,7 +198,12 @@ def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
     except ValidationError as exc:
         raise ConfigError(_describe(exc, path)) from None
     except (ValueError, EdgedError) as exc:  # e.g. an environment variable that is not valid JSON
-        raise ConfigError(f"invalid configuration: {str(exc).splitlines()[0]}") from None
+        first = str(exc).splitlines()[0]
+        env = re.search(r'field "(\w+)" from source "EnvSettingsSource"', first)
+        if env:
+            first = (f"an EDGED_{env.group(1).upper()}__* environment variable cannot be parsed "
+                     f"(lists and tables are JSON, e.g. '[\"alice\"]')")
+        raise ConfigError(f"invalid configuration: {first}") from None
     finally:
         _file_data.reset(token)
 

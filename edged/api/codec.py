@@ -18,6 +18,8 @@ from edged.errors import InvalidInput
 HEADER_LENGTH = "inference-header-content-length"
 MAX_RANK = 16
 MAX_TENSORS = 256
+MAX_DIM = 2**31 - 1
+MAX_ELEMENTS = 2**40
 
 DATATYPES: dict[str, np.dtype] = {
     "BOOL": np.dtype(np.bool_),
@@ -74,26 +76,41 @@ def _shape(value: Any, where: str) -> tuple[int, ...]:
     for dim in value:
         if not isinstance(dim, int) or isinstance(dim, bool) or dim < 0:
             raise InvalidInput(f"{where}.shape must hold non-negative integers, got {value}")
+        if dim > MAX_DIM:
+            raise InvalidInput(f"{where}.shape has a dimension over {MAX_DIM}")
+    if math.prod(d for d in value if d) > MAX_ELEMENTS:
+        raise InvalidInput(f"{where}.shape describes more than {MAX_ELEMENTS} elements")
     return tuple(value)
 
 
 def _from_json_data(data: Any, dtype: np.dtype, shape: tuple[int, ...], where: str) -> np.ndarray:
+    """JSON numbers as `dtype`, refusing anything a cast would change (no bool for 1, no 1.5 for 1)."""
     count = math.prod(shape)
+    name = datatype_of(dtype)
     try:
-        array = np.array(data)
-    except (ValueError, TypeError) as exc:
+        values = np.array(data, dtype=object)
+    except (ValueError, TypeError, RuntimeError) as exc:
         raise InvalidInput(f"{where}.data is not a regular array: {exc}") from None
-    if array.size != count:
-        raise InvalidInput(f"{where}.data has {array.size} elements, shape {list(shape)} needs {count}")
-    kind = array.dtype.kind if array.size else dtype.kind
-    allowed = {"b": "b", "i": "iu", "u": "iu", "f": "iuf"}[dtype.kind]
-    if kind not in allowed:
-        raise InvalidInput(f"{where}.data holds {array.dtype} values, not {datatype_of(dtype)}")
-    if dtype.kind in "iu" and array.size:
+    if values.ndim > MAX_RANK:
+        raise InvalidInput(f"{where}.data is not a regular array: nested over {MAX_RANK} levels")
+    if any(isinstance(v, list) for v in values.flat):
+        raise InvalidInput(f"{where}.data is not a regular array: its lists differ in length")
+    if values.size != count:
+        raise InvalidInput(f"{where}.data has {values.size} elements, shape {list(shape)} needs {count}")
+    kinds = {type(v) for v in values.flat}
+    allowed = {"b": {bool}, "i": {int}, "u": {int}, "f": {int, float}}[dtype.kind]
+    if not kinds <= allowed:
+        found = ", ".join(sorted(k.__name__ for k in kinds - allowed))
+        raise InvalidInput(f"{where}.data holds {found} values, not {name}")
+    if dtype.kind in "iu" and values.size:
         info = np.iinfo(dtype)
-        if array.min() < info.min or array.max() > info.max:
-            raise InvalidInput(f"{where}.data has values outside the range of {datatype_of(dtype)}")
-    return array.astype(dtype).reshape(shape)
+        if min(values.flat) < info.min or max(values.flat) > info.max:
+            raise InvalidInput(f"{where}.data has values outside the range of {name}")
+    try:
+        with np.errstate(over="raise"):
+            return values.astype(dtype).reshape(shape)
+    except FloatingPointError:
+        raise InvalidInput(f"{where}.data has values outside the range of {name}") from None
 
 
 def decode_request(body: bytes | memoryview, header_length: int | None) -> InferRequest:

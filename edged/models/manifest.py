@@ -13,7 +13,15 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    StringConstraints,
+    ValidationError,
+    model_validator,
+)
 
 from edged.errors import InvalidInput
 
@@ -24,7 +32,8 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 VERSION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$"
 ModelName = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
 Version = Annotated[str, StringConstraints(pattern=VERSION_PATTERN)]
-FileName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")]
+FILE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
+FileName = Annotated[str, StringConstraints(pattern=FILE_PATTERN)]
 Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 
 ModelFormat = Literal["tflite", "openvino", "onnx"]
@@ -36,7 +45,7 @@ class ManifestFile(BaseModel):
 
     name: FileName = Field(description="File name inside the version directory; never a path.")
     sha256: Sha256 = Field(description="Lower-case hex SHA-256 of the file's bytes.")
-    size: int = Field(ge=0, le=1 << 40, description="Size in bytes.")
+    size: StrictInt = Field(ge=0, le=1 << 40, description="Size in bytes.")
 
 
 class Manifest(BaseModel):
@@ -107,8 +116,8 @@ def one_line(exc: ValidationError) -> str:
 
 
 def check_name(value: str, what: str = "model name") -> str:
-    """Return `value` if it is a valid model name (or version), else raise InvalidInput."""
-    pattern = VERSION_PATTERN if what == "version" else NAME_PATTERN
-    if re.match(pattern, value) is None:
+    """Return `value` if it is a valid model name, version or file name, else raise InvalidInput."""
+    pattern = {"version": VERSION_PATTERN, "file name": FILE_PATTERN}.get(what, NAME_PATTERN)
+    if re.fullmatch(pattern.strip("^$"), value) is None:
         raise InvalidInput(f"invalid {what} {value!r}: use letters, digits, '.', '_' or '-'")
     return value

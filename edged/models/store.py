@@ -21,8 +21,17 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from edged.errors import InvalidInput, ModelNotFound, StoreError
-from edged.models.manifest import Manifest, ManifestFile, check_name, guess_format, sha256_of
+from edged.models.manifest import (
+    Manifest,
+    ManifestFile,
+    check_name,
+    guess_format,
+    one_line,
+    sha256_of,
+)
 
 ACTIVE_FILE = ".active.json"
 STAGING_PREFIX = ".staging-"
@@ -162,20 +171,28 @@ class ModelStore:
                 raise InvalidInput(f"{path}: not a readable file")
         if len({p.name for p in paths}) != len(paths):
             raise InvalidInput("two files share a name")
-        fmt = guess_format(paths)
+        for path in paths:
+            check_name(path.name, "file name")
         final = self.version_dir(name, version)
         if final.exists():
             raise StoreError(f"{name} {version} already exists in {self.root}")
+        # Build (and so validate) the manifest from the sources before anything is written.
+        entries = [ManifestFile(name=p.name, sha256=sha256_of(p), size=p.stat().st_size) for p in paths]
+        try:
+            manifest = Manifest(
+                name=name, version=version, format=guess_format(paths), files=entries,
+                labels=labels, preprocessing=preprocessing, description=description,
+            )
+        except ValidationError as exc:
+            raise InvalidInput(f"invalid model: {one_line(exc)}") from None
         model_dir = self._model_dir(name)
         model_dir.mkdir(parents=True, exist_ok=True)
         self.clean_staging(name)
         staging = Path(tempfile.mkdtemp(dir=model_dir, prefix=f"{STAGING_PREFIX}{os.getpid()}-"))
         try:
-            entries = [self._copy_in(path, staging) for path in paths]
-            manifest = Manifest(
-                name=name, version=version, format=fmt, files=entries,
-                labels=labels, preprocessing=preprocessing, description=description,
-            )
+            for path, entry in zip(paths, entries, strict=True):
+                if self._copy_in(path, staging) != entry:
+                    raise StoreError(f"{path} changed while it was being added")
             atomic_write(staging / "manifest.json", manifest.to_json())
             fsync_dir(staging)
             os.rename(staging, final)
@@ -266,7 +283,6 @@ class ModelStore:
     @staticmethod
     def _copy_in(source: Path, directory: Path) -> ManifestFile:
         target = directory / source.name
-        check_name(source.name, "file name")
         with source.open("rb") as src, target.open("xb") as dst:
             shutil.copyfileobj(src, dst, 1 << 20)
             dst.flush()
