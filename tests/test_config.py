@@ -268,7 +268,7 @@ def test_an_environment_list_that_is_not_json(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setenv("EDGED_SOCKET__ALLOWED_USERS", "[root")
     message = config_error()
     assert message.startswith("invalid configuration: ")
-    assert "socket" in message
+    assert "EDGED_SOCKET__" in message and "JSON" in message
 
 
 @pytest.mark.parametrize("name", ["bad/name", "..", ".hidden", "-x"])
