@@ -38,7 +38,15 @@ def _is_root() -> bool:
     return os.geteuid() == 0
 
 
+def _systemd_dir(variable: str) -> Path | None:
+    """The directory systemd made for the service (RuntimeDirectory= and friends), if any."""
+    value = os.environ.get(variable)
+    return Path(value.split(":")[0]) if value else None
+
+
 def default_socket_path() -> Path:
+    if runtime := _systemd_dir("RUNTIME_DIRECTORY"):
+        return runtime / "edged.sock"
     if _is_root():
         return Path("/run/edged/edged.sock")
     runtime = os.environ.get("XDG_RUNTIME_DIR")
@@ -47,6 +55,8 @@ def default_socket_path() -> Path:
 
 
 def default_data_dir() -> Path:
+    if state := _systemd_dir("STATE_DIRECTORY"):
+        return state
     if _is_root():
         return Path("/var/lib/edged")
     data = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
@@ -54,6 +64,8 @@ def default_data_dir() -> Path:
 
 
 def default_cache_dir() -> Path:
+    if cache := _systemd_dir("CACHE_DIRECTORY"):
+        return cache
     if _is_root():
         return Path("/var/cache/edged")
     cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
@@ -115,7 +127,8 @@ class BackendSettings(_Section):
         default=30, ge=1, le=10_000, description="Timed warm runs per backend when `backend = auto`."
     )
     fallback_after_errors: int = Field(
-        default=3, ge=1, le=1000, description="Consecutive runtime errors before a model changes backend."
+        default=3, ge=1, le=1000,
+        description="Consecutive runtime errors before a model on `backend = auto` changes backend.",
     )
     fallback_retry_s: float = Field(
         default=300.0, gt=0, description="After a fallback, how long until the faster backend is tried again."
@@ -128,7 +141,10 @@ class ModelSettings(_Section):
     )
     precision: Literal["f32", "bf16", "f16"] = Field(
         default="f32",
-        description="Inference precision. f32 is exact; bf16/f16 are faster where supported but differ.",
+        description=(
+            "Inference precision on OpenVINO. f32 is exact; bf16/f16 are faster where the CPU supports "
+            "them but give different numbers. LiteRT always runs a float model in f32."
+        ),
     )
     reject_non_finite: bool = Field(
         default=True, description="Refuse inputs holding NaN or Infinity (OpenVINO turns NaN into 0)."

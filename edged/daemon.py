@@ -54,7 +54,7 @@ class Daemon:
                 self.manager.sync()
         finally:
             log.info("stopping")
-            self.server.stop()
+            self.server.stop(timeout=self.settings.socket.request_timeout_s)
             self.manager.close()
         return 0
 

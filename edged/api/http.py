@@ -61,6 +61,7 @@ class Connection:
         self.request_timeout = request_timeout
         self.idle_timeout = idle_timeout
         self.buffer = bytearray()
+        self.in_request = False  # from a request's first byte until its response is sent
 
     def _fill(self, deadline: float, idle: bool = False) -> None:
         remaining = deadline - time.monotonic()
@@ -78,8 +79,10 @@ class Connection:
         self.buffer += chunk
 
     def read_request(self) -> Request:
+        self.in_request = False
         if not self.buffer:
             self._fill(time.monotonic() + self.idle_timeout, idle=True)
+        self.in_request = True
         deadline = time.monotonic() + self.request_timeout
         while (end := self.buffer.find(b"\r\n\r\n")) < 0:
             if len(self.buffer) > MAX_HEADER_BYTES:

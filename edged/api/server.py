@@ -15,6 +15,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from pathlib import Path
 
 from edged.api.access import Peer
@@ -85,7 +86,8 @@ class ApiServer:
         self.api = api
         self.inherited = listener is not None
         self.listener = listener
-        self._connections: dict[socket.socket, bool] = {}  # socket -> busy with a request
+        self._connections: dict[socket.socket, Connection | None] = {}
+        self._threads: set[threading.Thread] = set()
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -116,12 +118,15 @@ class ApiServer:
             with self._lock:
                 full = len(self._connections) >= self.settings.max_connections
                 if not full:
-                    self._connections[sock] = False
+                    self._connections[sock] = None
             if full:
                 self.api.count("refused_connections")
                 self._refuse(sock)
                 continue
-            threading.Thread(target=self._serve, args=(sock,), name="api-conn", daemon=True).start()
+            thread = threading.Thread(target=self._serve, args=(sock,), name="api-conn", daemon=True)
+            with self._lock:
+                self._threads.add(thread)
+            thread.start()
 
     def _refuse(self, sock: socket.socket) -> None:
         try:
@@ -140,6 +145,8 @@ class ApiServer:
             sock, max_body=s.max_body_bytes, request_timeout=s.request_timeout_s,
             idle_timeout=s.idle_timeout_s,
         )
+        with self._lock:
+            self._connections[sock] = conn
         try:
             peer = Peer.of(sock)
             while not self._stopping.is_set():
@@ -149,11 +156,7 @@ class ApiServer:
                     self.api.count(f"http_{exc.status}")
                     conn.send(error_response(exc.status, str(exc)), keep_alive=False)
                     return
-                self._connections[sock] = True
-                try:
-                    response = self.api.handle(request, peer)
-                finally:
-                    self._connections[sock] = False
+                response = self.api.handle(request, peer)
                 keep_alive = request.keep_alive and not self._stopping.is_set()
                 conn.send(response, keep_alive)
                 if not keep_alive:
@@ -166,18 +169,23 @@ class ApiServer:
         finally:
             with self._lock:
                 self._connections.pop(sock, None)
+                self._threads.discard(threading.current_thread())
             sock.close()
 
-    def stop(self) -> None:
-        """Stop accepting; close idle connections; requests in progress finish."""
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop accepting; close idle connections; let requests in progress finish (up to `timeout`)."""
         self._stopping.set()
         if self._thread is not None:
             self._thread.join(timeout=2)
         with self._lock:
-            for sock, busy in self._connections.items():
-                if not busy:
+            for sock, conn in self._connections.items():
+                if conn is None or not conn.in_request:
                     with contextlib.suppress(OSError):
                         sock.shutdown(socket.SHUT_RDWR)
+            threads = list(self._threads)
+        deadline = time.monotonic() + timeout
+        for thread in threads:
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
         if self.listener is not None:
             self.listener.close()
         if not self.inherited:

@@ -147,6 +147,8 @@ class ModelManager:
     def _lookup(self, name: str, version: str | None) -> ServedModel:
         served = self._models.get(name)
         if served is None:
+            if not self._first_load_done:
+                raise ModelUnavailable("edged is still loading its models")
             if name in self._pending:
                 raise ModelUnavailable(f"model {name!r} is still loading")
             if name in self.failures:
@@ -169,42 +171,53 @@ class ModelManager:
     # --- loading -----------------------------------------------------------
     def load_all(self) -> None:
         """First load at start-up: every active version in the store."""
-        self._pending = set(self._active_versions())
+        self._pending = set(self._active_versions()[0])
         self.sync()
         self._first_load_done = True
 
     def sync(self) -> None:
         """Make the served models match the store's active versions."""
         with self._swap_lock:
-            wanted = self._active_versions()
+            wanted, unreadable = self._active_versions()
             now = time.monotonic()
             for name, version in wanted.items():
                 current = self._models.get(name)
-                due = current is not None and current.retry_at is not None and now >= current.retry_at
-                if current is not None and current.version == version and not due:
+                if current is not None and current.version == version:
+                    if self._failed_version.get(name) not in (None, version):
+                        self._clear_failure(name)  # the failed version is no longer wanted
+                    if current.retry_at is not None and now >= current.retry_at:
+                        current.retry_at = None
+                        if not self._load(name, version, reason="retry after fallback"):
+                            current.retry_at = now + self.settings.backends.fallback_retry_s
                     continue
-                if current is None and self._failed_version.get(name) == version:
-                    self._pending.discard(name)
+                if self._failed_version.get(name) == version:
+                    self._pending.discard(name)  # failed once; tried again when another is activated
                     continue
-                self._load(name, version, reason="retry after fallback" if due else "activated")
-            for name in set(self._models) - set(wanted):
+                self._load(name, version, reason="activated")
+            # A model whose pointer cannot be read keeps serving what it served.
+            for name in set(self._models) - set(wanted) - unreadable:
                 self._emit("model_unloaded", {"model": name, "version": self._models[name].version})
                 self._models.pop(name).retire()
-            for name in set(self.failures) - set(wanted):
-                self.failures.pop(name)
-                self._failed_version.pop(name, None)
+            for name in set(self.failures) - set(wanted) - unreadable:
+                self._clear_failure(name)
 
-    def _active_versions(self) -> dict[str, str]:
-        wanted = {}
+    def _clear_failure(self, name: str) -> None:
+        self.failures.pop(name, None)
+        self._failed_version.pop(name, None)
+
+    def _active_versions(self) -> tuple[dict[str, str], set[str]]:
+        """{name: active version}, and the names whose active pointer cannot be read."""
+        wanted, unreadable = {}, set()
         for name in self.store.names():
             try:
                 version = self.store.active(name)
             except EdgedError as exc:
                 self._fail(name, None, str(exc))
+                unreadable.add(name)
                 continue
             if version is not None:
                 wanted[name] = version
-        return wanted
+        return wanted, unreadable
 
     def load_options(self, settings: ModelSettings) -> dict[str, LoadOptions]:
         b = self.settings.backends
@@ -254,8 +267,7 @@ class ModelManager:
         self._pending.discard(name)
         if version is not None:
             self._failed_version[name] = version
-        if name not in self._models:
-            self.failures[name] = message
+        self.failures[name] = message  # a served older version keeps serving meanwhile
 
     # --- runtime fallback ----------------------------------------------------
     def _on_backend_error(self, served: ServedModel, exc: Exception) -> None:
@@ -296,6 +308,8 @@ class ModelManager:
         for name, served in self.served().items():
             stats = self.stats.get(name, ModelStats())
             models[name] = {"state": "ready", **served.describe(), **stats.as_dict()}
+            if name in self.failures:  # e.g. a newer version that failed to load
+                models[name]["error"] = self.failures[name]
         for name in self._pending - set(models):
             models[name] = {"state": "loading"}
         for name, reason in self.failures.items():

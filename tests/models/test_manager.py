@@ -133,3 +133,38 @@ def test_unversioned_and_versioned_lookup(sample_store, tmp_path):
             manager.get("tiny", "7")
     finally:
         manager.close()
+
+
+def test_a_new_version_that_fails_leaves_the_old_one_serving(sample_store, tmp_path):
+    manager = make_manager(sample_store, tmp_path)
+    events: list[tuple[str, dict]] = []
+    manager.listeners.append(lambda kind, data: events.append((kind, data)))
+    try:
+        garbage = tmp_path / "garbage.tflite"
+        garbage.write_bytes(b"TFL3" + bytes(range(256)) * 4)
+        sample_store.add("face", [garbage], "2")
+        sample_store.activate("face", "2")
+        for _ in range(3):  # tried once, not on every poll
+            manager.sync()
+        assert [kind for kind, _ in events] == ["model_failed"]
+        status = manager.status()["face"]
+        assert status["state"] == "ready" and status["version"] == "1"
+        assert status["error"].startswith("face 2: no backend can run garbage.tflite")
+        x = {"input": np.zeros((1, 128, 128, 3), np.float32)}
+        assert manager.infer("face", x).model.version == "1"
+        sample_store.rollback("face")  # back to 1: the failure no longer applies
+        manager.sync()
+        assert "error" not in manager.status()["face"]
+    finally:
+        manager.close()
+
+
+def test_an_unreadable_pointer_keeps_the_model_serving(sample_store, tmp_path):
+    manager = make_manager(sample_store, tmp_path)
+    try:
+        (sample_store.root / "tiny" / ".active.json").write_text("{broken")
+        manager.sync()
+        assert manager.infer("tiny", {"x": X}).model.version == "1"
+        assert "unreadable active pointer" in manager.status()["tiny"]["error"]
+    finally:
+        manager.close()

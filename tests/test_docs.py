@@ -1,0 +1,88 @@
+"""The generated configuration docs are current, and the packaged config file is usable."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from edged.config import ModelSettings, Settings, load_settings
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGED = ROOT / "packaging" / "edged.toml"
+# A commented-out table header or key ("#[socket]", "#max_connections = 64"); descriptions start "# ".
+COMMENTED_OUT = re.compile(r"^#(?=\[|[A-Za-z0-9_]+ = )")
+
+
+def _load_generator():
+    spec = importlib.util.spec_from_file_location("gen_config_docs", ROOT / "tools" / "gen_config_docs.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+gen = _load_generator()
+
+
+@pytest.fixture(autouse=True)
+def no_edged_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """EDGED_* variables would override what the file says."""
+    for name in [n for n in os.environ if n.upper().startswith("EDGED_")]:
+        monkeypatch.delenv(name)
+
+
+def _blocks() -> dict[str, str]:
+    """The packaged file cut at its commented table headers, each block uncommented."""
+    blocks: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    for line in PACKAGED.read_text().splitlines():
+        if line.startswith("#["):
+            current = blocks.setdefault(line[2:-1], [])
+        if current is not None:
+            current.append(COMMENTED_OUT.sub("", line))
+    return {table: "\n".join(lines) + "\n" for table, lines in blocks.items()}
+
+
+def test_generated_files_are_current() -> None:
+    stale = gen.stale_files()
+    assert not stale, f"stale: {[str(p) for p in stale]}; run .venv/bin/python tools/gen_config_docs.py"
+    assert gen.main(["--check"]) == 0
+
+
+def test_packaged_file_changes_nothing_as_shipped() -> None:
+    assert tomllib.loads(PACKAGED.read_text()) == {}
+
+
+def test_packaged_file_has_every_section() -> None:
+    assert {table.split(".")[0] for table in _blocks()} == set(Settings.model_fields)
+
+
+@pytest.mark.parametrize("table", sorted(_blocks()))
+def test_each_section_loads_when_uncommented(table: str, tmp_path: Path) -> None:
+    text = _blocks()[table]
+    data = tomllib.loads(text)
+    section, *model = table.split(".")
+    keys = data[section][model[0]] if model else data[section]
+    model_class = ModelSettings if model else Settings.model_fields[section].annotation
+    assert set(keys) == set(model_class.model_fields), "every key appears in the packaged file"
+
+    path = tmp_path / "edged.toml"
+    path.write_text(text)
+    settings = load_settings(path)
+    loaded = settings.model(model[0]) if model else getattr(settings, section)
+    defaults = model_class()
+    for key in keys:
+        if f"{section}.{key}" not in gen.MACHINE_DEFAULTS | gen.EXAMPLES:
+            assert getattr(loaded, key) == getattr(defaults, key), f"{table}.{key} shows its default"
+
+
+def test_whole_file_loads_when_uncommented(tmp_path: Path) -> None:
+    path = tmp_path / "edged.toml"
+    path.write_text("".join(_blocks().values()))
+    assert load_settings(path).model(gen.EXAMPLE_MODEL) == ModelSettings()
