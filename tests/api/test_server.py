@@ -27,7 +27,10 @@ def raw(path, data: bytes, timeout: float = 10.0) -> tuple[int, dict]:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         sock.connect(str(path))
-        sock.sendall(data)
+        try:
+            sock.sendall(data)
+        except BrokenPipeError:
+            pass  # refused before we finished sending: the answer is still there to read
         response = b""
         while b"\r\n\r\n" not in response:
             chunk = sock.recv(65536)
