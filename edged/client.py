@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from edged.api import codec
+from edged.api.http import send_parts
 from edged.errors import EdgedError
 
 
@@ -77,7 +78,7 @@ class Client:
         binary: bool = True, outputs: list[str] | None = None,
     ) -> tuple[dict, dict[str, np.ndarray]]:
         """Like `infer`, also returning the response document (model_version, id)."""
-        body, header_length = codec.encode_request(
+        body, header_length = codec.encode_request_parts(
             inputs, binary=binary, outputs=outputs, binary_outputs=binary
         )
         headers = {"Content-Type": "application/octet-stream" if header_length else "application/json"}
@@ -95,20 +96,22 @@ class Client:
         status, _, body = self.request(method, path)
         if status != 200:
             raise ClientError(status, _error_text(body))
-        return json.loads(body)
+        return json.loads(bytes(body))
 
     def request(
-        self, method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None
-    ) -> tuple[int, dict[str, str], bytes]:
-        head = [f"{method} {path} HTTP/1.1", "Host: localhost", f"Content-Length: {len(body)}"]
+        self, method: str, path: str, body: bytes | codec.Parts = b"", headers: dict[str, str] | None = None
+    ) -> tuple[int, dict[str, str], bytearray]:
+        parts = body if isinstance(body, list) else [body]
+        length = sum(len(p) for p in parts)
+        head = [f"{method} {path} HTTP/1.1", "Host: localhost", f"Content-Length: {length}"]
         head += [f"{k}: {v}" for k, v in (headers or {}).items()]
-        message = ("\r\n".join(head) + "\r\n\r\n").encode() + body
+        message = [("\r\n".join(head) + "\r\n\r\n").encode(), *parts]
         for attempt in (1, 2):
             fresh = self._sock is None
             sock = self._connect()
             try:
                 try:
-                    sock.sendall(message)
+                    send_parts(sock, message)
                 except BrokenPipeError:
                     # The server may have refused the request early (413, 503) and closed:
                     # its answer is still there to read.
@@ -124,6 +127,8 @@ class Client:
     def _connect(self) -> socket.socket:
         if self._sock is None:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
             sock.settimeout(self.timeout)
             try:
                 sock.connect(self.socket_path)
@@ -133,7 +138,7 @@ class Client:
             self._sock = sock
         return self._sock
 
-    def _read_response(self) -> tuple[int, dict[str, str], bytes]:
+    def _read_response(self) -> tuple[int, dict[str, str], bytearray]:
         while (end := self._buffer.find(b"\r\n\r\n")) < 0:
             self._recv()
         lines = bytes(self._buffer[:end]).decode("latin-1").split("\r\n")
@@ -144,17 +149,25 @@ class Client:
             name, _, value = line.partition(":")
             headers[name.strip().lower()] = value.strip()
         length = int(headers.get("content-length", "0"))
-        while len(self._buffer) < length:
-            self._recv()
-        body = bytes(self._buffer[:length])
-        del self._buffer[:length]
+        have = min(length, len(self._buffer))
+        body = bytearray(length)
+        body[:have] = self._buffer[:have]
+        del self._buffer[:have]
+        if have < length:  # read the rest straight into place
+            view = memoryview(body)
+            assert self._sock is not None
+            while have < length:
+                n = self._sock.recv_into(view[have:])
+                if n == 0:
+                    raise _Closed("server closed the connection")
+                have += n
         if headers.get("connection", "").lower() == "close":
             self.close()
         return status, headers, body
 
     def _recv(self) -> None:
         assert self._sock is not None
-        chunk = self._sock.recv(1 << 20)
+        chunk = self._sock.recv(65536)
         if not chunk:
             raise _Closed("server closed the connection")
         self._buffer += chunk
@@ -168,8 +181,8 @@ def _model_path(model: str, version: str | None) -> str:
     return f"/v2/models/{model}" + (f"/versions/{version}" if version else "")
 
 
-def _error_text(body: bytes) -> str:
+def _error_text(body: bytes | bytearray) -> str:
     try:
-        return str(json.loads(body)["error"])
+        return str(json.loads(bytes(body))["error"])
     except (ValueError, KeyError, TypeError):
         return body.decode(errors="replace")[:200]

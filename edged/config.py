@@ -119,6 +119,10 @@ class BackendSettings(_Section):
     openvino_performance_hint: Literal["LATENCY", "THROUGHPUT"] = Field(
         default="LATENCY", description="OpenVINO CPU plugin performance hint."
     )
+    openvino_threads: int = Field(
+        default=0, ge=0, le=1024,
+        description="CPU threads per OpenVINO inference (INFERENCE_NUM_THREADS); 0 lets OpenVINO decide.",
+    )
     openvino_cache_dir: Path = Field(
         default_factory=lambda: default_cache_dir() / "openvino",
         description="OpenVINO compiled-model cache; keeps restarts fast.",

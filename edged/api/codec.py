@@ -46,6 +46,7 @@ class InferRequest:
     outputs: dict[str, bool] | None = None  # name -> binary; None means all outputs
     binary_default: bool = False
     parameters: dict[str, Any] = field(default_factory=dict)
+    all_binary: bool = False  # every input came as binary data
 
 
 def parse_json(data: bytes | memoryview, what: str = "request") -> Any:
@@ -113,9 +114,52 @@ def _from_json_data(data: Any, dtype: np.dtype, shape: tuple[int, ...], where: s
         raise InvalidInput(f"{where}.data has values outside the range of {name}") from None
 
 
-def decode_request(body: bytes | memoryview, header_length: int | None) -> InferRequest:
+class HeaderCache:
+    """Remembers what a JSON header decoded to, keyed by its exact bytes.
+
+    A camera client sends the same header with every frame; only the tensor
+    bytes change. Bounded, and only headers whose tensors are all binary are
+    kept, so a hit is just slicing the binary part.
+    """
+
+    def __init__(self, size: int = 256) -> None:
+        self.size = size
+        self.entries: dict[bytes, tuple[list[tuple[str, np.dtype, tuple[int, ...], int]], InferRequest]] = {}
+
+    def decode(self, body: memoryview, header_length: int) -> InferRequest | None:
+        entry = self.entries.get(bytes(body[:header_length]))
+        if entry is None:
+            return None
+        plan, template = entry
+        binary = body[header_length:]
+        if len(binary) != sum(size for *_, size in plan):
+            return None  # let the full decoder name the problem
+        inputs, offset = {}, 0
+        for name, dtype, shape, size in plan:
+            inputs[name] = np.frombuffer(binary[offset : offset + size], dtype=dtype).reshape(shape)
+            offset += size
+        return InferRequest(inputs, template.id, template.outputs, template.binary_default,
+                            template.parameters)
+
+    def remember(self, body: memoryview, header_length: int, request: InferRequest) -> None:
+        if len(self.entries) >= self.size:
+            self.entries.pop(next(iter(self.entries)))
+        plan = [(n, a.dtype, a.shape, a.nbytes) for n, a in request.inputs.items()]
+        self.entries[bytes(body[:header_length])] = (plan, request)
+
+
+def decode_request(
+    body: bytes | memoryview, header_length: int | None, cache: HeaderCache | None = None
+) -> InferRequest:
     """Turn an infer request body (JSON, optionally followed by binary tensors) into arrays."""
     body = memoryview(body)
+    if cache is not None and header_length is not None:
+        if 0 < header_length <= len(body) and (hit := cache.decode(body, header_length)) is not None:
+            return hit
+        request = decode_request(body, header_length)
+        if request.all_binary:
+            cache.remember(body, header_length, request)
+        return request
     if header_length is None:
         header, binary = body, memoryview(b"")
     else:
@@ -129,7 +173,7 @@ def decode_request(body: bytes | memoryview, header_length: int | None) -> Infer
     if not raw_inputs or len(raw_inputs) > MAX_TENSORS:
         raise InvalidInput(f"request.inputs must hold 1 to {MAX_TENSORS} tensors")
     inputs: dict[str, np.ndarray] = {}
-    offset = 0
+    offset = binary_inputs = 0
     for index, raw in enumerate(raw_inputs):
         where = f"inputs[{index}]"
         _expect(raw, dict, where)
@@ -156,6 +200,7 @@ def decode_request(body: bytes | memoryview, header_length: int | None) -> Infer
                 raise InvalidInput(f"input {name!r}: binary data ends after {left} of {size} bytes")
             inputs[name] = np.frombuffer(binary[offset : offset + size], dtype=dtype).reshape(shape)
             offset += size
+            binary_inputs += 1
         elif "data" in raw:
             inputs[name] = _from_json_data(raw["data"], dtype, shape, where)
         else:
@@ -175,13 +220,25 @@ def decode_request(body: bytes | memoryview, header_length: int | None) -> Infer
     request_id = doc.get("id")
     if request_id is not None:
         request_id = str(_expect(request_id, (str, int), "request.id"))
-    return InferRequest(inputs, request_id, outputs, binary_default, request_params)
+    return InferRequest(inputs, request_id, outputs, binary_default, request_params,
+                        all_binary=binary_inputs == len(inputs))
+
+
+Parts = list[bytes | memoryview]
 
 
 def encode_response(
     model_name: str, model_version: str, outputs: dict[str, np.ndarray], request: InferRequest
 ) -> tuple[bytes, int | None]:
     """Body and JSON header length (None when the body is JSON only)."""
+    parts, header_length = encode_response_parts(model_name, model_version, outputs, request)
+    return b"".join(parts), header_length
+
+
+def encode_response_parts(
+    model_name: str, model_version: str, outputs: dict[str, np.ndarray], request: InferRequest
+) -> tuple[Parts, int | None]:
+    """Like `encode_response`, but the body as parts to send without copying the tensors."""
     wanted = request.outputs
     if wanted is None:
         wanted = dict.fromkeys(outputs, request.binary_default)
@@ -189,18 +246,30 @@ def encode_response(
         unknown = sorted(set(wanted) - set(outputs))
         if unknown:
             raise InvalidInput(f"unknown output {unknown[0]!r}; the model gives {sorted(outputs)}")
+    if request.id is None and all(wanted.values()):  # the usual camera frame: reuse the header
+        arrays = [np.ascontiguousarray(outputs[name]) for name in wanted]
+        key = (model_name, model_version,
+               *((n, a.dtype.str, a.shape) for n, a in zip(wanted, arrays, strict=True)))
+        header = _response_headers.get(key)
+        if header is not None:
+            return [header, *(memoryview(a.reshape(-1)).cast("B") for a in arrays)], len(header)
     tensors, blobs = _encode_tensors({name: (outputs[name], binary) for name, binary in wanted.items()})
     doc: dict[str, Any] = {"model_name": model_name, "model_version": model_version, "outputs": tensors}
     if request.id is not None:
         doc["id"] = request.id
     header = json.dumps(doc, separators=(",", ":")).encode()
-    if not blobs:
-        return header, None
-    return b"".join([header, *blobs]), len(header)
+    if request.id is None and all(wanted.values()):
+        if len(_response_headers) >= 256:
+            _response_headers.pop(next(iter(_response_headers)))
+        _response_headers[key] = header
+    return [header, *blobs], len(header) if blobs else None
 
 
-def _encode_tensors(arrays: dict[str, tuple[np.ndarray, bool]]) -> tuple[list[dict], list[bytes]]:
-    """Tensor descriptions and, for those sent as binary, their raw bytes in order."""
+_response_headers: dict[tuple, bytes] = {}
+
+
+def _encode_tensors(arrays: dict[str, tuple[np.ndarray, bool]]) -> tuple[list[dict], list[memoryview]]:
+    """Tensor descriptions and, for those sent as binary, views of their bytes in order."""
     tensors, blobs = [], []
     for name, (value, binary) in arrays.items():
         array = np.asarray(value)
@@ -208,7 +277,7 @@ def _encode_tensors(arrays: dict[str, tuple[np.ndarray, bool]]) -> tuple[list[di
             "name": name, "datatype": datatype_of(array.dtype), "shape": list(array.shape)
         }
         if binary:
-            blob = np.ascontiguousarray(array).tobytes()
+            blob = memoryview(np.ascontiguousarray(array).reshape(-1)).cast("B")
             tensor["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         else:
@@ -222,6 +291,17 @@ def encode_request(
     binary_outputs: bool = True, request_id: str | None = None,
 ) -> tuple[bytes, int | None]:
     """Client side: body and JSON header length for an infer request."""
+    parts, header_length = encode_request_parts(
+        inputs, binary=binary, outputs=outputs, binary_outputs=binary_outputs, request_id=request_id
+    )
+    return b"".join(parts), header_length
+
+
+def encode_request_parts(
+    inputs: dict[str, np.ndarray], *, binary: bool = True, outputs: list[str] | None = None,
+    binary_outputs: bool = True, request_id: str | None = None,
+) -> tuple[Parts, int | None]:
+    """Like `encode_request`, but the body as parts to send without copying the tensors."""
     tensors, blobs = _encode_tensors({name: (array, binary) for name, array in inputs.items()})
     doc: dict[str, Any] = {"inputs": tensors, "parameters": {"binary_data_output": binary_outputs}}
     if outputs is not None:
@@ -229,12 +309,12 @@ def encode_request(
     if request_id is not None:
         doc["id"] = request_id
     header = json.dumps(doc, separators=(",", ":")).encode()
-    if not blobs:
-        return header, None
-    return b"".join([header, *blobs]), len(header)
+    return [header, *blobs], len(header) if blobs else None
 
 
-def decode_response(body: bytes, header_length: int | None) -> tuple[dict, dict[str, np.ndarray]]:
+def decode_response(
+    body: bytes | bytearray | memoryview, header_length: int | None
+) -> tuple[dict, dict[str, np.ndarray]]:
     """Client side: the response document and its output arrays."""
     view = memoryview(body)
     header = view if header_length is None else view[:header_length]

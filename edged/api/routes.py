@@ -61,17 +61,18 @@ class Api:
             for name, m in settings.models.items()
         }
         self.max_pending = settings.socket.max_pending_requests
+        self.header_cache = codec.HeaderCache()
         self.pending = 0
         self.refused_busy = 0
         self.counters: dict[str, int] = {}
         self._lock = threading.Lock()
         self.routes: list[tuple[str, re.Pattern[str], Callable[..., Response]]] = [
+            ("POST", re.compile(_MODEL + r"/infer"), self.infer),  # first: the hot path
             ("GET", re.compile(r"/v2/health/live"), self.live),
             ("GET", re.compile(r"/v2/health/ready"), self.ready),
             ("GET", re.compile(r"/v2/?"), self.server_metadata),
             ("GET", re.compile(_MODEL), self.model_metadata),
             ("GET", re.compile(_MODEL + r"/ready"), self.model_ready),
-            ("POST", re.compile(_MODEL + r"/infer"), self.infer),
             ("GET", re.compile(r"/metrics"), self.metrics),
             ("GET", re.compile(r"/v2/edged/status"), self.status),
         ]
@@ -167,9 +168,9 @@ class Api:
                 if not text.isdigit():
                     raise InvalidInput(f"bad Inference-Header-Content-Length {text[:20]!r}")
                 header_length = int(text)
-            decoded = codec.decode_request(request.body, header_length)
+            decoded = codec.decode_request(request.body, header_length, self.header_cache)
             result = self.manager.infer(name, decoded.inputs, version)
-            body, json_length = codec.encode_response(
+            body, json_length = codec.encode_response_parts(
                 name, result.model.version, result.outputs, decoded
             )
         finally:

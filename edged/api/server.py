@@ -26,6 +26,7 @@ from edged.errors import EdgedError
 
 log = logging.getLogger(__name__)
 SOCKET_MODE = 0o660
+SOCKET_BUFFER = 1 << 20
 
 
 class SocketInUse(EdgedError):
@@ -108,6 +109,9 @@ class ApiServer:
         while not self._stopping.is_set():
             try:
                 sock, _ = self.listener.accept()
+                # Room for a whole camera frame per syscall instead of a dozen small wake-ups.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
             except TimeoutError:
                 continue
             except OSError as exc:

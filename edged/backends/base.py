@@ -33,7 +33,7 @@ class LoadOptions:
 
     precision: str = "f32"
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
-    threads_per_worker: int = 1
+    threads_per_worker: int = 0  # 0: the runtime decides (LiteRT: 1)
     cache_dir: Path | None = None
     performance_hint: str = "LATENCY"
 

@@ -62,13 +62,14 @@ class LiteRTModel(LoadedModel):
     precision = "f32"  # LiteRT runs a float model in its own precision; it never downcasts
 
     def __init__(self, content: bytes, options: LoadOptions) -> None:
-        first = _Instance(content, options.threads_per_worker)
+        threads = options.threads_per_worker or 1
+        first = _Instance(content, threads)
         self.inputs = _specs(first.input_details)
         self.outputs = _specs(first.output_details)
         self._pool: queue.SimpleQueue[_Instance] = queue.SimpleQueue()
         self._pool.put(first)
         for _ in range(max(1, options.workers) - 1):
-            self._pool.put(_Instance(content, options.threads_per_worker))
+            self._pool.put(_Instance(content, threads))
 
     def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         instance = self._pool.get()

@@ -224,6 +224,7 @@ class ModelManager:
         return {
             "openvino": LoadOptions(
                 precision=settings.precision, workers=b.workers,
+                threads_per_worker=b.openvino_threads,
                 cache_dir=b.openvino_cache_dir, performance_hint=b.openvino_performance_hint,
             ),
             "litert": LoadOptions(

@@ -135,3 +135,10 @@ def test_probe_input_fits_the_specs(tiny_ir):
     inputs = probe_input(model.inputs)
     assert inputs["x"].shape == (1, 4) and inputs["x"].dtype == np.float32
     model.close()
+
+
+def test_openvino_takes_read_only_and_strided_inputs(tiny_ir):
+    model = get_backend("openvino").load(tiny_ir, "openvino", LoadOptions())
+    read_only = np.frombuffer(np.array([[1, 2, -3, 0.5]], np.float32).tobytes(), np.float32).reshape(1, 4)
+    np.testing.assert_array_equal(model.infer({"x": read_only})["y"], [[3, 5, 0, 2]])
+    model.close()
