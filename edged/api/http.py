@@ -9,6 +9,7 @@ size, body size, a deadline for the whole request, and an idle timeout.
 from __future__ import annotations
 
 import socket
+import struct
 import time
 from dataclasses import dataclass
 
@@ -75,18 +76,25 @@ class Connection:
         self.idle_timeout = idle_timeout
         self.buffer = bytearray()
         self.in_request = False  # from a request's first byte until its response is sent
+        # A blocking socket with kernel timeouts, set once: no poll() before every recv and
+        # send as Python does for sockets with a timeout. Deadlines are checked between calls.
+        sock.settimeout(None)
+        step = min(request_timeout, idle_timeout)
+        timeval = struct.pack("ll", int(step), int((step % 1) * 1_000_000))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
 
     def _fill(self, deadline: float, idle: bool = False) -> None:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise ClientGone("idle") if idle else HTTPError(408, "request not received in time")
-        self.sock.settimeout(remaining)
-        try:
-            chunk = self.sock.recv(HEAD_CHUNK)
-        except TimeoutError:
-            raise ClientGone("idle") if idle else HTTPError(408, "request not received in time") from None
-        except (ConnectionResetError, BrokenPipeError):
-            raise ClientGone("reset") from None
+        while True:
+            if time.monotonic() >= deadline:
+                raise ClientGone("idle") if idle else HTTPError(408, "request not received in time")
+            try:
+                chunk = self.sock.recv(HEAD_CHUNK)
+                break
+            except BlockingIOError:  # SO_RCVTIMEO expired: look at the deadline again
+                continue
+            except (ConnectionResetError, BrokenPipeError):
+                raise ClientGone("reset") from None
         if not chunk:
             raise ClientGone("closed")
         self.buffer += chunk
@@ -144,14 +152,13 @@ class Connection:
         have = len(self.buffer)
         view[:have] = self.buffer
         self.buffer.clear()
-        self.sock.settimeout(max(0.001, deadline - time.monotonic()))
         while have < length:
             if time.monotonic() > deadline:
                 raise HTTPError(408, f"body not received in time ({have} of {length} bytes)")
             try:
                 n = self.sock.recv_into(view[have:])
-            except TimeoutError:
-                raise HTTPError(408, f"body not received in time ({have} of {length} bytes)") from None
+            except BlockingIOError:
+                continue
             except (ConnectionResetError, BrokenPipeError):
                 raise ClientGone("reset") from None
             if n == 0:
@@ -171,5 +178,4 @@ class Connection:
         if not keep_alive:
             lines.append("Connection: close")
         head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-        self.sock.settimeout(self.request_timeout)
-        send_parts(self.sock, [head, *body])
+        send_parts(self.sock, [head, *body])  # a client that stops reading times out (SO_SNDTIMEO)

@@ -134,7 +134,6 @@ class ApiServer:
 
     def _refuse(self, sock: socket.socket) -> None:
         try:
-            sock.settimeout(1.0)
             conn = Connection(sock, max_body=0, request_timeout=1.0, idle_timeout=1.0)
             limit = self.settings.max_connections
             conn.send(error_response(503, f"too many connections (limit {limit})"), keep_alive=False)
