@@ -64,22 +64,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
     settings = _settings(args)
     path = Path(args.input)
     with Client(settings.socket.path) as client:
+        meta = client.metadata(args.model, args.version)
         if path.suffix == ".npy":
             try:
                 array = np.load(path, allow_pickle=False)
             except (OSError, ValueError) as exc:
                 raise EdgedError(f"{path}: not a readable .npy file: {exc}") from None
-            meta = client.metadata(args.model, args.version)
             inputs = {meta["inputs"][0]["name"]: array}
         else:
-            from edged.api.codec import DATATYPES
-            from edged.preprocess import image_to_tensor, read_image
-
-            meta = client.metadata(args.model, args.version)
-            spec = meta["inputs"][0]
-            tensor = image_to_tensor(read_image(path), spec["shape"], DATATYPES[spec["datatype"]],
-                                     meta["parameters"].get("preprocessing"))
-            inputs = {spec["name"]: tensor}
+            return _predict_image(client, args, meta, path)
         doc, outputs = client.infer_full(args.model, inputs, version=args.version, binary=not args.json)
     if args.json:
         print(json.dumps(doc))
@@ -88,6 +81,37 @@ def cmd_predict(args: argparse.Namespace) -> int:
     for name, array in outputs.items():
         summary = f"min {array.min():.6g} max {array.max():.6g} mean {array.mean():.6g}" if array.size else ""
         print(f"  {name} {array.dtype} {list(array.shape)} {summary}")
+    return 0
+
+
+def _predict_image(client, args: argparse.Namespace, meta: dict, path: Path) -> int:
+    """An image goes through the model's preprocessing and, when it has one, its decoder."""
+    from edged.api.codec import DATATYPES
+    from edged.pipelines.decoders import build_decoder
+    from edged.pipelines.preprocess import image_to_tensor, read_image
+
+    image = read_image(path)
+    spec = meta["inputs"][0]
+    params = meta.get("parameters") or {}
+    tensor, placement = image_to_tensor(image, spec["shape"], DATATYPES[spec["datatype"]],
+                                        params.get("preprocessing"))
+    doc, outputs = client.infer_full(args.model, {spec["name"]: tensor}, version=args.version)
+    decoder = build_decoder(params.get("decoder"))
+    if decoder is None:
+        result = {name: {"shape": list(a.shape), "dtype": str(a.dtype), "data": a.ravel().tolist()}
+                  for name, a in outputs.items()}
+    else:
+        result = decoder.decode(outputs, placement, image.shape[1], image.shape[0])
+    if args.json:
+        print(json.dumps({"model": doc["model_name"], "version": doc["model_version"], **result}))
+        return 0
+    print(f"{doc['model_name']} {doc['model_version']}")
+    for detection in result.get("detections", []):
+        box = ", ".join(f"{v:.3f}" for v in detection["box"])
+        print(f"  score {detection['score']:.3f}  box [{box}]")
+    if decoder is None:
+        for name, array in outputs.items():
+            print(f"  {name} {array.dtype} {list(array.shape)}")
     return 0
 
 
@@ -126,8 +150,9 @@ def cmd_models(args: argparse.Namespace) -> int:
     elif args.action == "add":
         labels = Path(args.labels).read_text().splitlines() if args.labels else None
         preprocessing = json.loads(Path(args.preprocess).read_text()) if args.preprocess else None
+        decoder = json.loads(Path(args.decoder).read_text()) if args.decoder else None
         manifest = store.add(args.name, [Path(f) for f in args.files], args.version,
-                             labels=labels, preprocessing=preprocessing)
+                             labels=labels, preprocessing=preprocessing, decoder=decoder)
         activate = args.activate or store.active(args.name) is None
         if activate:
             store.activate(args.name, args.version)
@@ -184,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--version", dest="version", required=True)
     add.add_argument("--labels", help="text file, one label per line")
     add.add_argument("--preprocess", help="JSON file with preprocessing settings")
+    add.add_argument("--decoder", help="JSON file naming the output decoder, e.g. {\"type\": \"blazeface\"}")
     add.add_argument("--activate", action="store_true", help="activate it (default: only if none is)")
     for action, helptext in (("activate", "make a version active"), ("rollback", "go back one version"),
                              ("remove", "remove a version, or the whole model")):

@@ -180,8 +180,9 @@ def start_module_daemon() -> Iterator:
 
 
 def fill_sample_store(store: ModelStore, sample_models: dict[str, Path], tiny_ir: Path) -> ModelStore:
+    fetch_tool = _load_fetch_tool()
     for name, path in sample_models.items():
-        store.add(name, [path], "1")
+        fetch_tool.add_sample(store, name, path)
         store.activate(name, "1")
     store.add("tiny", ir_files(tiny_ir), "1")
     store.activate("tiny", "1")

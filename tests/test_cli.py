@@ -93,7 +93,9 @@ def test_predict_npy_image_and_json(start_daemon, sample_store, tmp_path):
     image = tmp_path / "photo.jpg"
     cv2.imwrite(str(image), np.full((480, 640, 3), 128, np.uint8))
     out = edged("predict", "--socket", str(daemon.socket), "--model", "face", "--input", str(image))
-    assert "regressors float32 [1, 896, 16]" in out.stdout
+    assert out.stdout.splitlines() == ["face 1"]  # a grey picture: no face
+    out = edged("predict", "--socket", str(daemon.socket), "--model", "face", "--input", str(image), "--json")
+    assert json.loads(out.stdout) == {"model": "face", "version": "1", "detections": []}
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"nope")
     result = edged("predict", "--socket", str(daemon.socket), "--model", "face", "--input", str(bad),

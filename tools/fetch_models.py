@@ -69,6 +69,13 @@ def fetch(directory: Path | None = None) -> dict[str, Path]:
     return wanted
 
 
+def add_sample(store, name: str, path: Path, version: str = "1", as_name: str | None = None) -> None:
+    """Add one sample model to a ModelStore with its preprocessing and decoder."""
+    pin = json.loads(PINS.read_text())["models"][name]
+    store.add(as_name or name, [path], version, preprocessing=pin.get("preprocessing"),
+              decoder=pin.get("decoder"), description=pin["description"])
+
+
 def add_to_store(paths: dict[str, Path], store_dir: str | None) -> None:
     """Add each sample as version 1 of its model (if absent) and make it active."""
     sys.path.insert(0, str(ROOT))
@@ -77,11 +84,9 @@ def add_to_store(paths: dict[str, Path], store_dir: str | None) -> None:
 
     settings = load_settings(None, **({"store": {"path": store_dir}} if store_dir else {}))
     store = ModelStore(settings.store.path)
-    pins = json.loads(PINS.read_text())["models"]
     for name, path in paths.items():
         if "1" not in store.versions(name):
-            store.add(name, [path], "1", preprocessing=pins[name]["preprocessing"],
-                      description=pins[name]["description"])
+            add_sample(store, name, path)
         if store.active(name) is None:
             store.activate(name, "1")
         print(f"{name}: version 1 in {store.root}")

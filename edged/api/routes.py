@@ -141,6 +141,7 @@ class Api:
             "parameters": {
                 "precision": served.selection.precision, "format": served.manifest.format,
                 "labels": served.manifest.labels, "preprocessing": served.manifest.preprocessing,
+                "decoder": served.manifest.decoder,
             },
         })
 

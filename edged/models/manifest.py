@@ -59,6 +59,9 @@ class Manifest(BaseModel):
     preprocessing: dict[str, Any] | None = Field(
         default=None, description="How to turn an image or a sample window into the model input."
     )
+    decoder: dict[str, Any] | None = Field(
+        default=None, description="How to turn the output tensors into results, e.g. {type: blazeface}."
+    )
     description: str = Field(default="", max_length=2000, description="Free text for people.")
 
     @model_validator(mode="after")

@@ -160,6 +160,7 @@ class ModelStore:
         *,
         labels: list[str] | None = None,
         preprocessing: dict | None = None,
+        decoder: dict | None = None,
         description: str = "",
     ) -> Manifest:
         """Copy `files` in as a new version; it appears complete or not at all."""
@@ -181,7 +182,7 @@ class ModelStore:
         try:
             manifest = Manifest(
                 name=name, version=version, format=guess_format(paths), files=entries,
-                labels=labels, preprocessing=preprocessing, description=description,
+                labels=labels, preprocessing=preprocessing, decoder=decoder, description=description,
             )
         except ValidationError as exc:
             raise InvalidInput(f"invalid model: {one_line(exc)}") from None

@@ -1,0 +1,1 @@
+"""Continuous inference: sources, preprocessing, decoders and sinks around the model manager."""

@@ -1,0 +1,39 @@
+"""Turn a model's raw output tensors into results a person or a fleet can use.
+
+A model's manifest names its decoder (`decoder = {"type": "blazeface", ...}`);
+the type chooses from this closed table, never an import path.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+from pydantic import ValidationError
+
+from edged.errors import InvalidInput
+from edged.pipelines.decoders.blazeface import BlazeFaceConfig, BlazeFaceDecoder
+from edged.pipelines.preprocess import Placement
+
+
+class Decoder(Protocol):
+    def decode(self, outputs: dict[str, np.ndarray], placement: Placement, frame_w: int,
+               frame_h: int) -> dict: ...
+
+
+DECODERS = {"blazeface": (BlazeFaceConfig, BlazeFaceDecoder)}
+
+
+def build_decoder(spec: dict | None) -> Decoder | None:
+    """The decoder a manifest asks for (None for raw tensors); InvalidInput if it is wrong."""
+    if not spec:
+        return None
+    kind = spec.get("type")
+    if kind not in DECODERS:
+        raise InvalidInput(f"decoder.type {kind!r} is not one of {sorted(DECODERS)}")
+    config_class, decoder_class = DECODERS[kind]
+    try:
+        return decoder_class(config_class.model_validate(spec))
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise InvalidInput(f"decoder.{'.'.join(map(str, first['loc']))}: {first['msg']}") from None

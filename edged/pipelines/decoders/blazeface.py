@@ -1,0 +1,124 @@
+"""SSD-style anchor decoding with weighted non-maximum suppression, as MediaPipe's
+BlazeFace graph does it (SsdAnchorsCalculator, TensorsToDetectionsCalculator,
+NonMaxSuppressionCalculator with the WEIGHTED algorithm).
+
+The defaults are the configuration of `face_detection_short_range.tflite`:
+896 anchors from strides 8, 16, 16, 16 on a 128x128 input, 16 values per box
+(centre, size, 6 keypoints), sigmoid scores clipped at +-100.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from edged.errors import InvalidInput
+from edged.pipelines.preprocess import Placement
+
+
+class BlazeFaceConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: str = "blazeface"
+    boxes_output: str = Field(default="regressors", description="Output with box and keypoint offsets.")
+    scores_output: str = Field(default="classificators", description="Output with one logit per anchor.")
+    strides: tuple[int, ...] = Field(default=(8, 16, 16, 16), description="Feature map stride per layer.")
+    anchors_per_layer: int = Field(default=2, ge=1, description="Anchors each layer adds per cell.")
+    anchor_offset: float = Field(default=0.5, description="Anchor centre within its cell.")
+    num_keypoints: int = Field(default=6, ge=0, le=64, description="Keypoints after the 4 box values.")
+    score_threshold: float = Field(default=0.5, ge=0, le=1, description="Detections below are dropped.")
+    score_clip: float = Field(default=100.0, gt=0, description="Logits are clipped to +-this.")
+    nms_threshold: float = Field(default=0.3, ge=0, le=1, description="IoU above which boxes merge.")
+    max_detections: int = Field(default=100, ge=1, le=10_000, description="Detections kept at most.")
+
+
+def ssd_anchor_centres(width: int, height: int, strides: tuple[int, ...], per_layer: int,
+                       offset: float) -> np.ndarray:
+    """(N, 2) relative anchor centres; consecutive layers with one stride share their cells."""
+    centres = []
+    layer = 0
+    while layer < len(strides):
+        stride = strides[layer]
+        repeats = 0
+        while layer < len(strides) and strides[layer] == stride:
+            repeats += per_layer
+            layer += 1
+        rows, cols = -(-height // stride), -(-width // stride)
+        ys, xs = np.meshgrid((np.arange(rows) + offset) / rows, (np.arange(cols) + offset) / cols,
+                             indexing="ij")
+        grid = np.stack([xs.ravel(), ys.ravel()], axis=1)
+        centres.append(np.repeat(grid, repeats, axis=0))
+    return np.concatenate(centres).astype(np.float32)
+
+
+def _iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    x1 = np.maximum(box[0], boxes[:, 0])
+    y1 = np.maximum(box[1], boxes[:, 1])
+    x2 = np.minimum(box[2], boxes[:, 2])
+    y2 = np.minimum(box[3], boxes[:, 3])
+    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
+    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    area = (box[2] - box[0]) * (box[3] - box[1])
+    return inter / np.maximum(area + areas - inter, 1e-12)
+
+
+def weighted_nms(scores: np.ndarray, boxes: np.ndarray, keypoints: np.ndarray, threshold: float,
+                 limit: int) -> list[tuple[float, np.ndarray, np.ndarray]]:
+    """Merge overlapping candidates into their score-weighted mean; keep the top score."""
+    order = np.argsort(-scores, kind="stable")
+    kept = []
+    while order.size and len(kept) < limit:
+        best = order[0]
+        overlap = _iou(boxes[best], boxes[order])
+        group = order[overlap > threshold]
+        weights = scores[group][:, None]
+        box = (boxes[group] * weights).sum(0) / weights.sum()
+        points = (keypoints[group] * weights[:, :, None]).sum(0) / weights.sum()
+        kept.append((float(scores[best]), box, points))
+        order = order[overlap <= threshold]
+    return kept
+
+
+class BlazeFaceDecoder:
+    def __init__(self, config: BlazeFaceConfig) -> None:
+        self.config = config
+        self._anchors: dict[tuple[int, int], np.ndarray] = {}
+
+    def anchors(self, width: int, height: int) -> np.ndarray:
+        key = (width, height)
+        if key not in self._anchors:
+            c = self.config
+            self._anchors[key] = ssd_anchor_centres(width, height, c.strides, c.anchors_per_layer,
+                                                    c.anchor_offset)
+        return self._anchors[key]
+
+    def decode(self, outputs: dict[str, np.ndarray], placement: Placement, frame_w: int,
+               frame_h: int) -> dict:
+        c = self.config
+        try:
+            raw = outputs[c.boxes_output].reshape(-1, 4 + 2 * c.num_keypoints)
+            logits = outputs[c.scores_output].reshape(-1)
+        except (KeyError, ValueError) as exc:
+            raise InvalidInput(f"blazeface decoder: outputs do not fit its config ({exc})") from None
+        anchors = self.anchors(placement.input_width, placement.input_height)
+        if len(anchors) != len(raw) or len(raw) != len(logits):
+            raise InvalidInput(f"blazeface decoder: {len(raw)} boxes for {len(anchors)} anchors")
+        scores = 1.0 / (1.0 + np.exp(-np.clip(logits.astype(np.float64), -c.score_clip, c.score_clip)))
+        keep = scores >= c.score_threshold
+        raw, anchors, scores = raw[keep].astype(np.float64), anchors[keep], scores[keep]
+        size = np.array([placement.input_width, placement.input_height], np.float64)
+        centre = raw[:, 0:2] / size + anchors
+        half = raw[:, 2:4] / size / 2
+        boxes = np.concatenate([centre - half, centre + half], axis=1)
+        points = raw[:, 4:].reshape(-1, c.num_keypoints, 2) / size + anchors[:, None, :]
+        detections = []
+        for score, box, kps in weighted_nms(scores, boxes, points, c.nms_threshold, c.max_detections):
+            x1, y1 = placement.to_frame(box[0], box[1], frame_w, frame_h)
+            x2, y2 = placement.to_frame(box[2], box[3], frame_w, frame_h)
+            kx, ky = placement.to_frame(kps[:, 0], kps[:, 1], frame_w, frame_h)
+            detections.append({
+                "score": round(score, 5),
+                "box": [round(float(v), 5) for v in (x1, y1, x2 - x1, y2 - y1)],
+                "keypoints": [[round(float(x), 5), round(float(y), 5)] for x, y in zip(kx, ky, strict=True)],
+            })
+        return {"detections": detections}
