@@ -44,12 +44,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _check(settings: Settings) -> int:
     from edged.api.routes import Api
+    from edged.api.server import resolve_group
     from edged.models.manager import ModelManager
     from edged.models.store import ModelStore
 
     store = ModelStore(settings.store.path)
     manager = ModelManager(store, settings)
     Api(manager, settings)  # resolves users and groups
+    resolve_group(settings.socket.group)
     manager.load_all()
     for name, info in sorted(manager.status().items()):
         detail = info.get("error") or f"{info['version']} on {info['backend']} ({info['reason']})"

@@ -96,6 +96,10 @@ class SocketSettings(_Section):
     idle_timeout_s: float = Field(
         default=120.0, gt=0, le=86_400, description="A keep-alive connection idle this long is closed."
     )
+    max_json_bytes: int = Field(
+        default=8 << 20, ge=1024, le=1 << 32,
+        description="Largest JSON part of an infer request (413 beyond); big tensors go as binary.",
+    )
     max_body_bytes: int = Field(
         default=64 << 20, ge=1024, le=1 << 32, description="Largest request body accepted (413 beyond)."
     )

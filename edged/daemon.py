@@ -39,19 +39,22 @@ class Daemon:
             self.store.clean_staging(name)
         self.server.start()
         log.info("listening on %s", self.server.path)
-        self.manager.load_all()
-        names = ", ".join(
-            f"{n} {m.version} ({m.selection.backend})" for n, m in sorted(self.manager.served().items())
-        )
-        log.info("ready in %.2f s: %s", time.monotonic() - started, names or "no models in the store")
-        if not self.manager.served():
-            log.warning("the store %s has no active model: add one with `edged models add`",
-                        self.store.root)
-        if on_ready is not None:
-            on_ready()
         try:
+            self.manager.load_all()
+            names = ", ".join(
+                f"{n} {m.version} ({m.selection.backend})" for n, m in sorted(self.manager.served().items())
+            )
+            log.info("ready in %.2f s: %s", time.monotonic() - started, names or "no models in the store")
+            if not self.manager.served():
+                log.warning("the store %s has no active model: add one with `edged models add`",
+                            self.store.root)
+            if on_ready is not None:
+                on_ready()
             while not self.stopping.wait(self.settings.store.poll_interval_s):
-                self.manager.sync()
+                try:
+                    self.manager.sync()
+                except Exception:  # the daemon outlives whatever the store throws at it
+                    log.exception("syncing with the model store failed; serving what is loaded")
         finally:
             log.info("stopping")
             self.server.stop(timeout=self.settings.socket.request_timeout_s)

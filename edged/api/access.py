@@ -15,7 +15,9 @@ import struct
 from dataclasses import dataclass, field
 from functools import cached_property
 
-from edged.errors import EdgedError
+from edged.config import ConfigError
+
+SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux 4.13+
 
 
 @dataclass(frozen=True)
@@ -23,14 +25,23 @@ class Peer:
     pid: int
     uid: int
     gid: int
+    supplementary: frozenset[int] | None = None  # the process's real groups, from the kernel
 
     @classmethod
     def of(cls, sock: socket.socket) -> Peer:
         data = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        return cls(*struct.unpack("3i", data))
+        pid, uid, gid = struct.unpack("3i", data)
+        try:
+            raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 1024)
+            groups = frozenset(struct.unpack(f"{len(raw) // 4}I", raw))
+        except OSError:  # an old kernel, or more groups than fit: fall back to the group database
+            groups = None
+        return cls(pid, uid, gid, groups)
 
     @cached_property
     def groups(self) -> frozenset[int]:
+        if self.supplementary is not None:
+            return self.supplementary | {self.gid}
         try:
             name = pwd.getpwuid(self.uid).pw_name
             return frozenset(os.getgrouplist(name, self.gid))
@@ -64,4 +75,4 @@ def _resolve(value: str, lookup, attribute: str, where: str) -> int:
     try:
         return getattr(lookup(value), attribute)
     except KeyError:
-        raise EdgedError(f"{where}: no such user or group {value!r}") from None
+        raise ConfigError(f"{where}: no such user or group {value!r}") from None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -110,24 +111,45 @@ def _from_json_data(data: Any, dtype: np.dtype, shape: tuple[int, ...], where: s
     try:
         with np.errstate(over="raise"):
             return values.astype(dtype).reshape(shape)
-    except FloatingPointError:
+    except (FloatingPointError, OverflowError):
         raise InvalidInput(f"{where}.data has values outside the range of {name}") from None
+
+
+class BoundedCache:
+    """A small thread-safe map that forgets its oldest entry when full."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._entries: dict = {}
+        self._lock = threading.Lock()
+
+    def get(self, key: Any) -> Any:
+        return self._entries.get(key)
+
+    def put(self, key: Any, value: Any) -> None:
+        with self._lock:
+            if key not in self._entries and len(self._entries) >= self.size:
+                self._entries.pop(next(iter(self._entries)))
+            self._entries[key] = value
 
 
 class HeaderCache:
     """Remembers what a JSON header decoded to, keyed by its exact bytes.
 
     A camera client sends the same header with every frame; only the tensor
-    bytes change. Bounded, and only headers whose tensors are all binary are
-    kept, so a hit is just slicing the binary part.
+    bytes change. Only small headers whose tensors are all binary are kept, and
+    only their layout (never a tensor), so a hit is just slicing the body.
     """
 
+    MAX_HEADER = 4096
+
     def __init__(self, size: int = 256) -> None:
-        self.size = size
-        self.entries: dict[bytes, tuple[list[tuple[str, np.dtype, tuple[int, ...], int]], InferRequest]] = {}
+        self._cache = BoundedCache(size)
 
     def decode(self, body: memoryview, header_length: int) -> InferRequest | None:
-        entry = self.entries.get(bytes(body[:header_length]))
+        if header_length > self.MAX_HEADER:
+            return None
+        entry = self._cache.get(bytes(body[:header_length]))
         if entry is None:
             return None
         plan, template = entry
@@ -139,13 +161,14 @@ class HeaderCache:
             inputs[name] = np.frombuffer(binary[offset : offset + size], dtype=dtype).reshape(shape)
             offset += size
         return InferRequest(inputs, template.id, template.outputs, template.binary_default,
-                            template.parameters)
+                            template.parameters, all_binary=True)
 
     def remember(self, body: memoryview, header_length: int, request: InferRequest) -> None:
-        if len(self.entries) >= self.size:
-            self.entries.pop(next(iter(self.entries)))
+        if header_length > self.MAX_HEADER or not request.all_binary:
+            return
         plan = [(n, a.dtype, a.shape, a.nbytes) for n, a in request.inputs.items()]
-        self.entries[bytes(body[:header_length])] = (plan, request)
+        template = InferRequest({}, request.id, request.outputs, request.binary_default, request.parameters)
+        self._cache.put(bytes(body[:header_length]), (plan, template))
 
 
 def decode_request(
@@ -157,8 +180,7 @@ def decode_request(
         if 0 < header_length <= len(body) and (hit := cache.decode(body, header_length)) is not None:
             return hit
         request = decode_request(body, header_length)
-        if request.all_binary:
-            cache.remember(body, header_length, request)
+        cache.remember(body, header_length, request)
         return request
     if header_length is None:
         header, binary = body, memoryview(b"")
@@ -250,7 +272,7 @@ def encode_response_parts(
         arrays = [np.ascontiguousarray(outputs[name]) for name in wanted]
         key = (model_name, model_version,
                *((n, a.dtype.str, a.shape) for n, a in zip(wanted, arrays, strict=True)))
-        header = _response_headers.get(key)
+        header = _RESPONSE_HEADERS.get(key)
         if header is not None:
             return [header, *(memoryview(a.reshape(-1)).cast("B") for a in arrays)], len(header)
     tensors, blobs = _encode_tensors({name: (outputs[name], binary) for name, binary in wanted.items()})
@@ -259,13 +281,11 @@ def encode_response_parts(
         doc["id"] = request.id
     header = json.dumps(doc, separators=(",", ":")).encode()
     if request.id is None and all(wanted.values()):
-        if len(_response_headers) >= 256:
-            _response_headers.pop(next(iter(_response_headers)))
-        _response_headers[key] = header
+        _RESPONSE_HEADERS.put(key, header)
     return [header, *blobs], len(header) if blobs else None
 
 
-_response_headers: dict[tuple, bytes] = {}
+_RESPONSE_HEADERS = BoundedCache(256)  # (model, version, output layout) -> JSON header
 
 
 def _encode_tensors(arrays: dict[str, tuple[np.ndarray, bool]]) -> tuple[list[dict], list[memoryview]]:

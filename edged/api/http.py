@@ -14,7 +14,8 @@ import time
 from dataclasses import dataclass
 
 MAX_HEADER_BYTES = 16 * 1024
-HEAD_CHUNK = 8192  # a head fits; the body is then received in place, not through this buffer
+HEAD_CHUNK = 8192
+BODY_CHUNK = 1 << 20  # a head fits; the body is then received in place, not through this buffer
 MAX_HEADERS = 100
 REASONS = {
     100: "Continue", 200: "OK", 400: "Bad Request", 403: "Forbidden", 404: "Not Found",
@@ -44,6 +45,15 @@ class Request:
     headers: dict[str, str]
     body: memoryview
     keep_alive: bool
+    version: str = "HTTP/1.1"
+    length: int = 0
+
+
+def parse_length(text: str, name: str) -> int:
+    """A byte count from a header: ASCII digits only (latin-1 '²' passes str.isdigit)."""
+    if not (text.isascii() and text.isdigit()) or len(text) > 18:
+        raise HTTPError(400, f"bad {name} {text[:20]!r}")
+    return int(text)
 
 
 @dataclass
@@ -99,7 +109,8 @@ class Connection:
             raise ClientGone("closed")
         self.buffer += chunk
 
-    def read_request(self) -> Request:
+    def read_head(self) -> Request:
+        """The request line and headers; the body is read by `read_body` once they pass."""
         self.in_request = False
         if not self.buffer:
             self._fill(time.monotonic() + self.idle_timeout, idle=True)
@@ -125,38 +136,46 @@ class Connection:
             name, sep, value = line.partition(":")
             if not sep or not name or name != name.strip():
                 raise HTTPError(400, f"malformed header line {line[:80]!r}")
-            headers[name.lower()] = value.strip()
+            key = name.lower()
+            if key in headers and key in ("content-length", "host", "inference-header-content-length"):
+                raise HTTPError(400, f"header {name} appears twice")
+            headers[key] = value.strip()
         if "transfer-encoding" in headers:
             raise HTTPError(411, "chunked bodies are not supported: send Content-Length")
-        length_text = headers.get("content-length", "0")
-        if not length_text.isdigit():
-            raise HTTPError(400, f"bad Content-Length {length_text[:20]!r}")
-        length = int(length_text)
+        length = parse_length(headers.get("content-length", "0"), "Content-Length")
         if length > self.max_body:
             raise HTTPError(413, f"body of {length} bytes is over the {self.max_body}-byte limit")
-        if length and headers.get("expect", "").lower() == "100-continue":
-            self.sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
-        body = self._read_body(length, deadline)
         connection = headers.get("connection", "").lower()
         keep_alive = connection != "close" if version == "HTTP/1.1" else connection == "keep-alive"
         path, _, query = target.partition("?")
-        return Request(method, path, query, headers, body, keep_alive)
+        self._deadline = deadline
+        return Request(method, path, query, headers, memoryview(b""), keep_alive, version, length)
+
+    def read_body(self, request: Request) -> None:
+        """Receive the body of a request whose head was accepted."""
+        if request.length and request.headers.get("expect", "").lower() == "100-continue" \
+                and request.version == "HTTP/1.1":
+            self.sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.body = self._read_body(request.length, self._deadline)
 
     def _read_body(self, length: int, deadline: float) -> memoryview:
         if len(self.buffer) >= length:
             body = self.buffer[:length]  # a writable copy: tensors may be shared with the runtime
             del self.buffer[:length]
             return memoryview(body)
-        body = bytearray(length)
-        view = memoryview(body)
+        # The buffer grows with what arrives (doubling from 1 MiB), so a client that
+        # announces a large body without sending it cannot make us allocate it.
         have = len(self.buffer)
-        view[:have] = self.buffer
+        body = bytearray(min(length, max(have, BODY_CHUNK)))
+        body[:have] = self.buffer
         self.buffer.clear()
         while have < length:
             if time.monotonic() > deadline:
                 raise HTTPError(408, f"body not received in time ({have} of {length} bytes)")
+            if have == len(body):
+                body.extend(bytes(min(len(body), length - len(body))))
             try:
-                n = self.sock.recv_into(view[have:])
+                n = self.sock.recv_into(memoryview(body)[have:])
             except BlockingIOError:
                 continue
             except (ConnectionResetError, BrokenPipeError):
@@ -164,9 +183,11 @@ class Connection:
             if n == 0:
                 raise ClientGone("closed mid-body")
             have += n
-        return view
+        return memoryview(body)
 
-    def send(self, response: Response, keep_alive: bool) -> None:
+    def send(
+        self, response: Response, keep_alive: bool, http10: bool = False, head_only: bool = False
+    ) -> None:
         body = response.body if isinstance(response.body, list) else [response.body]
         lines = [
             f"HTTP/1.1 {response.status} {REASONS.get(response.status, 'Unknown')}",
@@ -177,5 +198,8 @@ class Connection:
             lines.append(f"{name}: {value}")
         if not keep_alive:
             lines.append("Connection: close")
+        elif http10:
+            lines.append("Connection: keep-alive")
         head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-        send_parts(self.sock, [head, *body])  # a client that stops reading times out (SO_SNDTIMEO)
+        # A client that stops reading times out (SO_SNDTIMEO) instead of holding us forever.
+        send_parts(self.sock, [head] if head_only else [head, *body])

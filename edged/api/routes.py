@@ -17,7 +17,7 @@ from urllib.parse import unquote
 from edged import __version__
 from edged.api import codec
 from edged.api.access import Peer, Rule
-from edged.api.http import Request, Response
+from edged.api.http import HTTPError, Request, Response, parse_length
 from edged.config import Settings
 from edged.errors import (
     BackendError,
@@ -61,13 +61,14 @@ class Api:
             for name, m in settings.models.items()
         }
         self.max_pending = settings.socket.max_pending_requests
+        self.max_json = settings.socket.max_json_bytes
         self.header_cache = codec.HeaderCache()
         self.pending = 0
-        self.refused_busy = 0
         self.counters: dict[str, int] = {}
         self._lock = threading.Lock()
+        self._infer_route = re.compile(_MODEL + r"/infer")
         self.routes: list[tuple[str, re.Pattern[str], Callable[..., Response]]] = [
-            ("POST", re.compile(_MODEL + r"/infer"), self.infer),  # first: the hot path
+            ("POST", self._infer_route, self.infer),  # first: the hot path
             ("GET", re.compile(r"/v2/health/live"), self.live),
             ("GET", re.compile(r"/v2/health/ready"), self.ready),
             ("GET", re.compile(r"/v2/?"), self.server_metadata),
@@ -78,9 +79,35 @@ class Api:
         ]
 
     # --- dispatch -------------------------------------------------------------
+    def admit(self, request: Request, peer: Peer) -> Response | None:
+        """Refuse on the head alone, before a body is received: who, which model, room, size."""
+        match = self._infer_route.fullmatch(request.path)
+        name = match["name"] if match else None
+        if name is None and (model := re.match(r"/v2/models/([^/]+)", request.path)):
+            name = model[1]
+        if name is not None:
+            rule = self.model_rules.get(unquote(name))
+            if rule is not None and not rule.allows(peer):
+                message = f"uid {peer.uid} is not allowed to use model {unquote(name)!r}"
+                return error_response(403, message)
+        if match is None or request.method != "POST":
+            return None
+        if self.pending >= self.max_pending:
+            self.count("refused_busy")
+            return error_response(503, f"server busy: {self.pending} requests in progress, try again")
+        json_length = request.length
+        if codec.HEADER_LENGTH in request.headers:
+            try:
+                json_length = parse_length(request.headers[codec.HEADER_LENGTH],
+                                           "Inference-Header-Content-Length")
+            except HTTPError as exc:
+                return error_response(400, str(exc))
+        if json_length > self.max_json:
+            return error_response(413, f"JSON part of {json_length} bytes is over the {self.max_json}-byte "
+                                       "limit: send large tensors with the binary extension")
+        return None
+
     def handle(self, request: Request, peer: Peer) -> Response:
-        if not self.socket_rule.allows(peer):
-            return error_response(403, f"uid {peer.uid} is not allowed to use this socket")
         allowed_methods = []
         for method, pattern, handler in self.routes:
             match = pattern.fullmatch(request.path)
@@ -98,7 +125,9 @@ class Api:
                 log.exception("unhandled error on %s %s", request.method, request.path)
                 return error_response(500, f"internal error: {type(exc).__name__}: {exc}")
         if allowed_methods:
-            return error_response(405, f"{request.method} is not allowed on {request.path}")
+            response = error_response(405, f"{request.method} is not allowed on {request.path}")
+            response.headers = {"Allow": ", ".join(sorted(set(allowed_methods)))}
+            return response
         return error_response(404, f"no such endpoint: {request.method} {request.path}")
 
     @staticmethod
@@ -108,10 +137,13 @@ class Api:
                 return status
         return 400
 
-    def _model(self, name: str, peer: Peer, version: str | None = None) -> ServedModel:
+    def _check_model_access(self, name: str, peer: Peer) -> None:
         rule = self.model_rules.get(name)
         if rule is not None and not rule.allows(peer):
             raise Forbidden(f"uid {peer.uid} is not allowed to use model {name!r}")
+
+    def _model(self, name: str, peer: Peer, version: str | None = None) -> ServedModel:
+        self._check_model_access(name, peer)
         return self.manager.get(name, version)
 
     # --- health and metadata ------------------------------------------------------
@@ -154,21 +186,20 @@ class Api:
 
     # --- inference ------------------------------------------------------------------
     def infer(self, request: Request, peer: Peer, name: str, version: str | None = None) -> Response:
-        rule = self.model_rules.get(name)
-        if rule is not None and not rule.allows(peer):
-            raise Forbidden(f"uid {peer.uid} is not allowed to use model {name!r}")
+        self._check_model_access(name, peer)
         with self._lock:
             if self.pending >= self.max_pending:
-                self.refused_busy += 1
+                self.counters["refused_busy"] = self.counters.get("refused_busy", 0) + 1
                 raise Busy(f"server busy: {self.pending} requests in progress, try again")
             self.pending += 1
         try:
             header_length = None
             if codec.HEADER_LENGTH in request.headers:
-                text = request.headers[codec.HEADER_LENGTH]
-                if not text.isdigit():
-                    raise InvalidInput(f"bad Inference-Header-Content-Length {text[:20]!r}")
-                header_length = int(text)
+                try:
+                    header_length = parse_length(request.headers[codec.HEADER_LENGTH],
+                                                 "Inference-Header-Content-Length")
+                except HTTPError as exc:
+                    raise InvalidInput(str(exc)) from None
             decoded = codec.decode_request(request.body, header_length, self.header_cache)
             result = self.manager.infer(name, decoded.inputs, version)
             body, json_length = codec.encode_response_parts(
@@ -192,7 +223,7 @@ class Api:
             "uptime_s": round(time.time() - self.started, 3),
             "ready": self.manager.ready(),
             "models": self.manager.status(),
-            "api": {"pending": self.pending, "refused_busy": self.refused_busy, **self.counters},
+            "api": {"pending": self.pending, **self.counters},
         }
 
     def metrics(self, request: Request, peer: Peer) -> Response:
@@ -222,7 +253,6 @@ class Api:
         text.family("edged_api_pending_requests", "gauge", "Inference requests in progress.")
         text.sample("edged_api_pending_requests", self.pending)
         text.family("edged_api_events_total", "counter", "Connection-level events on the socket.")
-        text.sample("edged_api_events_total", self.refused_busy, {"event": "refused_busy"})
         for event, count in sorted(self.counters.items()):
             text.sample("edged_api_events_total", count, {"event": event})
         return Response(200, text.render(), "text/plain; version=0.0.4")

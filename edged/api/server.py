@@ -21,7 +21,7 @@ from pathlib import Path
 from edged.api.access import Peer
 from edged.api.http import ClientGone, Connection, HTTPError, Response
 from edged.api.routes import Api, error_response
-from edged.config import SocketSettings
+from edged.config import ConfigError, SocketSettings
 from edged.errors import EdgedError
 
 log = logging.getLogger(__name__)
@@ -31,6 +31,16 @@ SOCKET_BUFFER = 1 << 20
 
 class SocketInUse(EdgedError):
     """Another process answers on the socket path."""
+
+
+def resolve_group(group: str | None) -> int:
+    """The gid for `socket.group` (-1 to leave the group alone)."""
+    if not group:
+        return -1
+    try:
+        return int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise ConfigError(f"socket.group: no such group {group!r}") from None
 
 
 def bind_unix_socket(path: Path, group: str | None, mode: int = SOCKET_MODE) -> socket.socket:
@@ -45,10 +55,13 @@ def bind_unix_socket(path: Path, group: str | None, mode: int = SOCKET_MODE) -> 
         if not path.is_socket() or path.is_symlink():
             raise SocketInUse(f"{path} exists and is not a socket; refusing to replace it")
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        probe.settimeout(2.0)
         try:
             probe.connect(str(path))
         except ConnectionRefusedError:
             log.info("replacing stale socket %s", path)
+        except TimeoutError:
+            raise SocketInUse(f"a process holds {path} but does not answer; stop it first") from None
         except OSError as exc:
             if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT):
                 raise
@@ -56,12 +69,7 @@ def bind_unix_socket(path: Path, group: str | None, mode: int = SOCKET_MODE) -> 
             raise SocketInUse(f"another process is serving on {path}")
         finally:
             probe.close()
-    gid = -1
-    if group:
-        try:
-            gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
-        except KeyError:
-            raise EdgedError(f"socket.group: no such group {group!r}") from None
+    gid = resolve_group(group)
     temporary = path.with_name(f".{path.name}.{os.getpid()}")
     with contextlib.suppress(FileNotFoundError):
         temporary.unlink()
@@ -109,15 +117,19 @@ class ApiServer:
         while not self._stopping.is_set():
             try:
                 sock, _ = self.listener.accept()
-                # Room for a whole camera frame per syscall instead of a dozen small wake-ups.
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
             except TimeoutError:
                 continue
             except OSError as exc:
                 if self._stopping.is_set():
                     return
                 log.warning("accept failed: %s", exc)
+                continue
+            try:
+                # Room for a whole camera frame per syscall instead of a dozen small wake-ups.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
+            except OSError:
+                sock.close()
                 continue
             with self._lock:
                 full = len(self._connections) >= self.settings.max_connections
@@ -152,16 +164,31 @@ class ApiServer:
             self._connections[sock] = conn
         try:
             peer = Peer.of(sock)
+            if not self.api.socket_rule.allows(peer):  # refused before it can send anything
+                self.api.count("refused_peer")
+                conn.send(error_response(403, f"uid {peer.uid} is not allowed to use this socket"),
+                          keep_alive=False)
+                return
             while not self._stopping.is_set():
                 try:
-                    request = conn.read_request()
+                    request = conn.read_head()
+                    refusal = self.api.admit(request, peer)  # decided on the head alone
+                    if refusal is None:
+                        conn.read_body(request)
                 except HTTPError as exc:
                     self.api.count(f"http_{exc.status}")
                     conn.send(error_response(exc.status, str(exc)), keep_alive=False)
                     return
+                http10 = request.version == "HTTP/1.0"
+                if refusal is not None:  # the body was not read: the connection cannot go on
+                    conn.send(refusal, keep_alive=False, http10=http10)
+                    return
+                head_only = request.method == "HEAD"
+                if head_only:
+                    request.method = "GET"
                 response = self.api.handle(request, peer)
                 keep_alive = request.keep_alive and not self._stopping.is_set()
-                conn.send(response, keep_alive)
+                conn.send(response, keep_alive, http10=http10, head_only=head_only)
                 if not keep_alive:
                     return
         except ClientGone:

@@ -42,14 +42,12 @@ class _Instance:
         self.shapes = {d["name"]: tuple(d["shape"]) for d in self.input_details}
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        resized = False
-        for name, array in inputs.items():
-            if self.shapes[name] != array.shape:
-                self.interpreter.resize_tensor_input(self.input_index[name], array.shape)
-                self.shapes[name] = array.shape
-                resized = True
-        if resized:
+        changed = {name: a.shape for name, a in inputs.items() if self.shapes[name] != a.shape}
+        if changed:
+            for name, shape in changed.items():
+                self.interpreter.resize_tensor_input(self.input_index[name], shape)
             self.interpreter.allocate_tensors()
+            self.shapes.update(changed)  # only once the interpreter accepted them
         for name, array in inputs.items():
             self.interpreter.set_tensor(self.input_index[name], array)
         self.interpreter.invoke()

@@ -131,8 +131,7 @@ class ModelManager:
 
     def get(self, name: str, version: str | None = None) -> ServedModel:
         """The served model (for metadata); raises like `infer` would."""
-        served = self._lookup(name, version)
-        return served
+        return self._lookup(name, version)
 
     def served(self) -> dict[str, ServedModel]:
         return dict(self._models)
@@ -140,9 +139,6 @@ class ModelManager:
     def ready(self) -> bool:
         """True once every active model has been loaded or has failed."""
         return self._first_load_done and not self._pending
-
-    def is_ready(self, name: str) -> bool:
-        return name in self._models
 
     def _lookup(self, name: str, version: str | None) -> ServedModel:
         served = self._models.get(name)
@@ -194,6 +190,7 @@ class ModelManager:
                     self._pending.discard(name)  # failed once; tried again when another is activated
                     continue
                 self._load(name, version, reason="activated")
+            self._pending &= set(wanted)  # removed meanwhile: nothing left to wait for
             # A model whose pointer cannot be read keeps serving what it served.
             for name in set(self._models) - set(wanted) - unreadable:
                 self._emit("model_unloaded", {"model": name, "version": self._models[name].version})
@@ -245,6 +242,9 @@ class ModelManager:
         except EdgedError as exc:
             self._fail(name, version, str(exc))
             return False
+        except (OSError, ValueError, TypeError) as exc:  # whatever a damaged store throws
+            self._fail(name, version, f"{type(exc).__name__}: {exc}")
+            return False
         served = ServedModel(manifest, loaded, selection, settings)
         old = self._models.get(name)
         self.stats.setdefault(name, ModelStats())
@@ -287,6 +287,7 @@ class ModelManager:
             log.warning("%s: %s failing (%s); trying another backend", served.name, failing, error)
             if not self._load(served.name, served.version, reason=f"fallback from {failing}",
                               exclude=frozenset({failing})):
+                served.consecutive_errors = 0  # no other backend now: try again after as many errors
                 return
             new = self._models[served.name]
             new.selection.reason = (
@@ -313,7 +314,7 @@ class ModelManager:
                 models[name]["error"] = self.failures[name]
         for name in self._pending - set(models):
             models[name] = {"state": "loading"}
-        for name, reason in self.failures.items():
+        for name, reason in dict(self.failures).items():
             models.setdefault(name, {"state": "failed", "error": reason})
         return models
 

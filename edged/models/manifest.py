@@ -118,8 +118,14 @@ def one_line(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
+def is_valid_name(value: str) -> bool:
+    return re.fullmatch(NAME_PATTERN.strip("^$"), value) is not None
+
+
 def check_name(value: str, what: str = "model name") -> str:
     """Return `value` if it is a valid model name, version or file name, else raise InvalidInput."""
+    if not isinstance(value, str):
+        raise InvalidInput(f"invalid {what} {value!r}: not a string")
     pattern = {"version": VERSION_PATTERN, "file name": FILE_PATTERN}.get(what, NAME_PATTERN)
     if re.fullmatch(pattern.strip("^$"), value) is None:
         raise InvalidInput(f"invalid {what} {value!r}: use letters, digits, '.', '_' or '-'")

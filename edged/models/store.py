@@ -25,10 +25,12 @@ from pydantic import ValidationError
 
 from edged.errors import InvalidInput, ModelNotFound, StoreError
 from edged.models.manifest import (
+    MAX_MANIFEST_BYTES,
     Manifest,
     ManifestFile,
     check_name,
     guess_format,
+    is_valid_name,
     one_line,
     sha256_of,
 )
@@ -75,7 +77,8 @@ class ModelStore:
     def names(self) -> list[str]:
         if not self.root.is_dir():
             return []
-        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        # Anything that is not a valid model name (lost+found, a stray folder) is not a model.
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and is_valid_name(p.name))
 
     def versions(self, name: str) -> list[str]:
         model_dir = self._model_dir(name)
@@ -92,9 +95,14 @@ class ModelStore:
             return {"version": None, "history": []}
         except (OSError, ValueError) as exc:
             raise StoreError(f"{path}: unreadable active pointer: {exc}") from exc
-        if not isinstance(data, dict) or not isinstance(data.get("history", []), list):
+        if not isinstance(data, dict):
             raise StoreError(f"{path}: malformed active pointer")
-        return {"version": data.get("version"), "history": list(data.get("history", []))}
+        version, history = data.get("version"), data.get("history", [])
+        if not (version is None or isinstance(version, str)) or not isinstance(history, list) or not all(
+            isinstance(v, str) for v in history
+        ):
+            raise StoreError(f"{path}: malformed active pointer")
+        return {"version": version, "history": list(history)}
 
     def active(self, name: str) -> str | None:
         return self._pointer(name)["version"]
@@ -118,9 +126,13 @@ class ModelStore:
     def manifest(self, name: str, version: str) -> Manifest:
         path = self.version_dir(name, version) / "manifest.json"
         try:
+            if path.stat().st_size > MAX_MANIFEST_BYTES:
+                raise StoreError(f"{name} {version}: manifest.json is over {MAX_MANIFEST_BYTES} bytes")
             data = path.read_bytes()
         except FileNotFoundError:
             raise ModelNotFound(name, version) from None
+        except OSError as exc:
+            raise StoreError(f"{name} {version}: cannot read manifest.json: {exc.strerror or exc}") from None
         try:
             manifest = Manifest.from_json(data)
         except InvalidInput as exc:
@@ -147,7 +159,12 @@ class ModelStore:
                 raise StoreError(
                     f"{name} {version}: {entry.name} is {st.st_size} bytes, manifest says {entry.size}"
                 )
-            if sha256_of(path) != entry.sha256:
+            try:
+                digest = sha256_of(path)
+            except OSError as exc:
+                reason = exc.strerror or exc
+                raise StoreError(f"{name} {version}: cannot read {entry.name}: {reason}") from None
+            if digest != entry.sha256:
                 raise StoreError(f"{name} {version}: {entry.name} does not match its sha256")
         return manifest
 
@@ -201,18 +218,6 @@ class ModelStore:
             shutil.rmtree(staging, ignore_errors=True)
             raise
         fsync_dir(model_dir)
-        return manifest
-
-    def add_directory(self, staging: Path) -> Manifest:
-        """Move a complete staged version (files plus manifest.json) into place."""
-        manifest = Manifest.from_json((staging / "manifest.json").read_bytes())
-        final = self.version_dir(manifest.name, manifest.version)
-        if final.exists():
-            raise StoreError(f"{manifest.name} {manifest.version} already exists")
-        final.parent.mkdir(parents=True, exist_ok=True)
-        fsync_dir(staging)
-        os.rename(staging, final)
-        fsync_dir(final.parent)
         return manifest
 
     def activate(self, name: str, version: str) -> None:
@@ -296,6 +301,6 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
+    except PermissionError:  # alive, owned by someone else
+        pass
     return True

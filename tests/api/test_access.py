@@ -161,7 +161,8 @@ def test_peer_of_a_real_socketpair_is_this_process() -> None:
     with a, b:
         for sock in (a, b):
             peer = Peer.of(sock)
-            assert peer == Peer(pid=os.getpid(), uid=os.getuid(), gid=os.getgid())
+            assert (peer.pid, peer.uid, peer.gid) == (os.getpid(), os.getuid(), os.getgid())
+            assert peer.supplementary == frozenset(os.getgroups())
             assert os.getgid() in peer.groups
 
 
@@ -174,5 +175,26 @@ def test_peer_of_a_listening_socket_connection(short_dir) -> None:
             client.connect(path)
             conn, _ = server.accept()
             with conn:
-                assert Peer.of(conn) == Peer(pid=os.getpid(), uid=os.getuid(), gid=os.getgid())
+                peer = Peer.of(conn)
+                assert (peer.pid, peer.uid, peer.gid) == (os.getpid(), os.getuid(), os.getgid())
                 assert Rule.build([str(os.getuid())], [], "socket").allows(Peer.of(conn))
+
+
+def test_groups_come_from_the_peer_process_not_the_group_database(short_dir) -> None:
+    """A process that dropped its supplementary groups is not in them any more."""
+    import subprocess
+    import sys
+
+    path = str(short_dir / "g")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+        server.bind(path)
+        server.listen(1)
+        code = f"import socket,time; s=socket.socket(socket.AF_UNIX); s.connect({path!r}); time.sleep(2)"
+        child = subprocess.Popen([sys.executable, "-c", code], extra_groups=[4242])
+        conn, _ = server.accept()
+        with conn:
+            peer = Peer.of(conn)
+        child.wait()
+    assert peer.supplementary == frozenset({4242})
+    assert Rule(gids=frozenset({4242})).allows(peer)
+    assert not Rule(gids=frozenset({0})).allows(Peer(peer.pid, 65534, 65534, frozenset({4242})))

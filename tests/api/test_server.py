@@ -7,6 +7,7 @@ import socket
 import stat
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -66,7 +67,7 @@ def daemon(start_module_daemon, sample_models, tiny_ir, tmp_path_factory):
     return start_module_daemon(store.root, config={
         "models": {"face": {"backend": "openvino"}, "face-lite": {"backend": "litert"},
                    "tiny": {"reject_non_finite": False}},
-        "socket": {"max_body_bytes": 2_000_000},
+        "socket": {"max_body_bytes": 2_000_000, "max_json_bytes": 1_500_000},
     })
 
 
@@ -192,6 +193,12 @@ def test_oversized_body_is_refused_before_it_is_read(daemon):
     (b"GET /v2/models/tiny/infer HTTP/1.1\r\n\r\n", 405, "GET is not allowed"),
     (b"GET /nothing HTTP/1.1\r\n\r\n", 404, "no such endpoint"),
     (b"GET /v2 HTTP/1.1\r\nX: " + b"a" * 20_000 + b"\r\n\r\n", 431, "request head over"),
+    ("POST /v2/models/tiny/infer HTTP/1.1\r\nContent-Length: \u00b2\r\n\r\n".encode("latin-1"),
+     400, "bad Content-Length"),
+    (b"POST /v2/models/tiny/infer HTTP/1.1\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{}", 400,
+     "appears twice"),
+    (b"POST /v2/models/tiny/infer HTTP/1.1\r\nContent-Length: 1800000\r\n\r\n", 413,
+     "send large tensors with the binary extension"),
 ])
 def test_malformed_http(daemon, data, status, message):
     got, body = raw(daemon.socket, data)
@@ -324,4 +331,96 @@ def test_a_broken_model_is_reported_while_others_serve(start_daemon, sample_stor
             client.infer("selfie", {"input_1": np.zeros((1, 256, 256, 3), np.float32)})
         assert info.value.status == 503 and "selfie 1:" in info.value.message
         assert client.status()["models"]["selfie"]["state"] == "failed"
+        assert client.infer("tiny", {"x": X})["y"].shape == (1, 4)
+
+
+def test_huge_integers_in_float_data_are_a_400(daemon):
+    status, body = post(daemon.socket, "tiny", _tensor(data=[10**400, 1, 2, 3]))
+    assert status == 400 and "outside the range of FP32" in body["error"]
+
+
+def test_head_answers_without_a_body_and_405_names_the_allowed_methods(daemon):
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(5)
+        sock.connect(str(daemon.socket))
+        sock.sendall(b"HEAD /v2/health/live HTTP/1.1\r\n\r\nGET /v2/health/live HTTP/1.1\r\n\r\n")
+        time.sleep(0.3)
+        data = sock.recv(65536)
+    first, _, rest = data.partition(b"\r\n\r\n")
+    assert first.startswith(b"HTTP/1.1 200") and b"Content-Length: 13" in first
+    assert rest.startswith(b"HTTP/1.1 200") and rest.endswith(b'{"live":true}')
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(5)
+        sock.connect(str(daemon.socket))
+        sock.sendall(b"PUT /v2/health/live HTTP/1.1\r\n\r\n")
+        reply = sock.recv(65536)
+    assert reply.startswith(b"HTTP/1.1 405") and b"Allow: GET" in reply
+
+
+def test_http10_keep_alive_is_answered_as_such(daemon):
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(5)
+        sock.connect(str(daemon.socket))
+        for _ in range(2):
+            sock.sendall(b"GET /v2/health/live HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+            reply = sock.recv(65536)
+            assert reply.startswith(b"HTTP/1.1 200") and b"Connection: keep-alive" in reply
+
+
+def test_announced_bodies_are_not_allocated_before_they_arrive(daemon):
+    def rss_mb() -> float:
+        text = Path(f"/proc/{daemon.proc.pid}/status").read_text()
+        return int(text.split("VmRSS:")[1].split()[0]) / 1024
+
+    before = rss_mb()
+    held = []
+    for _ in range(10):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(str(daemon.socket))
+        body = json.dumps({"inputs": [{"name": "x"}]}).encode()
+        header = len(body)
+        sock.sendall(f"POST /v2/models/tiny/infer HTTP/1.1\r\nContent-Length: 1990000\r\n"
+                     f"Inference-Header-Content-Length: {header}\r\n\r\n".encode() + body)
+        held.append(sock)
+    time.sleep(0.5)
+    grown = rss_mb() - before
+    for sock in held:
+        sock.close()
+    assert grown < 15, f"RSS grew {grown:.0f} MB for 10 bodies that never came"
+
+
+def test_a_refused_peer_is_disconnected(start_daemon, sample_store):
+    daemon = start_daemon(sample_store.root, config={"socket": {"allowed_users": ["nobody"]}}, ready=False)
+    deadline = time.monotonic() + 30
+    while not daemon.socket.exists():
+        assert time.monotonic() < deadline, daemon.output()
+        time.sleep(0.05)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(5)
+        sock.connect(str(daemon.socket))
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 403") and b"Connection: close" in data
+
+
+def test_a_damaged_store_never_stops_the_daemon(start_daemon, sample_store):
+    daemon = start_daemon(sample_store.root)
+    (sample_store.root / "lost+found").mkdir()
+    (sample_store.root / "tiny" / ".active.json").write_text('{"version": 5}')
+    manifest = sample_store.version_dir("selfie", "1") / "manifest.json"
+    manifest.unlink()
+    manifest.mkdir()
+    face_file = sample_store.version_dir("face", "1") / "face_detection_short_range.tflite"
+    sample_store.add("face", [face_file], "2")
+    (sample_store.root / "face" / ".active.json").write_text('{"version": "2", "history": ["1"]}')
+    (sample_store.version_dir("face", "2") / "manifest.json").unlink()
+    (sample_store.version_dir("face", "2") / "manifest.json").mkdir()
+    time.sleep(1.0)  # several polls of the store
+    assert daemon.proc.poll() is None, daemon.output()
+    with daemon.client() as client:
+        status = client.status()["models"]
+        assert "malformed active pointer" in status["tiny"]["error"]
+        assert status["tiny"]["state"] == "ready"  # still serving what it served
+        assert "face 2: cannot read manifest.json" in status["face"]["error"]
         assert client.infer("tiny", {"x": X})["y"].shape == (1, 4)
