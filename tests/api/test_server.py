@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import stat
 import threading
@@ -298,7 +299,7 @@ def test_socket_access_by_peer_credentials(start_daemon, sample_store):
         except (FileNotFoundError, ConnectionRefusedError):
             assert time.monotonic() < deadline, daemon.output()
             time.sleep(0.05)
-    assert status == 403 and "uid 0 is not allowed to use this socket" in reply["error"]
+    assert status == 403 and f"uid {os.getuid()} is not allowed to use this socket" in reply["error"]
 
 
 def test_model_access_by_peer_credentials(start_daemon, sample_store):
