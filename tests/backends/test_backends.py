@@ -142,3 +142,31 @@ def test_openvino_takes_read_only_and_strided_inputs(tiny_ir):
     read_only = np.frombuffer(np.array([[1, 2, -3, 0.5]], np.float32).tobytes(), np.float32).reshape(1, 4)
     np.testing.assert_array_equal(model.infer({"x": read_only})["y"], [[3, 5, 0, 2]])
     model.close()
+
+
+def test_onnx_model_runs_on_openvino_through_the_store(tmp_path):
+    """An ONNX model written in code, added to a store and picked by auto selection."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from edged.config import load_settings
+    from edged.models.manager import ModelManager
+    from edged.models.store import ModelStore
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])
+    two = helper.make_tensor("two", TensorProto.FLOAT, [1], [2.0])
+    graph = helper.make_graph([helper.make_node("Mul", ["x", "two"], ["y"])], "double", [x], [y], [two])
+    path = tmp_path / "double.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
+    store = ModelStore(tmp_path / "store")
+    assert store.add("double", [path], "1").format == "onnx"
+    store.activate("double", "1")
+    settings = load_settings(None, store={"path": str(store.root)},
+                             backends={"openvino_cache_dir": str(tmp_path / "cache")})
+    manager = ModelManager(store, settings)
+    manager.load_all()
+    result = manager.infer("double", {"x": np.array([[1, 2, 3, 4]], np.float32)})
+    np.testing.assert_array_equal(result.outputs["y"], [[2, 4, 6, 8]])
+    assert result.model.selection.backend == "openvino"
+    manager.close()
