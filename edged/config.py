@@ -161,6 +161,34 @@ class ModelSettings(_Section):
     allowed_groups: list[str] = Field(default=[], description="If set, only these groups may use the model.")
 
 
+class SourceSettings(_Section):
+    kind: Literal["camera"] = Field(
+        default="camera", description="camera: anything OpenCV opens (V4L2 device, stream URL, video file)."
+    )
+    uri: str = Field(
+        min_length=1, max_length=4096,
+        description="/dev/videoN or a device index, an rtsp:// or http:// URL, or a video file path.",
+    )
+    loop: bool = Field(default=False, description="Start a video file again at its end.")
+    reopen_backoff_s: float = Field(
+        default=1.0, gt=0, le=3600, description="First wait before reopening a lost source; doubles to 30 s."
+    )
+
+
+class SinkSettings(_Section):
+    kind: Literal["jsonl"] = Field(default="jsonl", description="jsonl: one JSON result per line in a file.")
+    path: Path = Field(description="The file results are appended to.")
+    max_bytes: int = Field(default=10 << 20, ge=4096, description="Size at which the file is rotated.")
+    backups: int = Field(default=3, ge=0, le=100, description="Rotated files kept (path.1, path.2, ...).")
+
+
+class PipelineSettings(_Section):
+    model: str = Field(description="Name of the model in the store that sees the frames.")
+    source: SourceSettings = Field(description="Where frames come from.")
+    sinks: list[SinkSettings] = Field(default=[], description="Where results go.")
+    enabled: bool = Field(default=True, description="Start the pipeline with the daemon.")
+
+
 class LoggingSettings(_Section):
     level: Literal["debug", "info", "warning", "error"] = Field(default="info", description="Log level.")
 
@@ -176,11 +204,14 @@ class Settings(BaseSettings):
     models: dict[str, ModelSettings] = Field(
         default={}, description="Per-model settings, keyed by model name ([models.face])."
     )
+    pipelines: dict[str, PipelineSettings] = Field(
+        default={}, description="Continuous inference pipelines, keyed by name ([pipelines.door])."
+    )
     logging: LoggingSettings = Field(default_factory=LoggingSettings, description="Logging.")
 
-    @field_validator("models")
+    @field_validator("models", "pipelines")
     @classmethod
-    def _model_names(cls, value: dict[str, ModelSettings]) -> dict[str, ModelSettings]:
+    def _model_names(cls, value: dict) -> dict:
         from edged.models.manifest import check_name
 
         for name in value:

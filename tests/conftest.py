@@ -76,15 +76,19 @@ def store(tmp_path: Path) -> ModelStore:
 
 def to_toml(data: dict, prefix: str = "") -> str:
     """Just enough TOML for test configs: tables, strings, numbers, booleans, lists."""
-    scalars, tables = [], []
+    scalars, tables, arrays = [], [], []
     for key, value in data.items():
         if isinstance(value, dict):
             tables.append((f"{prefix}{key}", value))
+        elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            arrays.extend((f"{prefix}{key}", item) for item in value)
         else:
             scalars.append(f"{key} = {json.dumps(str(value) if isinstance(value, Path) else value)}")
     text = "\n".join(scalars) + "\n"
     for name, table in tables:
         text += f"\n[{name}]\n" + to_toml(table, f"{name}.")
+    for name, table in arrays:
+        text += f"\n[[{name}]]\n" + to_toml(table, f"{name}.")
     return text
 
 

@@ -60,10 +60,18 @@ def test_packaged_file_changes_nothing_as_shipped() -> None:
 
 
 def test_packaged_file_has_every_section() -> None:
-    assert {table.split(".")[0] for table in _blocks()} == set(Settings.model_fields)
+    assert {table.strip("[").split(".")[0] for table in _blocks()} == set(Settings.model_fields)
 
 
-@pytest.mark.parametrize("table", sorted(_blocks()))
+def test_a_pipeline_loads_from_its_uncommented_tables(tmp_path: Path) -> None:
+    path = tmp_path / "edged.toml"
+    path.write_text("".join(text for table, text in _blocks().items() if "pipelines." in table))
+    pipeline = load_settings(path).pipelines["door"]
+    assert pipeline.model == "face" and pipeline.source.uri == "/dev/video0"
+    assert [str(sink.path) for sink in pipeline.sinks] == ["/var/lib/edged/results/door.jsonl"]
+
+
+@pytest.mark.parametrize("table", sorted(t for t in _blocks() if "pipelines." not in t))
 def test_each_section_loads_when_uncommented(table: str, tmp_path: Path) -> None:
     text = _blocks()[table]
     data = tomllib.loads(text)

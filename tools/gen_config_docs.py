@@ -60,7 +60,14 @@ MACHINE_DEFAULTS: dict[str, tuple[str, Any, str]] = {
     "backends.workers": ("the number of CPUs (`os.cpu_count()`)", 4, "The value below is an example."),
 }
 # Keys that are unset by default, with a value the packaged file shows as an example.
-EXAMPLES: dict[str, Any] = {"socket.group": "edged"}
+EXAMPLES: dict[str, Any] = {
+    "socket.group": "edged",
+    "pipelines.model": "face",
+    "pipelines.source.uri": "/dev/video0",
+    "pipelines.sinks.path": "/var/lib/edged/results/door.jsonl",
+}
+# The names the packaged file uses for its commented per-name tables.
+EXAMPLE_NAMES = {"models": "face", "pipelines": "door"}
 
 
 @dataclass(frozen=True)
@@ -93,21 +100,48 @@ def sections() -> list[Section]:
         args = typing.get_args(annotation)
         if (typing.get_origin(annotation) is dict and len(args) == 2
                 and isinstance(args[1], type) and issubclass(args[1], BaseModel)):
-            found.append(_section(f"{name}.<name>", args[1], name,
-                                  f"{ENV_PREFIX}{name.upper()}__<NAME>__", field))
+            found.extend(_nested(f"{name}.<name>", args[1], name,
+                                 f"{ENV_PREFIX}{name.upper()}__<NAME>__", field))
             continue
         raise TypeError(f"Settings.{name}: only sections and dicts of sections are documented; "
                         f"teach tools/gen_config_docs.py about {annotation}")
     return found
 
 
+def _nested(table: str, model: type[BaseModel], path: str, env_prefix: str,
+            field: FieldInfo) -> list[Section]:
+    """A table, then one table per sub-model field and an array of tables per list of models."""
+    found = [_section(table, model, path, env_prefix, field)]
+    for name, info in model.model_fields.items():
+        annotation = info.annotation
+        args = typing.get_args(annotation)
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            found.extend(_nested(f"{table}.{name}", annotation, f"{path}.{name}",
+                                 f"{env_prefix}{name.upper()}__", info))
+        elif typing.get_origin(annotation) is list and args and isinstance(args[0], type) \
+                and issubclass(args[0], BaseModel):
+            found.append(_section(f"[{table}.{name}]", args[0], f"{path}.{name}", "", info))
+    return found
+
+
+def _is_table(info: FieldInfo) -> bool:
+    annotation, args = info.annotation, typing.get_args(info.annotation)
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return True
+    return typing.get_origin(annotation) is list and bool(args) and isinstance(args[0], type) \
+        and issubclass(args[0], BaseModel)
+
+
 def _section(table: str, model: type[BaseModel], path: str, env_prefix: str, field: FieldInfo) -> Section:
     keys = []
     for name, info in model.model_fields.items():
+        if _is_table(info):
+            continue  # documented as its own table
         if not info.description:
             raise ValueError(f"{path}.{name} has no description in edged/config.py")
         default, toml_value, note = _default(f"{path}.{name}", name, info)
-        keys.append(Key(name, f"{env_prefix}{name.upper()}", type_name(info.annotation, info.metadata),
+        env = f"{env_prefix}{name.upper()}" if env_prefix else "(file only)"
+        keys.append(Key(name, env, type_name(info.annotation, info.metadata),
                         default, toml_value, note, info.description))
     return Section(table, field.description or "", keys)
 
@@ -120,7 +154,9 @@ def _default(path: str, name: str, info: FieldInfo) -> tuple[str, str, str]:
     if info.default_factory is not None:
         value = info.default_factory()  # type: ignore[call-arg]
     elif info.default is PydanticUndefined:
-        raise ValueError(f"{path} is required; the generator assumes every key has a default")
+        if path not in EXAMPLES:
+            raise ValueError(f"{path} is required: add an example value to EXAMPLES")
+        return "required", toml_value(EXAMPLES[path]), "The value below is an example."
     else:
         value = info.default
     if value is None:
@@ -290,15 +326,18 @@ TOML_HEADER = """\
 def render_toml() -> str:
     lines = [TOML_HEADER.rstrip("\n")]
     for section in sections():
-        table = section.table.replace("<name>", EXAMPLE_MODEL)
+        top = section.table.strip("[").split(".")[0]
+        table = section.table.replace("<name>", EXAMPLE_NAMES.get(top, EXAMPLE_MODEL))
         lines.append("")
         lines.append(f"#[{table}]")
         lines.extend(_comment(_plain(section.description)))
-        if section.table != table:
+        if section.table != table and top == "models":
             lines.extend(_comment(
                 f"One table per model; \"{EXAMPLE_MODEL}\" stands for the model's name as the store "
                 "lists it. A model without a table uses these defaults."
             ))
+        elif section.table != table and section.table.count(".") == 1:
+            lines.extend(_comment(f"One table per {top[:-1]}; \"{EXAMPLE_NAMES[top]}\" is its name."))
         for key in section.keys:
             lines.append("#")
             lines.extend(_comment(_plain(key.description)))

@@ -65,6 +65,7 @@ class Api:
         self.header_cache = codec.HeaderCache()
         self.pending = 0
         self.counters: dict[str, int] = {}
+        self.pipelines: dict = {}  # name -> pipeline with .status(); filled by the daemon
         self._lock = threading.Lock()
         self._infer_route = re.compile(_MODEL + r"/infer")
         self.routes: list[tuple[str, re.Pattern[str], Callable[..., Response]]] = [
@@ -76,6 +77,7 @@ class Api:
             ("GET", re.compile(_MODEL + r"/ready"), self.model_ready),
             ("GET", re.compile(r"/metrics"), self.metrics),
             ("GET", re.compile(r"/v2/edged/status"), self.status),
+            ("GET", re.compile(r"/v2/edged/pipelines"), self.pipeline_status),
         ]
 
     # --- dispatch -------------------------------------------------------------
@@ -217,8 +219,12 @@ class Api:
     def status(self, request: Request, peer: Peer) -> Response:
         return json_response(200, self.status_document())
 
+    def pipeline_status(self, request: Request, peer: Peer) -> Response:
+        return json_response(200, {name: p.status() for name, p in sorted(self.pipelines.items())})
+
     def status_document(self) -> dict:
         return {
+            "pipelines": {name: p.status() for name, p in sorted(self.pipelines.items())},
             "version": __version__,
             "uptime_s": round(time.time() - self.started, 3),
             "ready": self.manager.ready(),

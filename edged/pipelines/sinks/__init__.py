@@ -1,0 +1,1 @@
+"""Where pipeline results go."""

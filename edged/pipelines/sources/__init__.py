@@ -1,0 +1,46 @@
+"""Where frames come from. Every source keeps only the newest frame: a slow model
+drops frames (and counts them) instead of building a queue."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class Frame:
+    number: int
+    image: np.ndarray  # BGR uint8
+    captured_at: float  # time.time()
+
+
+class LatestFrame:
+    """A one-slot mailbox: `put` replaces an unread frame (a drop), `take` waits for a new one."""
+
+    def __init__(self) -> None:
+        self._frame: Frame | None = None
+        self._unread = False
+        self._cond = threading.Condition()
+        self.received = 0
+        self.dropped = 0
+
+    def put(self, image: np.ndarray) -> None:
+        with self._cond:
+            if self._unread:
+                self.dropped += 1
+            self.received += 1
+            self._frame = Frame(self.received, image, time.time())
+            self._unread = True
+            self._cond.notify()
+
+    def take(self, timeout: float) -> Frame | None:
+        with self._cond:
+            if not self._unread:
+                self._cond.wait(timeout)
+            if not self._unread:
+                return None
+            self._unread = False
+            return self._frame

@@ -1,0 +1,91 @@
+"""Frames from anything OpenCV can open: a V4L2 device, an RTSP/HTTP stream, a video file.
+
+A grabber thread reads as fast as the source delivers and keeps the newest
+frame. A device that disappears or a stream that stalls is reopened with a
+doubling backoff, reported through `state` and `last_error`, never fatal.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+from edged.config import SourceSettings
+from edged.pipelines.sources import Frame, LatestFrame
+
+log = logging.getLogger(__name__)
+MAX_BACKOFF_S = 30.0
+
+
+def _open_target(uri: str) -> int | str:
+    return int(uri) if uri.isdigit() else uri
+
+
+class CameraSource:
+    def __init__(self, settings: SourceSettings) -> None:
+        self.settings = settings
+        self.frames = LatestFrame()
+        self.state = "starting"  # starting | running | reconnecting | finished | stopped
+        self.last_error = ""
+        self.reconnects = 0
+        self._is_file = Path(settings.uri).is_file()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._grab, name=f"source-{settings.uri[:30]}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self.state = "stopped"
+
+    def take(self, timeout: float) -> Frame | None:
+        return self.frames.take(timeout)
+
+    def _grab(self) -> None:
+        import cv2
+
+        backoff = self.settings.reopen_backoff_s
+        while not self._stop.is_set():
+            capture = cv2.VideoCapture(_open_target(self.settings.uri))
+            if not capture.isOpened():
+                self._lost(f"cannot open {self.settings.uri}")
+            else:
+                backoff = self.settings.reopen_backoff_s
+                self.state = "running"
+                ended = self._read_until_lost(capture)
+                capture.release()
+                if ended:
+                    self.state = "finished"
+                    return
+            if self._stop.wait(backoff):
+                break
+            backoff = min(backoff * 2, MAX_BACKOFF_S)
+            self.reconnects += 1
+        self.state = "stopped"
+
+    def _read_until_lost(self, capture) -> bool:
+        """Read frames; True when a video file ended (and does not loop)."""
+        import cv2
+
+        while not self._stop.is_set():
+            ok, image = capture.read()
+            if ok:
+                self.frames.put(image)
+                continue
+            if self._is_file and self.settings.loop and self.frames.received:
+                capture.set(cv2.CAP_PROP_POS_FRAMES, 0)
+                continue
+            if self._is_file:
+                return True
+            self._lost(f"{self.settings.uri} stopped delivering frames")
+            return False
+        return False
+
+    def _lost(self, reason: str) -> None:
+        if self.last_error != reason or self.state != "reconnecting":
+            log.warning("source %s: %s; reopening", self.settings.uri, reason)
+        self.state = "reconnecting"
+        self.last_error = reason

@@ -1,0 +1,90 @@
+"""A pipeline in the daemon: a real video file -> face model -> JSONL results."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import skimage.data
+
+
+def write_moving_face_video(path: Path, frames: int = 40) -> Path:
+    """A 640x480 MJPEG video: the astronaut's head and shoulders sliding across a grey frame."""
+    portrait = cv2.cvtColor(skimage.data.astronaut(), cv2.COLOR_RGB2BGR)[0:300, 100:400]
+    face = cv2.resize(portrait, (256, 256))
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 30.0, (640, 480))
+    assert writer.isOpened()
+    for index in range(frames):
+        frame = np.full((480, 640, 3), 90, np.uint8)
+        x = 20 + index * 8  # moves 320 pixels over the video
+        frame[100:356, x : x + 256] = face
+        writer.write(frame)
+    writer.release()
+    return path
+
+
+def test_video_file_pipeline_writes_face_detections(start_daemon, sample_store, tmp_path):
+    video = write_moving_face_video(tmp_path / "door.avi")
+    results = tmp_path / "results" / "door.jsonl"
+    daemon = start_daemon(sample_store.root, config={"pipelines": {"door": {
+        "model": "face",
+        "source": {"uri": str(video)},
+        "sinks": [{"path": str(results)}],
+    }}})
+    deadline = time.monotonic() + 60
+    with daemon.client() as client:
+        while True:
+            status, _, body = client.request("GET", "/v2/edged/pipelines")
+            door = json.loads(bytes(body))["door"]
+            if door["state"] == "finished" and door["processed"] + door["dropped"] >= door["frames"] > 0:
+                break
+            assert time.monotonic() < deadline, (door, daemon.output())
+            time.sleep(0.1)
+    assert status == 200
+    assert door["frames"] == 40 and door["processed"] >= 1
+    assert door["errors"] == 0 and door["last_error"] == ""
+    lines = [json.loads(line) for line in results.read_text().splitlines()]
+    assert len(lines) == door["processed"]
+    frames_seen = [line["frame"] for line in lines]
+    assert frames_seen == sorted(frames_seen)
+    with_face = [line for line in lines if len(line["detections"]) == 1]
+    assert len(with_face) >= 0.9 * len(lines)
+    first = with_face[0]
+    assert first["pipeline"] == "door" and first["model"] == "face" and first["version"] == "1"
+    box = first["detections"][0]["box"]
+    assert 0 <= box[0] < 1 and 0 <= box[1] < 1 and 0 < box[2] < 0.5
+
+
+def test_a_camera_that_is_missing_is_retried_and_harms_nobody(start_daemon, sample_store, tmp_path):
+    daemon = start_daemon(sample_store.root, config={"pipelines": {"cam": {
+        "model": "face", "source": {"uri": "/dev/video99", "reopen_backoff_s": 0.1},
+    }}})
+    deadline = time.monotonic() + 30
+    with daemon.client() as client:
+        while True:
+            cam = client.status()["pipelines"]["cam"]
+            if cam["reconnects"] >= 2:
+                break
+            assert time.monotonic() < deadline, cam
+            time.sleep(0.1)
+        assert cam["state"] == "reconnecting"
+        assert cam["last_error"] == "cannot open /dev/video99"
+        assert client.infer("tiny", {"x": np.zeros((1, 4), np.float32)})["y"].shape == (1, 4)
+
+
+def test_jsonl_sink_rotates_by_size(tmp_path):
+    from edged.config import SinkSettings
+    from edged.pipelines.sinks.jsonl import JsonlSink
+
+    sink = JsonlSink(SinkSettings(path=tmp_path / "r.jsonl", max_bytes=4096, backups=2))
+    for index in range(200):
+        sink.write({"frame": index, "pad": "x" * 40})
+    sink.close()
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == ["r.jsonl", "r.jsonl.1", "r.jsonl.2"]
+    assert all((tmp_path / name).stat().st_size <= 4096 for name in files)
+    last = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
+    assert last[-1]["frame"] == 199
