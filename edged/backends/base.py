@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import abc
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Generic, TypeVar
 
 import numpy as np
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -36,6 +40,38 @@ class LoadOptions:
     threads_per_worker: int = 0  # 0: the runtime decides (LiteRT: 1)
     cache_dir: Path | None = None
     performance_hint: str = "LATENCY"
+
+
+class WarmPool(Generic[T]):
+    """Runtimes (infer requests, interpreters) lent to one caller at a time, last returned first.
+
+    Last-in-first-out keeps a lone caller on one runtime whose memory is still in the
+    CPU cache; a FIFO would rotate through all of them (measured: LiteRT 1.9 ms against
+    1.3 ms per face inference when requests alternate between two interpreters).
+    """
+
+    def __init__(self, items: list[T]) -> None:
+        self._items = list(items)
+        self._lock = threading.Lock()
+        self._available = threading.Semaphore(len(self._items))
+
+    def get(self) -> T:
+        self._available.acquire()
+        with self._lock:
+            return self._items.pop()
+
+    def put(self, item: T) -> None:
+        with self._lock:
+            self._items.append(item)
+        self._available.release()
+
+    def drain(self) -> list[T]:
+        with self._lock:
+            items, self._items = self._items, []
+        return items
+
+    def __len__(self) -> int:
+        return len(self._items)
 
 
 class LoadedModel(abc.ABC):

@@ -7,7 +7,6 @@ so a model holds a small pool of them, one per concurrent caller.
 
 from __future__ import annotations
 
-import queue
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,7 @@ try:
 except ImportError:  # pragma: no cover - depends on what the device has installed
     from tflite_runtime.interpreter import Interpreter  # type: ignore[no-redef]
 
-from edged.backends.base import Backend, LoadedModel, LoadOptions, TensorSpec
+from edged.backends.base import Backend, LoadedModel, LoadOptions, TensorSpec, WarmPool
 from edged.errors import BackendError
 
 
@@ -64,10 +63,8 @@ class LiteRTModel(LoadedModel):
         first = _Instance(content, threads)
         self.inputs = _specs(first.input_details)
         self.outputs = _specs(first.output_details)
-        self._pool: queue.SimpleQueue[_Instance] = queue.SimpleQueue()
-        self._pool.put(first)
-        for _ in range(max(1, options.workers) - 1):
-            self._pool.put(_Instance(content, threads))
+        others = [_Instance(content, threads) for _ in range(max(1, options.workers) - 1)]
+        self._pool = WarmPool([first, *others])
 
     def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         instance = self._pool.get()
@@ -77,11 +74,7 @@ class LiteRTModel(LoadedModel):
             self._pool.put(instance)
 
     def close(self) -> None:
-        while True:
-            try:
-                self._pool.get_nowait()
-            except queue.Empty:
-                break
+        self._pool.drain()
 
 
 class LiteRTBackend(Backend):

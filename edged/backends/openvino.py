@@ -6,14 +6,13 @@ otherwise run bf16 and quietly give different numbers than f32.
 
 from __future__ import annotations
 
-import queue
 import threading
 from pathlib import Path
 
 import numpy as np
 import openvino as ov
 
-from edged.backends.base import Backend, LoadedModel, LoadOptions, TensorSpec
+from edged.backends.base import Backend, LoadedModel, LoadOptions, TensorSpec, WarmPool
 from edged.errors import BackendError
 
 _PRECISIONS = {"f32": "f32", "bf16": "bf16", "f16": "f16"}
@@ -50,10 +49,8 @@ class OpenVINOModel(LoadedModel):
         self.precision = compiled.get_property("INFERENCE_PRECISION_HINT").to_string()
         optimal = int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
         self.num_requests = max(optimal, workers)
-        # Each caller thread borrows one infer request; the queue bounds concurrency.
-        self._requests: queue.SimpleQueue[ov.InferRequest] = queue.SimpleQueue()
-        for _ in range(self.num_requests):
-            self._requests.put(compiled.create_infer_request())
+        # Each caller thread borrows one infer request; the pool bounds concurrency.
+        self._requests = WarmPool([compiled.create_infer_request() for _ in range(self.num_requests)])
         self._input_index = {spec.name: i for i, spec in enumerate(self.inputs)}
         self._output_names = list(enumerate(spec.name for spec in self.outputs))
 
@@ -73,11 +70,7 @@ class OpenVINOModel(LoadedModel):
             self._requests.put(request)
 
     def close(self) -> None:
-        while True:
-            try:
-                self._requests.get_nowait()
-            except queue.Empty:
-                break
+        self._requests.drain()
         del self._compiled
 
 
