@@ -98,7 +98,7 @@ def _predict_image(client, args: argparse.Namespace, meta: dict, path: Path) -> 
     tensor, placement = image_to_tensor(image, spec["shape"], DATATYPES[spec["datatype"]],
                                         params.get("preprocessing"))
     doc, outputs = client.infer_full(args.model, {spec["name"]: tensor}, version=args.version)
-    decoder = build_decoder(params.get("decoder"))
+    decoder = build_decoder(params.get("decoder"), params.get("labels"))
     if decoder is None:
         result = {name: {"shape": list(a.shape), "dtype": str(a.dtype), "data": a.ravel().tolist()}
                   for name, a in outputs.items()}

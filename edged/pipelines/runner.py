@@ -90,7 +90,7 @@ class Pipeline:
             if cache is None or cache[0] is not served:
                 spec = served.loaded.inputs[0]
                 cache = (served, spec, Preprocessing.parse(served.manifest.preprocessing),
-                         build_decoder(served.manifest.decoder))
+                         build_decoder(served.manifest.decoder, served.manifest.labels))
             _, spec, preprocessing, decoder = cache
             try:
                 self._process(frame, spec, preprocessing, decoder)

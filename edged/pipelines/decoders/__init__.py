@@ -13,6 +13,8 @@ from pydantic import ValidationError
 
 from edged.errors import InvalidInput
 from edged.pipelines.decoders.blazeface import BlazeFaceConfig, BlazeFaceDecoder
+from edged.pipelines.decoders.classification import ClassificationConfig, ClassificationDecoder
+from edged.pipelines.decoders.segmentation import SegmentationConfig, SegmentationDecoder
 from edged.pipelines.preprocess import Placement
 
 
@@ -21,10 +23,14 @@ class Decoder(Protocol):
                frame_h: int) -> dict: ...
 
 
-DECODERS = {"blazeface": (BlazeFaceConfig, BlazeFaceDecoder)}
+DECODERS: dict[str, tuple[type, type]] = {
+    "blazeface": (BlazeFaceConfig, BlazeFaceDecoder),
+    "classification": (ClassificationConfig, ClassificationDecoder),
+    "segmentation": (SegmentationConfig, SegmentationDecoder),
+}
 
 
-def build_decoder(spec: dict | None) -> Decoder | None:
+def build_decoder(spec: dict | None, labels: list[str] | None = None) -> Decoder | None:
     """The decoder a manifest asks for (None for raw tensors); InvalidInput if it is wrong."""
     if not spec:
         return None
@@ -33,7 +39,8 @@ def build_decoder(spec: dict | None) -> Decoder | None:
         raise InvalidInput(f"decoder.type {kind!r} is not one of {sorted(DECODERS)}")
     config_class, decoder_class = DECODERS[kind]
     try:
-        return decoder_class(config_class.model_validate(spec))
+        config = config_class.model_validate(spec)
     except ValidationError as exc:
         first = exc.errors()[0]
         raise InvalidInput(f"decoder.{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+    return decoder_class(config, labels)

@@ -80,8 +80,8 @@ def weighted_nms(scores: np.ndarray, boxes: np.ndarray, keypoints: np.ndarray, t
 
 
 class BlazeFaceDecoder:
-    def __init__(self, config: BlazeFaceConfig) -> None:
-        self.config = config
+    def __init__(self, config: BlazeFaceConfig, labels: list[str] | None = None) -> None:
+        self.config = config  # one class (a face): labels are not used
         self._anchors: dict[tuple[int, int], np.ndarray] = {}
 
     def anchors(self, width: int, height: int) -> np.ndarray:
