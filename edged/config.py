@@ -182,10 +182,29 @@ class SinkSettings(_Section):
     backups: int = Field(default=3, ge=0, le=100, description="Rotated files kept (path.1, path.2, ...).")
 
 
+class QualitySettings(_Section):
+    frozen_after_s: float = Field(
+        default=10.0, gt=0, description="The same picture this long makes the pipeline degraded."
+    )
+    frozen_tolerance: int = Field(
+        default=2, ge=0, le=255, description="Grey-level change below which two frames count as the same."
+    )
+    dark_below: float = Field(default=8.0, ge=0, le=255, description="Mean grey level counted as black.")
+    bright_above: float = Field(
+        default=247.0, ge=0, le=255, description="Mean grey level counted as saturated."
+    )
+    for_s: float = Field(
+        default=2.0, ge=0, description="How long black or saturated frames last before degraded."
+    )
+
+
 class PipelineSettings(_Section):
     model: str = Field(description="Name of the model in the store that sees the frames.")
     source: SourceSettings = Field(description="Where frames come from.")
     sinks: list[SinkSettings] = Field(default=[], description="Where results go.")
+    quality: QualitySettings = Field(
+        default_factory=QualitySettings, description="When the input counts as degraded."
+    )
     enabled: bool = Field(default=True, description="Start the pipeline with the daemon.")
 
 

@@ -20,6 +20,7 @@ from edged.metrics import Histogram
 from edged.models.manager import ModelManager
 from edged.pipelines.decoders import build_decoder
 from edged.pipelines.preprocess import Preprocessing, image_to_tensor
+from edged.pipelines.quality import QualityMonitor
 from edged.pipelines.sinks.jsonl import JsonlSink
 from edged.pipelines.sources.camera import CameraSource
 
@@ -34,6 +35,7 @@ class Pipeline:
         self.manager = manager
         self.source = CameraSource(settings.source)
         self.sinks = [JsonlSink(s) for s in settings.sinks]
+        self.quality = QualityMonitor(settings.quality)
         self.stages = {stage: Histogram() for stage in STAGES}
         self.processed = 0
         self.errors = 0
@@ -82,6 +84,12 @@ class Pipeline:
                 if self.source.state == "finished":
                     return
                 continue
+            was = self.quality.reason
+            if self.quality.check(frame.image, time.monotonic()) != was:
+                if self.quality.reason:
+                    log.warning("pipeline %s degraded: %s", self.name, self.quality.reason)
+                else:
+                    log.info("pipeline %s: input recovered", self.name)
             try:
                 served = self.manager.get(self.settings.model)
             except EdgedError as exc:
@@ -130,7 +138,8 @@ class Pipeline:
         source = self.source
         return {
             "model": self.settings.model,
-            "state": source.state,
+            "state": "degraded" if source.state == "running" and self.quality.reason else source.state,
+            "degraded_reason": self.quality.reason,
             "source_fps": round(source.frames.received / elapsed, 2),
             "processed_fps": round(self.processed / elapsed, 2),
             "frames": source.frames.received, "processed": self.processed,

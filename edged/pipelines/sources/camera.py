@@ -53,36 +53,38 @@ class CameraSource:
             if not capture.isOpened():
                 self._lost(f"cannot open {self.settings.uri}")
             else:
-                backoff = self.settings.reopen_backoff_s
                 self.state = "running"
-                ended = self._read_until_lost(capture)
+                outcome, frames = self._read_until_lost(capture)
                 capture.release()
-                if ended:
+                if outcome == "ended" and frames and self.settings.loop:
+                    continue  # play the file again from the start
+                if outcome == "ended" and frames:
                     self.state = "finished"
                     return
+                if frames:
+                    backoff = self.settings.reopen_backoff_s
+                if outcome == "ended":
+                    self._lost(f"{self.settings.uri} holds no readable frame")
             if self._stop.wait(backoff):
                 break
             backoff = min(backoff * 2, MAX_BACKOFF_S)
             self.reconnects += 1
         self.state = "stopped"
 
-    def _read_until_lost(self, capture) -> bool:
-        """Read frames; True when a video file ended (and does not loop)."""
-        import cv2
-
+    def _read_until_lost(self, capture) -> tuple[str, int]:
+        """Read frames until the file ends, the source fails or we stop: (outcome, frames read)."""
+        frames = 0
         while not self._stop.is_set():
             ok, image = capture.read()
             if ok:
                 self.frames.put(image)
-                continue
-            if self._is_file and self.settings.loop and self.frames.received:
-                capture.set(cv2.CAP_PROP_POS_FRAMES, 0)
+                frames += 1
                 continue
             if self._is_file:
-                return True
+                return "ended", frames
             self._lost(f"{self.settings.uri} stopped delivering frames")
-            return False
-        return False
+            return "lost", frames
+        return "stopped", frames
 
     def _lost(self, reason: str) -> None:
         if self.last_error != reason or self.state != "reconnecting":

@@ -1,0 +1,48 @@
+"""Is the input worth trusting? A camera can be online and still useless.
+
+A frozen picture (the same frame for `frozen_after_s`), or frames that stay black
+or saturated for `for_s`, make the pipeline `degraded` with the reason; it
+recovers by itself when the input does. The check looks at a 32x24 grey
+thumbnail, so it costs little next to inference.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from edged.config import QualitySettings
+
+
+class QualityMonitor:
+    def __init__(self, settings: QualitySettings) -> None:
+        self.settings = settings
+        self._thumbnail: np.ndarray | None = None
+        self._changed_at: float | None = None
+        self._level_since: dict[str, float] = {}
+        self.reason = ""
+
+    def check(self, image: np.ndarray, now: float) -> str:
+        """Look at one frame taken at `now` (seconds); return the degradation reason or ''."""
+        import cv2
+
+        grey = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY) if image.ndim == 3 else image
+        thumbnail = cv2.resize(grey, (32, 24), interpolation=cv2.INTER_AREA).astype(np.int16)
+        if (self._thumbnail is None or self._changed_at is None
+                or np.abs(thumbnail - self._thumbnail).max() > self.settings.frozen_tolerance):
+            self._changed_at = now
+        self._thumbnail = thumbnail
+        level = float(thumbnail.mean())
+        reasons = []
+        frozen_for = now - self._changed_at
+        if frozen_for >= self.settings.frozen_after_s:
+            reasons.append(f"frozen picture for {frozen_for:.0f} s")
+        for name, bad in (("black", level <= self.settings.dark_below),
+                          ("saturated", level >= self.settings.bright_above)):
+            if not bad:
+                self._level_since.pop(name, None)
+                continue
+            since = self._level_since.setdefault(name, now)
+            if now - since >= self.settings.for_s:
+                reasons.append(f"{name} frames for {now - since:.0f} s (mean level {level:.0f})")
+        self.reason = "; ".join(reasons)
+        return self.reason
