@@ -138,6 +138,33 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pipelines(args: argparse.Namespace) -> int:
+    from edged.client import Client
+
+    settings = _settings(args)
+    with Client(settings.socket.path) as client:
+        if args.action in ("start", "stop", "restart"):
+            client.pipeline_control(args.name, args.action)
+            print(f"pipeline {args.name}: {args.action} done")
+            return 0
+        pipelines = client.pipelines()
+    if args.json:
+        print(json.dumps(pipelines, indent=2))
+        return 0
+    if not pipelines:
+        print("(no pipelines configured)")
+    for name, p in pipelines.items():
+        if args.action == "list" or p["state"] == "stopped":
+            print(f"{name:16} {p['state']:12} {p['model']:12} {p['source']}")
+            continue
+        infer = p["latency"]["infer"]
+        reason = p.get("degraded_reason") or p.get("last_error") or ""
+        print(f"{name:16} {p['state']:12} {p['model']:12} source {p['source_fps']:6.1f} fps  "
+              f"processed {p['processed_fps']:6.1f} fps  dropped {p['dropped']:<6} "
+              f"infer p50 {infer['p50_ms']} ms  {reason}")
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from edged.models.store import ModelStore
 
@@ -200,6 +227,19 @@ def build_parser() -> argparse.ArgumentParser:
     common(status, socket=True)
     status.add_argument("--json", action="store_true")
     status.set_defaults(func=cmd_status)
+
+    pipelines = sub.add_parser("pipelines", help="show and control the running pipelines")
+    pipe_actions = pipelines.add_subparsers(dest="action", required=True)
+    for action, helptext in (("list", "list the configured pipelines"),
+                             ("status", "state, fps, drops and stage latencies")):
+        p = pipe_actions.add_parser(action, help=helptext)
+        common(p, socket=True)
+        p.add_argument("--json", action="store_true")
+    for action in ("start", "stop", "restart"):
+        p = pipe_actions.add_parser(action, help=f"{action} a pipeline")
+        common(p, socket=True)
+        p.add_argument("name")
+    pipelines.set_defaults(func=cmd_pipelines)
 
     models = sub.add_parser("models", help="manage the local model store")
     actions = models.add_subparsers(dest="action", required=True)

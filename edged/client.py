@@ -60,6 +60,13 @@ class Client:
     def status(self) -> dict:
         return self._json("GET", "/v2/edged/status")
 
+    def pipelines(self) -> dict:
+        return self._json("GET", "/v2/edged/pipelines")
+
+    def pipeline_control(self, name: str, action: str) -> dict:
+        """action: start, stop or restart."""
+        return self._json("POST", f"/v2/edged/pipelines/{name}/{action}")
+
     def metrics(self) -> str:
         status, _, body = self.request("GET", "/metrics")
         if status != 200:

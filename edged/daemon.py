@@ -19,7 +19,7 @@ from edged.api.server import ApiServer
 from edged.config import Settings
 from edged.models.manager import ModelManager
 from edged.models.store import ModelStore
-from edged.pipelines.runner import Pipeline
+from edged.pipelines.group import Pipelines
 
 log = logging.getLogger("edged")
 
@@ -31,7 +31,7 @@ class Daemon:
         self.manager = ModelManager(self.store, settings)
         self.api = Api(self.manager, settings)
         self.server = ApiServer(settings.socket, self.api, listener)
-        self.pipelines: dict[str, Pipeline] = {}
+        self.pipelines = Pipelines(settings.pipelines, self.manager)
         self.api.pipelines = self.pipelines
         self.stopping = threading.Event()
 
@@ -51,7 +51,7 @@ class Daemon:
             if not self.manager.served():
                 log.warning("the store %s has no active model: add one with `edged models add`",
                             self.store.root)
-            self.start_pipelines()
+            self.pipelines.start_enabled()
             if on_ready is not None:
                 on_ready()
             while not self.stopping.wait(self.settings.store.poll_interval_s):
@@ -61,24 +61,10 @@ class Daemon:
                     log.exception("syncing with the model store failed; serving what is loaded")
         finally:
             log.info("stopping")
-            for pipeline in self.pipelines.values():
-                pipeline.stop()
+            self.pipelines.stop_all()
             self.server.stop(timeout=self.settings.socket.request_timeout_s)
             self.manager.close()
         return 0
-
-    def start_pipelines(self) -> None:
-        for name, settings in self.settings.pipelines.items():
-            if not settings.enabled:
-                continue
-            try:
-                pipeline = Pipeline(name, settings, self.manager)
-            except OSError as exc:  # e.g. a sink file that cannot be opened
-                log.error("pipeline %s cannot start: %s", name, exc)
-                continue
-            self.pipelines[name] = pipeline
-            pipeline.start()
-            log.info("pipeline %s: %s -> %s", name, settings.source.uri, settings.model)
 
     def install_signal_handlers(self) -> None:
         def stop(signum: int, frame: object) -> None:

@@ -30,11 +30,12 @@ from edged.errors import (
 )
 from edged.metrics import PrometheusText
 from edged.models.manager import ModelManager, ServedModel
+from edged.pipelines.group import PipelineNotFound, Pipelines
 
 log = logging.getLogger(__name__)
 
 STATUS_OF: list[tuple[type[Exception], int]] = [
-    (InvalidInput, 400), (Forbidden, 403), (ModelNotFound, 404),
+    (InvalidInput, 400), (Forbidden, 403), (ModelNotFound, 404), (PipelineNotFound, 404),
     (Busy, 503), (ModelUnavailable, 503), (BackendError, 500),
 ]
 _MODEL = r"/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?"
@@ -65,7 +66,7 @@ class Api:
         self.header_cache = codec.HeaderCache()
         self.pending = 0
         self.counters: dict[str, int] = {}
-        self.pipelines: dict = {}  # name -> pipeline with .status(); filled by the daemon
+        self.pipelines: Pipelines | None = None  # set by the daemon
         self._lock = threading.Lock()
         self._infer_route = re.compile(_MODEL + r"/infer")
         self.routes: list[tuple[str, re.Pattern[str], Callable[..., Response]]] = [
@@ -78,6 +79,8 @@ class Api:
             ("GET", re.compile(r"/metrics"), self.metrics),
             ("GET", re.compile(r"/v2/edged/status"), self.status),
             ("GET", re.compile(r"/v2/edged/pipelines"), self.pipeline_status),
+            ("POST", re.compile(r"/v2/edged/pipelines/(?P<name>[^/]+)/(?P<action>start|stop|restart)"),
+             self.pipeline_control),
         ]
 
     # --- dispatch -------------------------------------------------------------
@@ -220,11 +223,17 @@ class Api:
         return json_response(200, self.status_document())
 
     def pipeline_status(self, request: Request, peer: Peer) -> Response:
-        return json_response(200, {name: p.status() for name, p in sorted(self.pipelines.items())})
+        return json_response(200, self.pipelines.status() if self.pipelines else {})
+
+    def pipeline_control(self, request: Request, peer: Peer, name: str, action: str) -> Response:
+        if self.pipelines is None:
+            raise PipelineNotFound(f"no pipeline {name!r}")
+        getattr(self.pipelines, action)(name)
+        return json_response(200, {"pipeline": name, "done": action})
 
     def status_document(self) -> dict:
         return {
-            "pipelines": {name: p.status() for name, p in sorted(self.pipelines.items())},
+            "pipelines": self.pipelines.status() if self.pipelines else {},
             "version": __version__,
             "uptime_s": round(time.time() - self.started, 3),
             "ready": self.manager.ready(),

@@ -88,3 +88,37 @@ def test_jsonl_sink_rotates_by_size(tmp_path):
     assert all((tmp_path / name).stat().st_size <= 4096 for name in files)
     last = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
     assert last[-1]["frame"] == 199
+
+
+def test_pipelines_are_controlled_at_run_time(start_daemon, sample_store, tmp_path):
+    import subprocess
+    import sys
+
+    video = write_moving_face_video(tmp_path / "loop.avi", frames=10)
+    daemon = start_daemon(sample_store.root, config={"pipelines": {
+        "loop": {"model": "face", "source": {"uri": str(video), "loop": True}},
+        "spare": {"model": "face", "source": {"uri": str(video)}, "enabled": False},
+    }})
+
+    def edged(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "edged", "pipelines", *args, "--socket",
+                               str(daemon.socket)], capture_output=True, text=True, timeout=60)
+
+    listing = edged("list").stdout.splitlines()
+    assert listing[0].split()[:3] == ["loop", "running", "face"]
+    assert listing[1].split()[:3] == ["spare", "stopped", "face"]
+    assert edged("stop", "loop").stdout.strip() == "pipeline loop: stop done"
+    assert json.loads(edged("status", "--json").stdout)["loop"]["state"] == "stopped"
+    refused = edged("stop", "loop")
+    assert refused.returncode == 1 and "is not running" in refused.stderr
+    assert edged("start", "loop").returncode == 0
+    assert edged("restart", "loop").returncode == 0
+    missing = edged("start", "nosuch")
+    assert missing.returncode == 1 and "HTTP 404" in missing.stderr
+    with daemon.client() as client:
+        deadline = time.monotonic() + 20
+        while client.pipelines()["loop"]["processed"] < 3:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+    status = edged("status").stdout
+    assert "loop" in status and "infer p50" in status

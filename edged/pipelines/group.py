@@ -1,0 +1,82 @@
+"""All pipelines of a daemon: started from the config, controlled at run time."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from edged.config import PipelineSettings
+from edged.errors import EdgedError, InvalidInput
+from edged.models.manager import ModelManager
+from edged.pipelines.runner import Pipeline
+
+log = logging.getLogger(__name__)
+
+
+class PipelineNotFound(EdgedError):
+    pass
+
+
+class Pipelines:
+    def __init__(self, settings: dict[str, PipelineSettings], manager: ModelManager) -> None:
+        self.settings = settings
+        self.manager = manager
+        self.running: dict[str, Pipeline] = {}
+        self._lock = threading.Lock()
+
+    def start_enabled(self) -> None:
+        for name, settings in self.settings.items():
+            if settings.enabled:
+                self._start(name)
+
+    def start(self, name: str) -> None:
+        with self._lock:
+            if name in self.running:
+                raise InvalidInput(f"pipeline {name!r} is already running")
+            self._start(name)
+
+    def stop(self, name: str) -> None:
+        with self._lock:
+            self._known(name)
+            pipeline = self.running.pop(name, None)
+        if pipeline is None:
+            raise InvalidInput(f"pipeline {name!r} is not running")
+        pipeline.stop()
+        log.info("pipeline %s stopped", name)
+
+    def restart(self, name: str) -> None:
+        with self._lock:
+            self._known(name)
+            pipeline = self.running.pop(name, None)
+        if pipeline is not None:
+            pipeline.stop()
+        with self._lock:
+            self._start(name)
+
+    def stop_all(self) -> None:
+        with self._lock:
+            pipelines, self.running = list(self.running.values()), {}
+        for pipeline in pipelines:
+            pipeline.stop()
+
+    def status(self) -> dict:
+        result = {name: {"model": s.model, "state": "stopped", "source": s.source.uri}
+                  for name, s in sorted(self.settings.items())}
+        for name, pipeline in list(self.running.items()):
+            result[name] = {**pipeline.status(), "source": pipeline.settings.source.uri}
+        return result
+
+    def _known(self, name: str) -> PipelineSettings:
+        if name not in self.settings:
+            raise PipelineNotFound(f"no pipeline {name!r} in the configuration")
+        return self.settings[name]
+
+    def _start(self, name: str) -> None:
+        settings = self._known(name)
+        try:
+            pipeline = Pipeline(name, settings, self.manager)
+        except OSError as exc:  # e.g. a sink file that cannot be opened
+            raise InvalidInput(f"pipeline {name!r} cannot start: {exc}") from None
+        pipeline.start()
+        self.running[name] = pipeline
+        log.info("pipeline %s: %s -> %s", name, settings.source.uri, settings.model)
