@@ -170,6 +170,9 @@ class SourceSettings(_Section):
         description="/dev/videoN or a device index, an rtsp:// or http:// URL, or a video file path.",
     )
     loop: bool = Field(default=False, description="Start a video file again at its end.")
+    read_timeout_s: float = Field(
+        default=5.0, gt=0, le=600, description="A stream that delivers nothing this long is reopened."
+    )
     reopen_backoff_s: float = Field(
         default=1.0, gt=0, le=3600, description="First wait before reopening a lost source; doubles to 30 s."
     )

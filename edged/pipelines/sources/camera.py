@@ -49,7 +49,7 @@ class CameraSource:
 
         backoff = self.settings.reopen_backoff_s
         while not self._stop.is_set():
-            capture = cv2.VideoCapture(_open_target(self.settings.uri))
+            capture = self._open(cv2)
             if not capture.isOpened():
                 self._lost(f"cannot open {self.settings.uri}")
             else:
@@ -70,6 +70,16 @@ class CameraSource:
             backoff = min(backoff * 2, MAX_BACKOFF_S)
             self.reconnects += 1
         self.state = "stopped"
+
+    def _open(self, cv2):
+        target = _open_target(self.settings.uri)
+        if isinstance(target, str) and "://" in target:
+            # A stream that stalls must not block the grabber forever.
+            timeout_ms = int(self.settings.read_timeout_s * 1000)
+            return cv2.VideoCapture(target, cv2.CAP_FFMPEG, [
+                cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, timeout_ms, cv2.CAP_PROP_READ_TIMEOUT_MSEC, timeout_ms,
+            ])
+        return cv2.VideoCapture(target)
 
     def _read_until_lost(self, capture) -> tuple[str, int]:
         """Read frames until the file ends, the source fails or we stop: (outcome, frames read)."""
