@@ -170,6 +170,13 @@ class SourceSettings(_Section):
         description="/dev/videoN or a device index, an rtsp:// or http:// URL, or a video file path.",
     )
     loop: bool = Field(default=False, description="Start a video file again at its end.")
+    realtime: bool = Field(
+        default=False,
+        description=(
+            "Play a video file at its own frame rate and drop frames like a live camera; "
+            "otherwise every frame is read as fast as the pipeline takes it."
+        ),
+    )
     read_timeout_s: float = Field(
         default=5.0, gt=0, le=600, description="A stream that delivers nothing this long is reopened."
     )

@@ -34,7 +34,14 @@ class LatestFrame:
             self.received += 1
             self._frame = Frame(self.received, image, time.time())
             self._unread = True
-            self._cond.notify()
+            self._cond.notify_all()
+
+    def wait_taken(self, timeout: float) -> bool:
+        """For sources that can wait (files): block until the frame in the slot was taken."""
+        with self._cond:
+            if self._unread:
+                self._cond.wait(timeout)
+            return not self._unread
 
     def take(self, timeout: float) -> Frame | None:
         with self._cond:
@@ -43,4 +50,5 @@ class LatestFrame:
             if not self._unread:
                 return None
             self._unread = False
+            self._cond.notify_all()  # a waiting file reader may decode the next frame
             return self._frame

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from pathlib import Path
 
 from edged.config import SourceSettings
@@ -54,8 +55,14 @@ class CameraSource:
                 self._lost(f"cannot open {self.settings.uri}")
             else:
                 self.state = "running"
-                outcome, frames = self._read_until_lost(capture)
-                capture.release()
+                try:
+                    outcome, frames = self._read_until_lost(capture)
+                except Exception as exc:  # a decoder bug must not end the source for good
+                    log.exception("source %s failed", self.settings.uri)
+                    self._lost(f"reading failed: {type(exc).__name__}: {exc}")
+                    outcome, frames = "lost", 0
+                finally:
+                    capture.release()
                 if outcome == "ended" and frames and self.settings.loop:
                     continue  # play the file again from the start
                 if outcome == "ended" and frames:
@@ -83,10 +90,25 @@ class CameraSource:
 
     def _read_until_lost(self, capture) -> tuple[str, int]:
         """Read frames until the file ends, the source fails or we stop: (outcome, frames read)."""
+        import cv2
+
         frames = 0
+        pace = 0.0
+        if self._is_file and self.settings.realtime:
+            fps = capture.get(cv2.CAP_PROP_FPS) or 30.0
+            pace = 1.0 / fps
+        next_at = time.monotonic()
         while not self._stop.is_set():
+            if self._is_file and not self.settings.realtime:
+                # A file can wait: decode the next frame only once this one is taken,
+                # so no frame is decoded in vain and none is dropped.
+                if not self.frames.wait_taken(0.5):
+                    continue
             ok, image = capture.read()
             if ok:
+                if pace:
+                    next_at += pace
+                    self._stop.wait(max(0.0, next_at - time.monotonic()))
                 self.frames.put(image)
                 frames += 1
                 continue
