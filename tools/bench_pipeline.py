@@ -94,8 +94,8 @@ def main() -> int:
         pipeline = Pipeline("bench", settings.pipelines["bench"], manager)
         cpu, start = time.process_time(), time.perf_counter()
         pipeline.start()
-        while pipeline.source.state != "finished" or pipeline._thread.is_alive():
-            time.sleep(0.01)
+        while not pipeline.finished:
+            time.sleep(0.005)
         elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
         pipeline.stop()
         status = pipeline.status()

@@ -1,31 +1,61 @@
-"""One pipeline: source -> preprocess -> model -> decode -> sinks, in its own thread.
+"""One pipeline: source -> preprocess -> model -> decode -> sinks.
 
-The model is called through the same `ModelManager.infer` as the socket API, so a
-hot swap or a backend fallback reaches the pipeline too. A failure in any stage is
-counted, logged once per kind and never stops the daemon; a crash of the loop
-itself restarts it with a doubling backoff.
+Three threads overlap the work so the model is never idle waiting for Python:
+    feeder    newest frame -> input quality -> preprocess
+    inferer   `ModelManager.infer` (the same call the socket API makes, so hot swaps
+              and backend fallbacks reach pipelines too)
+    finisher  decode -> sinks
+Hand-offs hold one item each: a live camera's extra frames are dropped at the
+source (counted), never queued. A failure in a stage is counted and logged once
+per kind; an unexpected exception restarts that stage with a doubling backoff.
+Nothing here ever stops the daemon.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import numpy as np
 
+from edged.backends.base import TensorSpec
 from edged.config import PipelineSettings
 from edged.errors import EdgedError
 from edged.metrics import Histogram
-from edged.models.manager import ModelManager
-from edged.pipelines.decoders import build_decoder
-from edged.pipelines.preprocess import Preprocessing, image_to_tensor
+from edged.models.manager import ModelManager, ServedModel
+from edged.pipelines.decoders import Decoder, build_decoder
+from edged.pipelines.preprocess import Placement, Preprocessing, image_to_tensor
 from edged.pipelines.quality import QualityMonitor
 from edged.pipelines.sinks.jsonl import JsonlSink
+from edged.pipelines.sources import Frame
 from edged.pipelines.sources.camera import CameraSource
 
 log = logging.getLogger(__name__)
 STAGES = ("preprocess", "infer", "decode", "sinks")
+
+
+@dataclass
+class _ModelView:
+    """What the stages need to know about the served model, worked out once per version."""
+
+    served: ServedModel
+    spec: TensorSpec
+    preprocessing: Preprocessing
+    decoder: Decoder | None
+
+
+@dataclass
+class _Item:
+    frame: Frame
+    model: _ModelView
+    tensor: np.ndarray
+    placement: Placement
+    version: str = ""
+    outputs: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 class Pipeline:
@@ -42,89 +72,133 @@ class Pipeline:
         self.last_error = ""
         self.restarts = 0
         self.started_at = 0.0
+        self._prepared: queue.Queue[_Item] = queue.Queue(maxsize=1)
+        self._inferred: queue.Queue[_Item] = queue.Queue(maxsize=1)
+        self._in_flight = 0  # frames taken from the source and not yet through the sinks
+        self._lock = threading.Lock()
+        self._view: _ModelView | None = None
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
 
-    # --- lifecycle ------------------------------------------------------------
+    # --- lifecycle ------------------------------------------------------------------
     def start(self) -> None:
         self._stop.clear()
         self.started_at = time.monotonic()
         self.source.start()
-        self._thread = threading.Thread(target=self._supervise, name=f"pipeline-{self.name}", daemon=True)
-        self._thread.start()
+        for stage in (self._feed, self._infer, self._finish):
+            thread = threading.Thread(target=self._supervise, args=(stage,), daemon=True,
+                                      name=f"pipeline-{self.name}-{stage.__name__.strip('_')}")
+            self._threads.append(thread)
+            thread.start()
 
     def stop(self) -> None:
         self._stop.set()
         self.source.stop()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
+        for thread in self._threads:
+            thread.join(timeout=10)
         for sink in self.sinks:
             sink.close()
 
-    def _supervise(self) -> None:
+    @property
+    def finished(self) -> bool:
+        """A video file played to its end and every frame went through."""
+        return self.source.state == "finished" and self._in_flight == 0 and self.source.frames.pending == 0
+
+    def _supervise(self, stage: Callable[[], None]) -> None:
         backoff = 1.0
         while not self._stop.is_set():
             try:
-                self._loop()
-                return
-            except Exception as exc:  # a bug in one pipeline must not end the others
+                stage()
+                backoff = 1.0
+            except EdgedError as exc:
+                self._note_error(str(exc))
+                self._done_with_one()
+            except Exception as exc:  # a bug in one stage must not end the pipeline or the daemon
                 self.restarts += 1
-                self._note_error(f"pipeline crashed: {type(exc).__name__}: {exc}")
-                log.exception("pipeline %s crashed; restarting in %.0f s", self.name, backoff)
+                self._done_with_one()
+                self._note_error(f"{stage.__name__.strip('_')} crashed: {type(exc).__name__}: {exc}")
+                log.exception("pipeline %s crashed; restarting the stage in %.0f s", self.name, backoff)
                 if self._stop.wait(backoff):
                     return
                 backoff = min(backoff * 2, 30.0)
 
-    # --- the loop -------------------------------------------------------------------
-    def _loop(self) -> None:
-        cache: tuple | None = None  # (model version, spec, preprocessing, decoder)
-        while not self._stop.is_set():
-            frame = self.source.take(timeout=0.5)
-            if frame is None:
-                if self.source.state == "finished":
-                    return
-                continue
-            was = self.quality.reason
-            if self.quality.check(frame.image, time.monotonic()) != was:
-                if self.quality.reason:
-                    log.warning("pipeline %s degraded: %s", self.name, self.quality.reason)
-                else:
-                    log.info("pipeline %s: input recovered", self.name)
-            try:
-                served = self.manager.get(self.settings.model)
-            except EdgedError as exc:
-                self._note_error(str(exc))
-                continue
-            if cache is None or cache[0] is not served:
-                spec = served.loaded.inputs[0]
-                cache = (served, spec, Preprocessing.parse(served.manifest.preprocessing),
-                         build_decoder(served.manifest.decoder, served.manifest.labels))
-            _, spec, preprocessing, decoder = cache
-            try:
-                self._process(frame, spec, preprocessing, decoder)
-            except EdgedError as exc:
-                self._note_error(str(exc))
+    # --- the stages -------------------------------------------------------------------
+    def _feed(self) -> None:
+        frame = self.source.take(timeout=0.5)
+        if frame is None:
+            return
+        with self._lock:
+            self._in_flight += 1
+        was = self.quality.reason
+        if self.quality.check(frame.image, time.monotonic()) != was:
+            if self.quality.reason:
+                log.warning("pipeline %s degraded: %s", self.name, self.quality.reason)
+            else:
+                log.info("pipeline %s: input recovered", self.name)
+        view = self._model_view()
+        start = time.perf_counter()
+        tensor, placement = image_to_tensor(frame.image, view.spec.shape, view.spec.dtype, view.preprocessing)
+        self.stages["preprocess"].observe(time.perf_counter() - start)
+        self._hand(self._prepared, _Item(frame, view, tensor, placement))
 
-    def _process(self, frame, spec, preprocessing, decoder) -> None:
-        t0 = time.perf_counter()
-        tensor, placement = image_to_tensor(frame.image, spec.shape, spec.dtype, preprocessing)
-        t1 = time.perf_counter()
-        result = self.manager.infer(self.settings.model, {spec.name: tensor})
-        t2 = time.perf_counter()
-        height, width = frame.image.shape[:2]
-        if decoder is not None:
-            decoded = decoder.decode(result.outputs, placement, width, height)
+    def _infer(self) -> None:
+        item = self._next(self._prepared)
+        if item is None:
+            return
+        start = time.perf_counter()
+        result = self.manager.infer(self.settings.model, {item.model.spec.name: item.tensor})
+        self.stages["infer"].observe(time.perf_counter() - start)
+        item.outputs, item.version = result.outputs, result.model.version
+        self._hand(self._inferred, item)
+
+    def _finish(self) -> None:
+        item = self._next(self._inferred)
+        if item is None:
+            return
+        start = time.perf_counter()
+        height, width = item.frame.image.shape[:2]
+        if item.model.decoder is not None:
+            decoded = item.model.decoder.decode(item.outputs, item.placement, width, height)
         else:
-            decoded = {"outputs": {n: _summary(a) for n, a in result.outputs.items()}}
-        t3 = time.perf_counter()
-        record = {"pipeline": self.name, "model": self.settings.model, "version": result.model.version,
-                  "frame": frame.number, "time": round(frame.captured_at, 6), **decoded}
+            decoded = {"outputs": {n: {"shape": list(a.shape), "dtype": str(a.dtype)}
+                                   for n, a in item.outputs.items()}}
+        middle = time.perf_counter()
+        record = {"pipeline": self.name, "model": self.settings.model, "version": item.version,
+                  "frame": item.frame.number, "time": round(item.frame.captured_at, 6), **decoded}
         for sink in self.sinks:
             sink.write(record)
-        t4 = time.perf_counter()
-        for stage, seconds in zip(STAGES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
-            self.stages[stage].observe(seconds)
+        self.stages["decode"].observe(middle - start)
+        self.stages["sinks"].observe(time.perf_counter() - middle)
         self.processed += 1
+        self._done_with_one()
+
+    # --- helpers ----------------------------------------------------------------------
+    def _model_view(self) -> _ModelView:
+        served = self.manager.get(self.settings.model)
+        if self._view is None or self._view.served is not served:
+            manifest = served.manifest
+            self._view = _ModelView(served, served.loaded.inputs[0],
+                                    Preprocessing.parse(manifest.preprocessing),
+                                    build_decoder(manifest.decoder, manifest.labels))
+        return self._view
+
+    def _hand(self, slot: queue.Queue, item: _Item) -> None:
+        while not self._stop.is_set():
+            try:
+                slot.put(item, timeout=0.5)
+                return
+            except queue.Full:
+                continue
+
+    def _next(self, slot: queue.Queue) -> _Item | None:
+        try:
+            return slot.get(timeout=0.5)
+        except queue.Empty:
+            return None
+
+    def _done_with_one(self) -> None:
+        with self._lock:
+            self._in_flight = max(0, self._in_flight - 1)
 
     def _note_error(self, message: str) -> None:
         self.errors += 1
@@ -132,13 +206,18 @@ class Pipeline:
             log.warning("pipeline %s: %s", self.name, message)
         self.last_error = message
 
-    # --- reporting ----------------------------------------------------------------
+    # --- reporting ----------------------------------------------------------------------
     def status(self) -> dict:
         elapsed = max(time.monotonic() - self.started_at, 1e-9)
         source = self.source
+        state = source.state
+        if state == "running" and self.quality.reason:
+            state = "degraded"
+        elif state == "finished" and not self.finished:
+            state = "running"  # the last frames are still going through
         return {
             "model": self.settings.model,
-            "state": "degraded" if source.state == "running" and self.quality.reason else source.state,
+            "state": state,
             "degraded_reason": self.quality.reason,
             "source_fps": round(source.frames.received / elapsed, 2),
             "processed_fps": round(self.processed / elapsed, 2),
@@ -148,7 +227,3 @@ class Pipeline:
             "last_error": self.last_error or source.last_error,
             "latency": {stage: hist.summary_ms() for stage, hist in self.stages.items()},
         }
-
-
-def _summary(array: np.ndarray) -> dict:
-    return {"shape": list(array.shape), "dtype": str(array.dtype)}

@@ -36,6 +36,11 @@ class LatestFrame:
             self._unread = True
             self._cond.notify_all()
 
+    @property
+    def pending(self) -> int:
+        """1 while a frame waits in the slot."""
+        return int(self._unread)
+
     def wait_taken(self, timeout: float) -> bool:
         """For sources that can wait (files): block until the frame in the slot was taken."""
         with self._cond:
