@@ -104,6 +104,11 @@ def test_pipelines_are_controlled_at_run_time(start_daemon, sample_store, tmp_pa
         return subprocess.run([sys.executable, "-m", "edged", "pipelines", *args, "--socket",
                                str(daemon.socket)], capture_output=True, text=True, timeout=60)
 
+    with daemon.client() as client:
+        deadline = time.monotonic() + 20
+        while client.pipelines()["loop"]["state"] != "running":  # the file opens in the background
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
     listing = edged("list").stdout.splitlines()
     assert listing[0].split()[:3] == ["loop", "running", "face"]
     assert listing[1].split()[:3] == ["spare", "stopped", "face"]
