@@ -22,12 +22,18 @@ class Pipelines:
         self.settings = settings
         self.manager = manager
         self.running: dict[str, Pipeline] = {}
+        self.failures: dict[str, str] = {}  # pipelines that could not start, and why
         self._lock = threading.Lock()
 
     def start_enabled(self) -> None:
+        """Start every enabled pipeline; one that cannot start is reported, the rest run."""
         for name, settings in self.settings.items():
-            if settings.enabled:
+            if not settings.enabled:
+                continue
+            try:
                 self._start(name)
+            except EdgedError as exc:
+                log.error("%s", exc)
 
     def start(self, name: str) -> None:
         with self._lock:
@@ -62,6 +68,8 @@ class Pipelines:
     def status(self) -> dict:
         result = {name: {"model": s.model, "state": "stopped", "source": s.source.uri}
                   for name, s in sorted(self.settings.items())}
+        for name, reason in self.failures.items():
+            result[name].update(state="failed", last_error=reason)
         for name, pipeline in list(self.running.items()):
             result[name] = {**pipeline.status(), "source": pipeline.settings.source.uri}
         return result
@@ -76,7 +84,9 @@ class Pipelines:
         try:
             pipeline = Pipeline(name, settings, self.manager)
         except OSError as exc:  # e.g. a sink file that cannot be opened
-            raise InvalidInput(f"pipeline {name!r} cannot start: {exc}") from None
+            self.failures[name] = f"pipeline {name!r} cannot start: {exc.strerror or exc}: {exc.filename}"
+            raise InvalidInput(self.failures[name]) from None
+        self.failures.pop(name, None)
         pipeline.start()
         self.running[name] = pipeline
         log.info("pipeline %s: %s -> %s", name, settings.source.uri, settings.model)

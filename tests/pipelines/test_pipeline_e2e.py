@@ -127,3 +127,19 @@ def test_pipelines_are_controlled_at_run_time(start_daemon, sample_store, tmp_pa
             time.sleep(0.1)
     status = edged("status").stdout
     assert "loop" in status and "infer p50" in status
+
+
+def test_a_pipeline_that_cannot_start_is_reported_and_others_run(start_daemon, sample_store, tmp_path):
+    video = write_moving_face_video(tmp_path / "ok.avi", frames=5)
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the sink wants a directory")
+    daemon = start_daemon(sample_store.root, config={"pipelines": {
+        "broken": {"model": "face", "source": {"uri": str(video)},
+                   "sinks": [{"path": str(blocker / "out.jsonl")}]},
+        "fine": {"model": "face", "source": {"uri": str(video)}},
+    }})
+    with daemon.client() as client:
+        pipelines = client.pipelines()
+    assert pipelines["broken"]["state"] == "failed"
+    assert "cannot start" in pipelines["broken"]["last_error"]
+    assert pipelines["fine"]["state"] in ("starting", "running", "finished")
