@@ -154,8 +154,9 @@ def cmd_pipelines(args: argparse.Namespace) -> int:
     if not pipelines:
         print("(no pipelines configured)")
     for name, p in pipelines.items():
-        if args.action == "list" or p["state"] == "stopped":
-            print(f"{name:16} {p['state']:12} {p['model']:12} {p['source']}")
+        if args.action == "list" or "latency" not in p:
+            detail = p.get("last_error", "") if args.action == "status" else ""
+            print(f"{name:16} {p['state']:12} {p['model']:12} {p['source']}  {detail}".rstrip())
             continue
         infer = p["latency"]["infer"]
         reason = p.get("degraded_reason") or p.get("last_error") or ""

@@ -226,8 +226,9 @@ class Api:
         return json_response(200, self.pipelines.status() if self.pipelines else {})
 
     def pipeline_control(self, request: Request, peer: Peer, name: str, action: str) -> Response:
-        if self.pipelines is None:
-            raise PipelineNotFound(f"no pipeline {name!r}")
+        if self.pipelines is None or name not in self.pipelines.settings:
+            raise PipelineNotFound(f"no pipeline {name!r} in the configuration")
+        self._check_model_access(self.pipelines.settings[name].model, peer)
         getattr(self.pipelines, action)(name)
         return json_response(200, {"pipeline": name, "done": action})
 

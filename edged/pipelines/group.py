@@ -23,17 +23,19 @@ class Pipelines:
         self.manager = manager
         self.running: dict[str, Pipeline] = {}
         self.failures: dict[str, str] = {}  # pipelines that could not start, and why
-        self._lock = threading.Lock()
+        # One control operation at a time: start, stop and restart never interleave.
+        self._lock = threading.RLock()
 
     def start_enabled(self) -> None:
         """Start every enabled pipeline; one that cannot start is reported, the rest run."""
-        for name, settings in self.settings.items():
-            if not settings.enabled:
-                continue
-            try:
-                self._start(name)
-            except EdgedError as exc:
-                log.error("%s", exc)
+        with self._lock:
+            for name, settings in self.settings.items():
+                if not settings.enabled or name in self.running:
+                    continue
+                try:
+                    self._start(name)
+                except EdgedError as exc:
+                    log.error("%s", exc)
 
     def start(self, name: str) -> None:
         with self._lock:
@@ -45,25 +47,26 @@ class Pipelines:
         with self._lock:
             self._known(name)
             pipeline = self.running.pop(name, None)
-        if pipeline is None:
-            raise InvalidInput(f"pipeline {name!r} is not running")
-        pipeline.stop()
+            if pipeline is None:
+                raise InvalidInput(f"pipeline {name!r} is not running")
+            pipeline.stop()
         log.info("pipeline %s stopped", name)
 
     def restart(self, name: str) -> None:
         with self._lock:
             self._known(name)
             pipeline = self.running.pop(name, None)
-        if pipeline is not None:
-            pipeline.stop()
-        with self._lock:
+            if pipeline is not None:
+                pipeline.stop()
             self._start(name)
 
     def stop_all(self) -> None:
         with self._lock:
             pipelines, self.running = list(self.running.values()), {}
-        for pipeline in pipelines:
-            pipeline.stop()
+            for pipeline in pipelines:
+                pipeline.request_stop()  # all at once, then wait for each
+            for pipeline in pipelines:
+                pipeline.stop()
 
     def status(self) -> dict:
         result = {name: {"model": s.model, "state": "stopped", "source": s.source.uri}
@@ -83,8 +86,9 @@ class Pipelines:
         settings = self._known(name)
         try:
             pipeline = Pipeline(name, settings, self.manager)
-        except OSError as exc:  # e.g. a sink file that cannot be opened
-            self.failures[name] = f"pipeline {name!r} cannot start: {exc.strerror or exc}: {exc.filename}"
+        except (OSError, ValueError) as exc:  # e.g. a sink file that cannot be opened
+            reason = f"{exc.strerror}: {exc.filename}" if isinstance(exc, OSError) else str(exc)
+            self.failures[name] = f"pipeline {name!r} cannot start: {reason}"
             raise InvalidInput(self.failures[name]) from None
         self.failures.pop(name, None)
         pipeline.start()

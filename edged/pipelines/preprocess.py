@@ -40,6 +40,9 @@ class Preprocessing(BaseModel):
             raise ValueError("mean and std go together")
         if self.std is not None and any(s == 0 for s in self.std):
             raise ValueError("std must not be 0")
+        for values in (self.mean, self.std):
+            if values is not None and len(values) not in (1, 3):
+                raise ValueError("mean and std take 1 or 3 values")
         return self
 
     @classmethod
@@ -81,15 +84,18 @@ def read_image(path: Path) -> np.ndarray:
     return image
 
 
-def input_size(shape: list[int] | tuple[int, ...]) -> tuple[int, int, bool]:
-    """(height, width, channels_first) of a 4-D image input."""
+def input_size(shape: list[int] | tuple[int, ...]) -> tuple[int, int, int, bool]:
+    """(height, width, channels, channels_first) of a 4-D image input with 1 or 3 channels."""
     if len(shape) != 4:
         raise InvalidInput(f"model input has shape {list(shape)}; an image needs a 4-D input")
     channels_first = shape[1] in (1, 3) and shape[3] not in (1, 3)
     height, width = (shape[2], shape[3]) if channels_first else (shape[1], shape[2])
+    channels = shape[1] if channels_first else shape[3]
+    if channels not in (1, 3):
+        raise InvalidInput(f"model input {list(shape)} is not a 1- or 3-channel image")
     if height <= 0 or width <= 0:
         raise InvalidInput(f"model input {list(shape)} has no fixed size to resize to")
-    return height, width, channels_first
+    return height, width, channels, channels_first
 
 
 def image_to_tensor(
@@ -99,7 +105,10 @@ def image_to_tensor(
     import cv2
 
     prep = preprocessing if isinstance(preprocessing, Preprocessing) else Preprocessing.parse(preprocessing)
-    height, width, channels_first = input_size(shape)
+    height, width, channels, channels_first = input_size(shape)
+    dtype = np.dtype(dtype)
+    if dtype.kind != "f" and dtype != np.uint8:
+        raise InvalidInput(f"an image becomes a float or uint8 tensor, not {dtype}")
     frame_h, frame_w = image_bgr.shape[:2]
     if prep.resize == "letterbox":
         scale = min(width / frame_w, height / frame_h)
@@ -115,9 +124,11 @@ def image_to_tensor(
     else:
         image = cv2.resize(image_bgr, (width, height), interpolation=cv2.INTER_LINEAR)
         placement = Placement(width / frame_w, height / frame_h, 0.0, 0.0, width, height)
-    if prep.color == "rgb":
+    if channels == 1:
+        image = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)[:, :, np.newaxis]
+    elif prep.color == "rgb":
         image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-    if np.dtype(dtype).kind == "f":
+    if dtype.kind == "f":
         if prep.mean is not None and prep.std is not None:
             tensor = (image.astype(np.float32) - np.float32(prep.mean)) / np.float32(prep.std)
         else:

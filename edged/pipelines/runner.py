@@ -58,6 +58,17 @@ class _Item:
     outputs: dict[str, np.ndarray] = field(default_factory=dict)
 
 
+def as_bgr(image: np.ndarray) -> np.ndarray:
+    """Grey, grey-with-one-channel and BGRA frames become the BGR the rest expects."""
+    import cv2
+
+    if image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 1):
+        return cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
+    if image.ndim == 3 and image.shape[2] == 4:
+        return cv2.cvtColor(image, cv2.COLOR_BGRA2BGR)
+    return image
+
+
 class Pipeline:
     def __init__(self, name: str, settings: PipelineSettings, manager: ModelManager) -> None:
         self.name = name
@@ -74,7 +85,7 @@ class Pipeline:
         self.started_at = 0.0
         self._prepared: queue.Queue[_Item] = queue.Queue(maxsize=1)
         self._inferred: queue.Queue[_Item] = queue.Queue(maxsize=1)
-        self._in_flight = 0  # frames taken from the source and not yet through the sinks
+        self._completed = 0  # frames through the sinks, or given up on after an error
         self._lock = threading.Lock()
         self._view: _ModelView | None = None
         self._stop = threading.Event()
@@ -91,44 +102,52 @@ class Pipeline:
             self._threads.append(thread)
             thread.start()
 
-    def stop(self) -> None:
+    def request_stop(self) -> None:
         self._stop.set()
+        self.source.request_stop()
+
+    def stop(self) -> None:
+        self.request_stop()
         self.source.stop()
         for thread in self._threads:
-            thread.join(timeout=10)
+            thread.join(timeout=2)
         for sink in self.sinks:
             sink.close()
 
     @property
     def finished(self) -> bool:
-        """A video file played to its end and every frame went through."""
-        return self.source.state == "finished" and self._in_flight == 0 and self.source.frames.pending == 0
+        """A video file played to its end and every frame taken from it went through."""
+        frames = self.source.frames
+        return (self.source.state == "finished" and frames.pending == 0
+                and self._completed >= frames.taken)
 
     def _supervise(self, stage: Callable[[], None]) -> None:
-        backoff = 1.0
+        """Run a stage item after item; a failed item is counted, repeated failures back off."""
+        failures = 0
         while not self._stop.is_set():
             try:
                 stage()
-                backoff = 1.0
-            except EdgedError as exc:
-                self._note_error(str(exc))
+                failures = 0
+            except Exception as exc:  # one bad frame or a bug must not end the pipeline or the daemon
+                failures += 1
                 self._done_with_one()
-            except Exception as exc:  # a bug in one stage must not end the pipeline or the daemon
-                self.restarts += 1
-                self._done_with_one()
-                self._note_error(f"{stage.__name__.strip('_')} crashed: {type(exc).__name__}: {exc}")
-                log.exception("pipeline %s crashed; restarting the stage in %.0f s", self.name, backoff)
-                if self._stop.wait(backoff):
+                if isinstance(exc, EdgedError):
+                    self._note_error(str(exc))
+                else:
+                    with self._lock:
+                        self.restarts += 1
+                    self._note_error(f"{stage.__name__.strip('_')} failed: {type(exc).__name__}: {exc}")
+                    if failures == 1:
+                        log.exception("pipeline %s: unexpected error", self.name)
+                if failures >= 3 and self._stop.wait(min(0.1 * 2 ** (failures - 3), 30.0)):
                     return
-                backoff = min(backoff * 2, 30.0)
 
     # --- the stages -------------------------------------------------------------------
     def _feed(self) -> None:
         frame = self.source.take(timeout=0.5)
         if frame is None:
             return
-        with self._lock:
-            self._in_flight += 1
+        frame.image = as_bgr(frame.image)
         was = self.quality.reason
         if self.quality.check(frame.image, time.monotonic()) != was:
             if self.quality.reason:
@@ -146,7 +165,10 @@ class Pipeline:
         if item is None:
             return
         start = time.perf_counter()
-        result = self.manager.infer(self.settings.model, {item.model.spec.name: item.tensor})
+        # Pinned to the version the frame was prepared for: across a hot swap, a frame
+        # prepared for the old version fails alone instead of being decoded wrongly.
+        result = self.manager.infer(self.settings.model, {item.model.spec.name: item.tensor},
+                                    version=item.model.served.version)
         self.stages["infer"].observe(time.perf_counter() - start)
         item.outputs, item.version = result.outputs, result.model.version
         self._hand(self._inferred, item)
@@ -169,7 +191,8 @@ class Pipeline:
             sink.write(record)
         self.stages["decode"].observe(middle - start)
         self.stages["sinks"].observe(time.perf_counter() - middle)
-        self.processed += 1
+        with self._lock:
+            self.processed += 1
         self._done_with_one()
 
     # --- helpers ----------------------------------------------------------------------
@@ -198,10 +221,11 @@ class Pipeline:
 
     def _done_with_one(self) -> None:
         with self._lock:
-            self._in_flight = max(0, self._in_flight - 1)
+            self._completed += 1
 
     def _note_error(self, message: str) -> None:
-        self.errors += 1
+        with self._lock:
+            self.errors += 1
         if message != self.last_error:
             log.warning("pipeline %s: %s", self.name, message)
         self.last_error = message

@@ -9,6 +9,8 @@ The defaults are the configuration of `face_detection_short_range.tflite`:
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -22,10 +24,12 @@ class BlazeFaceConfig(BaseModel):
     type: str = "blazeface"
     boxes_output: str = Field(default="regressors", description="Output with box and keypoint offsets.")
     scores_output: str = Field(default="classificators", description="Output with one logit per anchor.")
-    strides: tuple[int, ...] = Field(default=(8, 16, 16, 16), description="Feature map stride per layer.")
+    strides: tuple[Annotated[int, Field(ge=1, le=4096)], ...] = Field(
+        default=(8, 16, 16, 16), min_length=1, max_length=16, description="Feature map stride per layer."
+    )
     anchors_per_layer: int = Field(default=2, ge=1, description="Anchors each layer adds per cell.")
     anchor_offset: float = Field(default=0.5, description="Anchor centre within its cell.")
-    num_keypoints: int = Field(default=6, ge=0, le=64, description="Keypoints after the 4 box values.")
+    num_keypoints: int = Field(default=6, ge=1, le=64, description="Keypoints after the 4 box values.")
     score_threshold: float = Field(default=0.5, ge=0, le=1, description="Detections below are dropped.")
     score_clip: float = Field(default=100.0, gt=0, description="Logits are clipped to +-this.")
     nms_threshold: float = Field(default=0.3, ge=0, le=1, description="IoU above which boxes merge.")

@@ -26,10 +26,12 @@ class ClassificationDecoder:
 
     def decode(self, outputs: dict[str, np.ndarray], placement: Placement, frame_w: int,
                frame_h: int) -> dict:
-        name = self.config.output or next(iter(outputs))
+        name = self.config.output or next(iter(outputs), "")
         if name not in outputs:
             raise InvalidInput(f"classification decoder: no output {name!r}")
         scores = outputs[name].astype(np.float64).reshape(-1)
+        if scores.size == 0:
+            raise InvalidInput(f"classification decoder: output {name!r} is empty")
         if self.config.softmax:
             shifted = np.exp(scores - scores.max())
             scores = shifted / shifted.sum()

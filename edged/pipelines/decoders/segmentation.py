@@ -27,7 +27,7 @@ class SegmentationDecoder:
 
     def decode(self, outputs: dict[str, np.ndarray], placement: Placement, frame_w: int,
                frame_h: int) -> dict:
-        name = self.config.output or next(iter(outputs))
+        name = self.config.output or next(iter(outputs), "")
         if name not in outputs:
             raise InvalidInput(f"segmentation decoder: no output {name!r}")
         mask = np.squeeze(outputs[name])

@@ -20,6 +20,9 @@ class JsonlSink:
 
     def write(self, result: dict) -> None:
         line = json.dumps(result, separators=(",", ":")) + "\n"
+        if self._file.closed:  # a rotation failed earlier (the directory went away): try again
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = self.path.open("a", encoding="utf-8")
         if self._file.tell() + len(line) > self.max_bytes and self._file.tell() > 0:
             self._rotate()
         self._file.write(line)

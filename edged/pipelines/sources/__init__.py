@@ -26,6 +26,7 @@ class LatestFrame:
         self._cond = threading.Condition()
         self.received = 0
         self.dropped = 0
+        self.taken = 0
 
     def put(self, image: np.ndarray) -> None:
         with self._cond:
@@ -55,5 +56,6 @@ class LatestFrame:
             if not self._unread:
                 return None
             self._unread = False
+            self.taken += 1
             self._cond.notify_all()  # a waiting file reader may decode the next frame
             return self._frame

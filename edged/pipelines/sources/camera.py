@@ -20,7 +20,8 @@ MAX_BACKOFF_S = 30.0
 
 
 def _open_target(uri: str) -> int | str:
-    return int(uri) if uri.isdigit() else uri
+    """A device index ("0") or anything else OpenCV opens by name."""
+    return int(uri) if uri.isascii() and uri.isdigit() and len(uri) <= 4 else uri
 
 
 class CameraSource:
@@ -30,17 +31,21 @@ class CameraSource:
         self.state = "starting"  # starting | running | reconnecting | finished | stopped
         self.last_error = ""
         self.reconnects = 0
-        self._is_file = Path(settings.uri).is_file()
+        self._is_file = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._grab, name=f"source-{settings.uri[:30]}", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
+    def request_stop(self) -> None:
+        self._stop.set()
+
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
-        self.state = "stopped"
+        # A grabber stuck inside OpenCV (a device that hangs) is left to finish on its own.
+        self.state = "stopped" if not self._thread.is_alive() else "stopping"
 
     def take(self, timeout: float) -> Frame | None:
         return self.frames.take(timeout)
@@ -50,11 +55,18 @@ class CameraSource:
 
         backoff = self.settings.reopen_backoff_s
         while not self._stop.is_set():
-            capture = self._open(cv2)
-            if not capture.isOpened():
+            self._is_file = Path(self.settings.uri).is_file()
+            try:
+                capture = self._open(cv2)
+            except Exception as exc:  # OpenCV refuses some names outright
+                self._lost(f"cannot open {self.settings.uri}: {type(exc).__name__}: {exc}")
+                capture = None
+            if capture is not None and not capture.isOpened():
+                capture.release()
                 self._lost(f"cannot open {self.settings.uri}")
-            else:
+            elif capture is not None:
                 self.state = "running"
+                self.last_error = ""
                 try:
                     outcome, frames = self._read_until_lost(capture)
                 except Exception as exc:  # a decoder bug must not end the source for good
@@ -74,7 +86,7 @@ class CameraSource:
                     self._lost(f"{self.settings.uri} holds no readable frame")
             if self._stop.wait(backoff):
                 break
-            backoff = min(backoff * 2, MAX_BACKOFF_S)
+            backoff = min(backoff * 2, max(MAX_BACKOFF_S, self.settings.reopen_backoff_s))
             self.reconnects += 1
         self.state = "stopped"
 
@@ -82,7 +94,7 @@ class CameraSource:
         target = _open_target(self.settings.uri)
         if isinstance(target, str) and "://" in target:
             # A stream that stalls must not block the grabber forever.
-            timeout_ms = int(self.settings.read_timeout_s * 1000)
+            timeout_ms = max(1, int(self.settings.read_timeout_s * 1000))
             return cv2.VideoCapture(target, cv2.CAP_FFMPEG, [
                 cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, timeout_ms, cv2.CAP_PROP_READ_TIMEOUT_MSEC, timeout_ms,
             ])
