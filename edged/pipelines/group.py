@@ -69,7 +69,9 @@ class Pipelines:
                 pipeline.stop()
 
     def status(self) -> dict:
-        result = {name: {"model": s.model, "state": "stopped", "source": s.source.uri}
+        idle = {"frames": 0, "processed": 0, "dropped": 0, "errors": 0, "restarts": 0,
+                "reconnects": 0, "last_error": ""}
+        result = {name: {"model": s.model, "state": "stopped", "source": s.source.uri, **idle}
                   for name, s in sorted(self.settings.items())}
         for name, reason in self.failures.items():
             result[name].update(state="failed", last_error=reason)
