@@ -162,14 +162,15 @@ class ModelSettings(_Section):
 
 
 class SourceSettings(_Section):
-    kind: Literal["camera"] = Field(
-        default="camera", description="camera: anything OpenCV opens (V4L2 device, stream URL, video file)."
+    kind: Literal["camera", "images"] = Field(
+        default="camera",
+        description="camera: anything OpenCV opens (V4L2 device, stream URL, video file); images: a folder.",
     )
     uri: str = Field(
         min_length=1, max_length=4096,
-        description="/dev/videoN or a device index, an rtsp:// or http:// URL, or a video file path.",
+        description="/dev/videoN or a device index, an rtsp:// or http:// URL, a video file, or a folder.",
     )
-    loop: bool = Field(default=False, description="Start a video file again at its end.")
+    loop: bool = Field(default=False, description="Start a video file or an image folder again at its end.")
     realtime: bool = Field(
         default=False,
         description=(

@@ -33,6 +33,7 @@ from edged.pipelines.quality import QualityMonitor
 from edged.pipelines.sinks.jsonl import JsonlSink
 from edged.pipelines.sources import Frame
 from edged.pipelines.sources.camera import CameraSource
+from edged.pipelines.sources.images import ImageFolderSource
 
 log = logging.getLogger(__name__)
 STAGES = ("preprocess", "infer", "decode", "sinks")
@@ -74,7 +75,8 @@ class Pipeline:
         self.name = name
         self.settings = settings
         self.manager = manager
-        self.source = CameraSource(settings.source)
+        self.source = (ImageFolderSource(settings.source) if settings.source.kind == "images"
+                       else CameraSource(settings.source))
         self.sinks = [JsonlSink(s) for s in settings.sinks]
         self.quality = QualityMonitor(settings.quality)
         self.stages = {stage: Histogram() for stage in STAGES}

@@ -143,3 +143,28 @@ def test_a_pipeline_that_cannot_start_is_reported_and_others_run(start_daemon, s
     assert pipelines["broken"]["state"] == "failed"
     assert "cannot start" in pipelines["broken"]["last_error"]
     assert pipelines["fine"]["state"] in ("starting", "running", "finished")
+
+
+def test_an_image_folder_feeds_a_pipeline_and_bad_files_are_skipped(start_daemon, sample_store, tmp_path):
+    folder = tmp_path / "shots"
+    folder.mkdir()
+    portrait = cv2.cvtColor(skimage.data.astronaut(), cv2.COLOR_RGB2BGR)
+    cv2.imwrite(str(folder / "a.jpg"), portrait)
+    (folder / "b.png").write_bytes(b"not a picture")
+    cv2.imwrite(str(folder / "c.png"), cv2.cvtColor(skimage.data.coffee(), cv2.COLOR_RGB2BGR))
+    (folder / "notes.txt").write_text("ignored")
+    results = tmp_path / "shots.jsonl"
+    daemon = start_daemon(sample_store.root, config={"pipelines": {"shots": {
+        "model": "face", "source": {"kind": "images", "uri": str(folder)},
+        "sinks": [{"path": str(results)}],
+    }}})
+    deadline = time.monotonic() + 30
+    with daemon.client() as client:
+        while client.pipelines()["shots"]["state"] != "finished":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        shots = client.pipelines()["shots"]
+    assert shots["frames"] == 2 and shots["processed"] == 2
+    assert shots["last_error"] == "b.png: not a readable image (skipped)"
+    faces = [len(json.loads(line)["detections"]) for line in results.read_text().splitlines()]
+    assert faces == [1, 0]  # the astronaut, then the coffee

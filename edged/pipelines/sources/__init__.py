@@ -3,6 +3,7 @@ drops frames (and counts them) instead of building a queue."""
 
 from __future__ import annotations
 
+import abc
 import threading
 import time
 from dataclasses import dataclass
@@ -59,3 +60,34 @@ class LatestFrame:
             self.taken += 1
             self._cond.notify_all()  # a waiting file reader may decode the next frame
             return self._frame
+
+
+class ThreadedSource(abc.ABC):
+    """A grabber thread filling a `LatestFrame`; subclasses write `_grab`."""
+
+    def __init__(self, uri: str) -> None:
+        self.frames = LatestFrame()
+        self.state = "starting"  # starting | running | reconnecting | finished | stopping | stopped
+        self.last_error = ""
+        self.reconnects = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._grab, name=f"source-{uri[:30]}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        # A grabber stuck inside a driver call is left to finish on its own.
+        self.state = "stopped" if not self._thread.is_alive() else "stopping"
+
+    def take(self, timeout: float) -> Frame | None:
+        return self.frames.take(timeout)
+
+    @abc.abstractmethod
+    def _grab(self) -> None:
+        """Put frames until `_stop` is set; keep `state` and `last_error` true."""

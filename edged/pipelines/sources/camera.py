@@ -8,12 +8,11 @@ doubling backoff, reported through `state` and `last_error`, never fatal.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from pathlib import Path
 
 from edged.config import SourceSettings
-from edged.pipelines.sources import Frame, LatestFrame
+from edged.pipelines.sources import ThreadedSource
 
 log = logging.getLogger(__name__)
 MAX_BACKOFF_S = 30.0
@@ -24,31 +23,11 @@ def _open_target(uri: str) -> int | str:
     return int(uri) if uri.isascii() and uri.isdigit() and len(uri) <= 4 else uri
 
 
-class CameraSource:
+class CameraSource(ThreadedSource):
     def __init__(self, settings: SourceSettings) -> None:
+        super().__init__(settings.uri)
         self.settings = settings
-        self.frames = LatestFrame()
-        self.state = "starting"  # starting | running | reconnecting | finished | stopped
-        self.last_error = ""
-        self.reconnects = 0
         self._is_file = False
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._grab, name=f"source-{settings.uri[:30]}", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def request_stop(self) -> None:
-        self._stop.set()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-        # A grabber stuck inside OpenCV (a device that hangs) is left to finish on its own.
-        self.state = "stopped" if not self._thread.is_alive() else "stopping"
-
-    def take(self, timeout: float) -> Frame | None:
-        return self.frames.take(timeout)
 
     def _grab(self) -> None:
         import cv2
