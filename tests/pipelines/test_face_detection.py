@@ -78,3 +78,20 @@ def test_bad_decoder_and_preprocessing_specs_are_named():
     with pytest.raises(InvalidInput, match=r"preprocessing.*either range or mean/std"):
         image_to_tensor(np.zeros((4, 4, 3), np.uint8), [1, 4, 4, 3], np.float32,
                         {"range": [0, 1], "mean": [0, 0, 0], "std": [1, 1, 1]})
+
+
+def test_garbage_outputs_give_no_nan_and_no_crash():
+    """Outputs are untrusted too: boxes with no area and NaN values never reach a result."""
+    from edged.pipelines.preprocess import Placement
+
+    decoder = build_decoder({"type": "blazeface"})
+    placement = Placement(0.2, 0.2, 0, 16, 128, 128)
+    rng = np.random.default_rng(0)
+    for regressors in (rng.normal(0, 40, (1, 896, 16)), np.full((1, 896, 16), np.nan),
+                       np.zeros((1, 896, 16))):
+        outputs = {"regressors": regressors.astype(np.float32),
+                   "classificators": np.full((1, 896, 1), 50.0, np.float32)}
+        result = decoder.decode(outputs, placement, 640, 480)
+        json.dumps(result, allow_nan=False)  # raises on NaN or Infinity
+        for detection in result["detections"]:
+            assert detection["box"][2] > 0 and detection["box"][3] > 0

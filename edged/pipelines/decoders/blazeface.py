@@ -74,6 +74,7 @@ def weighted_nms(scores: np.ndarray, boxes: np.ndarray, keypoints: np.ndarray, t
     while order.size and len(kept) < limit:
         best = order[0]
         overlap = _iou(boxes[best], boxes[order])
+        overlap[0] = 1.0  # a box always belongs to its own group
         group = order[overlap > threshold]
         weights = scores[group][:, None]
         box = (boxes[group] * weights).sum(0) / weights.sum()
@@ -107,14 +108,25 @@ class BlazeFaceDecoder:
         anchors = self.anchors(placement.input_width, placement.input_height)
         if len(anchors) != len(raw) or len(raw) != len(logits):
             raise InvalidInput(f"blazeface decoder: {len(raw)} boxes for {len(anchors)} anchors")
-        scores = 1.0 / (1.0 + np.exp(-np.clip(logits.astype(np.float64), -c.score_clip, c.score_clip)))
-        keep = scores >= c.score_threshold
-        raw, anchors, scores = raw[keep].astype(np.float64), anchors[keep], scores[keep]
+        # Threshold in logit space first: the sigmoid then runs on the few candidates only.
+        clipped = np.clip(logits, -c.score_clip, c.score_clip)
+        threshold = c.score_threshold
+        if 0.0 < threshold < 1.0:
+            keep = clipped >= np.log(threshold / (1.0 - threshold)) - 1e-9
+        else:
+            keep = np.ones(len(clipped), bool) if threshold <= 0.0 else np.zeros(len(clipped), bool)
+        scores = 1.0 / (1.0 + np.exp(-clipped[keep].astype(np.float64)))
+        keep_exact = scores >= threshold
+        raw = raw[keep][keep_exact].astype(np.float64)
+        anchors, scores = anchors[keep][keep_exact], scores[keep_exact]
         size = np.array([placement.input_width, placement.input_height], np.float64)
         centre = raw[:, 0:2] / size + anchors
         half = raw[:, 2:4] / size / 2
         boxes = np.concatenate([centre - half, centre + half], axis=1)
         points = raw[:, 4:].reshape(-1, c.num_keypoints, 2) / size + anchors[:, None, :]
+        # A box with no area or a non-finite value cannot be merged or reported: drop it.
+        sane = (half > 0).all(axis=1) & np.isfinite(boxes).all(axis=1) & np.isfinite(points).all(axis=(1, 2))
+        boxes, points, scores = boxes[sane], points[sane], scores[sane]
         detections = []
         for score, box, kps in weighted_nms(scores, boxes, points, c.nms_threshold, c.max_detections):
             x1, y1 = placement.to_frame(box[0], box[1], frame_w, frame_h)
