@@ -11,6 +11,7 @@ from __future__ import annotations
 import socket
 import struct
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 MAX_HEADER_BYTES = 16 * 1024
@@ -62,6 +63,7 @@ class Response:
     body: bytes | list[bytes | memoryview]  # a list is sent as is, without joining
     content_type: str = "application/json"
     headers: dict[str, str] | None = None
+    stream: Iterator[bytes] | None = None  # sent chunked after the head; the connection then closes
 
 
 def send_parts(sock: socket.socket, parts: list[bytes | memoryview]) -> None:
@@ -185,9 +187,23 @@ class Connection:
             have += n
         return memoryview(body)
 
+    def send_stream(self, response: Response) -> None:
+        """A long-lived chunked response; ends when its iterator does or the client goes."""
+        assert response.stream is not None
+        head = (f"HTTP/1.1 {response.status} {REASONS.get(response.status, 'Unknown')}\r\n"
+                f"Content-Type: {response.content_type}\r\nTransfer-Encoding: chunked\r\n"
+                "Cache-Control: no-cache\r\nConnection: close\r\n\r\n").encode("latin-1")
+        self.sock.sendall(head)
+        for chunk in response.stream:
+            send_parts(self.sock, [f"{len(chunk):x}\r\n".encode(), chunk, b"\r\n"])
+        self.sock.sendall(b"0\r\n\r\n")
+
     def send(
         self, response: Response, keep_alive: bool, http10: bool = False, head_only: bool = False
     ) -> None:
+        if response.stream is not None and not head_only:
+            self.send_stream(response)
+            return
         body = response.body if isinstance(response.body, list) else [response.body]
         lines = [
             f"HTTP/1.1 {response.status} {REASONS.get(response.status, 'Unknown')}",

@@ -67,6 +67,7 @@ class Api:
         self.pending = 0
         self.counters: dict[str, int] = {}
         self.pipelines: Pipelines | None = None  # set by the daemon
+        self.stopping = threading.Event()
         self._lock = threading.Lock()
         self._infer_route = re.compile(_MODEL + r"/infer")
         self.routes: list[tuple[str, re.Pattern[str], Callable[..., Response]]] = [
@@ -79,6 +80,7 @@ class Api:
             ("GET", re.compile(r"/metrics"), self.metrics),
             ("GET", re.compile(r"/v2/edged/status"), self.status),
             ("GET", re.compile(r"/v2/edged/pipelines"), self.pipeline_status),
+            ("GET", re.compile(r"/v2/edged/pipelines/(?P<name>[^/]+)/events"), self.pipeline_events),
             ("POST", re.compile(r"/v2/edged/pipelines/(?P<name>[^/]+)/(?P<action>start|stop|restart)"),
              self.pipeline_control),
         ]
@@ -224,6 +226,27 @@ class Api:
 
     def pipeline_status(self, request: Request, peer: Peer) -> Response:
         return json_response(200, self.pipelines.status() if self.pipelines else {})
+
+    def pipeline_events(self, request: Request, peer: Peer, name: str) -> Response:
+        """Newline-delimited JSON results of a running pipeline, for as long as the client reads."""
+        pipeline = self.pipelines.running.get(name) if self.pipelines else None
+        if pipeline is None:
+            raise PipelineNotFound(f"no running pipeline {name!r}")
+        self._check_model_access(pipeline.settings.model, peer)
+        subscription = pipeline.events.subscribe()
+
+        def lines():
+            try:
+                while not self.stopping.is_set() and not pipeline.events.closed.is_set():
+                    result = subscription.get(timeout=1.0)
+                    if result is None:
+                        yield b"\n"  # an empty line now and then finds out when a client has gone
+                    else:
+                        yield json.dumps(result, separators=(",", ":")).encode() + b"\n"
+            finally:
+                subscription.close()
+
+        return Response(200, b"", "application/x-ndjson", stream=lines())
 
     def pipeline_control(self, request: Request, peer: Peer, name: str, action: str) -> Response:
         if self.pipelines is None or name not in self.pipelines.settings:

@@ -187,7 +187,7 @@ class ApiServer:
                 if head_only:
                     request.method = "GET"
                 response = self.api.handle(request, peer)
-                keep_alive = request.keep_alive and not self._stopping.is_set()
+                keep_alive = request.keep_alive and not self._stopping.is_set() and response.stream is None
                 conn.send(response, keep_alive, http10=http10, head_only=head_only)
                 if not keep_alive:
                     return
@@ -205,6 +205,7 @@ class ApiServer:
     def stop(self, timeout: float = 10.0) -> None:
         """Stop accepting; close idle connections; let requests in progress finish (up to `timeout`)."""
         self._stopping.set()
+        self.api.stopping.set()  # ends event streams
         if self._thread is not None:
             self._thread.join(timeout=2)
         with self._lock:

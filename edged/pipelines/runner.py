@@ -31,6 +31,7 @@ from edged.pipelines.decoders import Decoder, build_decoder
 from edged.pipelines.preprocess import Placement, Preprocessing, image_to_tensor
 from edged.pipelines.quality import QualityMonitor
 from edged.pipelines.sinks.jsonl import JsonlSink
+from edged.pipelines.sinks.stream import EventHub
 from edged.pipelines.sources import Frame
 from edged.pipelines.sources.camera import CameraSource
 from edged.pipelines.sources.images import ImageFolderSource
@@ -77,7 +78,8 @@ class Pipeline:
         self.manager = manager
         self.source = (ImageFolderSource(settings.source) if settings.source.kind == "images"
                        else CameraSource(settings.source))
-        self.sinks = [JsonlSink(s) for s in settings.sinks]
+        self.events = EventHub()  # the socket's event stream; costs nothing without subscribers
+        self.sinks: list[JsonlSink | EventHub] = [*(JsonlSink(s) for s in settings.sinks), self.events]
         self.quality = QualityMonitor(settings.quality)
         self.stages = {stage: Histogram() for stage in STAGES}
         self.processed = 0
@@ -114,7 +116,7 @@ class Pipeline:
         for thread in self._threads:
             thread.join(timeout=2)
         for sink in self.sinks:
-            sink.close()
+            sink.close()  # the event hub's close ends its streams
 
     @property
     def finished(self) -> bool:

@@ -168,3 +168,38 @@ def test_an_image_folder_feeds_a_pipeline_and_bad_files_are_skipped(start_daemon
     assert shots["last_error"] == "b.png: not a readable image (skipped)"
     faces = [len(json.loads(line)["detections"]) for line in results.read_text().splitlines()]
     assert faces == [1, 0]  # the astronaut, then the coffee
+
+
+def test_results_stream_over_the_socket_and_a_slow_reader_slows_nothing(start_daemon, sample_store,
+                                                                        tmp_path):
+    import socket as socket_module
+
+    video = write_moving_face_video(tmp_path / "s.avi", frames=10)
+    daemon = start_daemon(sample_store.root, config={"pipelines": {
+        "s": {"model": "face", "source": {"uri": str(video), "loop": True}}}})
+
+    def subscribe() -> socket_module.socket:
+        sock = socket_module.socket(socket_module.AF_UNIX, socket_module.SOCK_STREAM)
+        sock.settimeout(10)
+        sock.connect(str(daemon.socket))
+        sock.sendall(b"GET /v2/edged/pipelines/s/events HTTP/1.1\r\n\r\n")
+        return sock
+
+    slow = subscribe()  # never reads
+    reader = subscribe()
+    data = b""
+    while data.count(b'"pipeline":"s"') < 5:
+        data += reader.recv(65536)
+    head = data.split(b"\r\n\r\n", 1)[0]
+    assert b"Transfer-Encoding: chunked" in head and b"application/x-ndjson" in head
+    line = next(part for part in data.split(b"\r\n") if part.startswith(b'{"pipeline"'))
+    assert json.loads(line)["model"] == "face"
+    with daemon.client() as client:
+        before = client.pipelines()["s"]["processed"]
+        time.sleep(1.0)
+        after = client.pipelines()["s"]["processed"]
+    assert after > before + 10  # the reader that never reads holds nothing up
+    reader.close()
+    slow.close()
+    with daemon.client() as client:
+        assert client.request("GET", "/v2/edged/pipelines/nosuch/events")[0] == 404
