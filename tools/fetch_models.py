@@ -77,19 +77,32 @@ def add_sample(store, name: str, path: Path, version: str = "1", as_name: str | 
 
 
 def add_to_store(paths: dict[str, Path], store_dir: str | None) -> None:
-    """Add each sample as version 1 of its model (if absent) and make it active."""
+    """Make each sample's current pin (file, preprocessing, decoder) the active version.
+
+    A store filled by an older pin keeps its versions; the new pin becomes the next one.
+    """
     sys.path.insert(0, str(ROOT))
     from edged.config import load_settings
     from edged.models.store import ModelStore
 
     settings = load_settings(None, **({"store": {"path": store_dir}} if store_dir else {}))
     store = ModelStore(settings.store.path)
+    pins = json.loads(PINS.read_text())["models"]
     for name, path in paths.items():
-        if "1" not in store.versions(name):
-            add_sample(store, name, path)
-        if store.active(name) is None:
-            store.activate(name, "1")
-        print(f"{name}: version 1 in {store.root}")
+        pin = pins[name]
+        wanted = (pin["sha256"], pin.get("preprocessing"), pin.get("decoder"))
+        current = None
+        for version in store.versions(name):
+            manifest = store.manifest(name, version)
+            if (manifest.files[0].sha256, manifest.preprocessing, manifest.decoder) == wanted:
+                current = version
+        if current is None:
+            numbers = [int(v) for v in store.versions(name) if v.isdigit()]
+            current = str(max(numbers, default=0) + 1)
+            add_sample(store, name, path, version=current)
+        if store.active(name) != current:
+            store.activate(name, current)
+        print(f"{name}: version {current} active in {store.root}")
 
 
 def main() -> int:
