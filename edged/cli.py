@@ -114,6 +114,9 @@ def _predict_image(client, args: argparse.Namespace, meta: dict, path: Path) -> 
     if decoder is None:
         for name, array in outputs.items():
             print(f"  {name} {array.dtype} {list(array.shape)}")
+    for key, value in result.items():
+        if key != "detections" and decoder is not None:
+            print(f"  {key}: {json.dumps(value)}")
     return 0
 
 
