@@ -93,7 +93,6 @@ class LoadedModel(abc.ABC):
 
 class Backend(abc.ABC):
     name: str
-    formats: frozenset[str]
 
     @abc.abstractmethod
     def load(self, path: Path, model_format: str, options: LoadOptions) -> LoadedModel:

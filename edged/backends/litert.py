@@ -16,6 +16,7 @@ try:
 except ImportError:  # pragma: no cover - depends on what the device has installed
     from tflite_runtime.interpreter import Interpreter  # type: ignore[no-redef]
 
+from edged.backends import READS
 from edged.backends.base import Backend, LoadedModel, LoadOptions, TensorSpec, WarmPool
 from edged.errors import BackendError
 
@@ -79,10 +80,9 @@ class LiteRTModel(LoadedModel):
 
 class LiteRTBackend(Backend):
     name = "litert"
-    formats = frozenset({"tflite"})
 
     def load(self, path: Path, model_format: str, options: LoadOptions) -> LoadedModel:
-        if model_format not in self.formats:
+        if model_format not in READS[self.name]:
             raise BackendError(f"litert cannot read {model_format!r} models")
         try:
             content = path.read_bytes()

@@ -15,7 +15,7 @@ import openvino as ov
 from edged.backends.base import Backend, LoadedModel, LoadOptions, TensorSpec, WarmPool
 from edged.errors import BackendError
 
-_PRECISIONS = {"f32": "f32", "bf16": "bf16", "f16": "f16"}
+PRECISIONS = frozenset({"f32", "bf16", "f16"})  # OpenVINO's own names for them
 _core_lock = threading.Lock()
 _core: ov.Core | None = None
 
@@ -76,14 +76,13 @@ class OpenVINOModel(LoadedModel):
 
 class OpenVINOBackend(Backend):
     name = "openvino"
-    formats = frozenset({"openvino", "onnx", "tflite"})
 
     def load(self, path: Path, model_format: str, options: LoadOptions) -> LoadedModel:
-        if options.precision not in _PRECISIONS:
+        if options.precision not in PRECISIONS:
             raise BackendError(f"openvino: unsupported precision {options.precision!r}")
         core = _shared_core()
         config: dict[str, object] = {
-            "INFERENCE_PRECISION_HINT": _PRECISIONS[options.precision],
+            "INFERENCE_PRECISION_HINT": options.precision,
             "PERFORMANCE_HINT": options.performance_hint,
         }
         if options.threads_per_worker > 0:
