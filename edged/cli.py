@@ -35,7 +35,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     configure_logging(settings.logging.level)
     if args.check:
         return _check(settings)
-    daemon = Daemon(settings)
+    daemon = Daemon(settings, reload_settings=lambda: _settings(args))
     daemon.install_signal_handlers()
     print(f"edged {__version__}: serving the models in {settings.store.path} "
           f"on {settings.socket.path}", file=sys.stderr, flush=True)
@@ -129,16 +129,44 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(status, indent=2))
         return 0
+    print_status(status)
+    return 0
+
+
+def print_status(status: dict) -> None:
+    """The health document as a few readable tables."""
     print(f"edged {status['version']}  up {status['uptime_s']:.0f} s  ready: {status['ready']}")
+    print("models:")
     for name, info in sorted(status["models"].items()):
         if info["state"] != "ready":
             print(f"  {name:20} {info['state']:8} {info.get('error', '')}")
             continue
         lat = info["latency"]
         print(f"  {name:20} {info['version']:8} {info['backend']:9} {info['precision']:5} "
-              f"req {info['requests']:<8} err {info['errors']:<4} p50 {lat['p50_ms']} ms  "
-              f"({info['reason']})")
-    return 0
+              f"req {info['requests']:<8} err {info['errors']:<4} "
+              f"p50/p95/p99 {lat['p50_ms']}/{lat['p95_ms']}/{lat['p99_ms']} ms  ({info['reason']})")
+    pipelines = status.get("pipelines") or {}
+    if pipelines:
+        print("pipelines:")
+    for name, p in sorted(pipelines.items()):
+        print(f"  {name:20} {p['state']:12} {p.get('processed_fps', 0):>6} fps  dropped {p['dropped']:<6} "
+              f"errors {p['errors']:<4} {p.get('degraded_reason') or p.get('last_error', '')}")
+    system = status.get("system") or {}
+    mib = 1 << 20
+    temps = ", ".join(f"{zone} {c} °C" for zone, c in (system.get("temperatures_c") or {}).items())
+    print(f"system: cpu {system.get('cpu_percent')} %  "
+          f"rss {(system.get('memory_rss_bytes') or 0) // mib} MiB  "
+          f"available {(system.get('memory_available_bytes') or 0) // mib} MiB  "
+          f"store free {(system.get('store_free_bytes') or 0) // mib} MiB" + (f"  {temps}" if temps else ""))
+    mqtt = status.get("mqtt") or {}
+    if not mqtt.get("enabled"):
+        print("mqtt: off")
+        return
+    outbox = mqtt.get("outbox") or {}
+    dropped = sum((outbox.get("dropped") or {}).values())
+    print(f"mqtt: {'connected to' if mqtt['connected'] else 'NOT connected to'} {mqtt['broker']}  "
+          f"reconnects {mqtt['reconnects']}  outbox {outbox.get('backlog', 0)} waiting, {dropped} dropped"
+          + (f"  last error: {mqtt['last_error']}" if mqtt.get("last_error") else ""))
 
 
 def cmd_pipelines(args: argparse.Namespace) -> int:

@@ -15,7 +15,15 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     InitSettingsSource,
@@ -161,14 +169,27 @@ class ModelSettings(_Section):
     allowed_groups: list[str] = Field(default=[], description="If set, only these groups may use the model.")
 
 
+SENSOR_KINDS = ("serial", "fifo", "file", "stdin", "iio")
+LINE_KINDS = ("serial", "fifo", "file", "stdin")
+SERIAL_RATES = (1200, 2400, 4800, 9600, 19200, 38400, 57600, 115200, 230400, 460800, 921600)
+
+
 class SourceSettings(_Section):
-    kind: Literal["camera", "images"] = Field(
+    kind: Literal["camera", "images", "serial", "fifo", "file", "stdin", "iio"] = Field(
         default="camera",
-        description="camera: anything OpenCV opens (V4L2 device, stream URL, video file); images: a folder.",
+        description=(
+            "camera: anything OpenCV opens (V4L2 device, stream URL, video file); images: a folder; "
+            "serial, fifo, file (followed like `tail -F`), stdin: sensor samples as CSV or JSON lines; "
+            "iio: the channels of a Linux IIO device."
+        ),
     )
-    uri: str = Field(
-        min_length=1, max_length=4096,
-        description="/dev/videoN or a device index, an rtsp:// or http:// URL, a video file, or a folder.",
+    uri: str | None = Field(
+        default=None, min_length=1, max_length=4096,
+        description=(
+            "/dev/videoN or a device index, an rtsp:// or http:// URL, a video file, or a folder; "
+            "for sensors the serial device, FIFO or file, or the IIO device (`iio:device0` or its name). "
+            "Required for every kind but stdin."
+        ),
     )
     loop: bool = Field(default=False, description="Start a video file or an image folder again at its end.")
     realtime: bool = Field(
@@ -184,6 +205,78 @@ class SourceSettings(_Section):
     reopen_backoff_s: float = Field(
         default=1.0, gt=0, le=3600, description="First wait before reopening a lost source; doubles to 30 s."
     )
+    format: Literal["csv", "jsonl"] = Field(
+        default="csv",
+        description="Sensor lines: comma-separated numbers, or one JSON list of numbers or object per line.",
+    )
+    fields: list[str] = Field(
+        default=[], description="jsonl: the object keys read as channels, in order; empty: lines are lists."
+    )
+    columns: list[int] = Field(
+        default=[], description="csv: the columns read as channels (0 is the first), in order; empty: all."
+    )
+    channels: int = Field(
+        default=0, ge=0, le=4096,
+        description=(
+            "Values per sensor sample; 0: as many as `fields`, `columns` or `iio_channels` name "
+            "(every channel the IIO device has), else 1."
+        ),
+    )
+    window: int = Field(
+        default=1, ge=1, le=100_000, description="Sensor samples per model input (the window, N)."
+    )
+    stride: int = Field(
+        default=1, ge=1, le=100_000,
+        description="New samples between two windows once the first is full; `window` for no overlap.",
+    )
+    baud: int = Field(default=115200, description="serial: bits per second (9600, 115200, ...).")
+    from_start: bool = Field(
+        default=False, description="file: read what the file already holds, not only what is appended."
+    )
+    iio_channels: list[str] = Field(
+        default=[],
+        description=(
+            "iio: channels to read, e.g. `in_temp`, `in_voltage0` (from their `_input` or `_raw` "
+            "file); empty: every input channel, in name order."
+        ),
+    )
+    sample_rate_hz: float = Field(
+        default=10.0, gt=0, le=1000, description="iio: how often the channels are read."
+    )
+    iio_base_dir: Path = Field(
+        default=Path("/sys/bus/iio/devices"), description="iio: where the kernel lists IIO devices."
+    )
+
+    @property
+    def is_sensor(self) -> bool:
+        return self.kind in SENSOR_KINDS
+
+    @property
+    def sample_channels(self) -> int:
+        """Values per sample; 0 for an IIO device whose channels are found when it is opened."""
+        named = self.fields or self.columns or self.iio_channels
+        if self.channels or named:
+            return self.channels or len(named)
+        return 0 if self.kind == "iio" else 1
+
+    @model_validator(mode="after")
+    def _sensor_keys_agree(self) -> SourceSettings:
+        if self.kind != "stdin" and self.uri is None:
+            raise ValueError(f"uri is required for kind = {self.kind!r}")
+        if self.kind == "stdin" and self.uri is not None:
+            raise ValueError("kind = 'stdin' takes no uri")
+        if self.fields and self.format != "jsonl":
+            raise ValueError("fields are for format = 'jsonl'; csv takes columns")
+        if self.columns and self.format != "csv":
+            raise ValueError("columns are for format = 'csv'; jsonl takes fields")
+        if any(column < 0 for column in self.columns):
+            raise ValueError("columns count from 0 and cannot be negative")
+        named = self.fields or self.columns or self.iio_channels
+        if self.channels and named and self.channels != len(named):
+            raise ValueError(f"channels = {self.channels} but {len(named)} fields, columns or iio_channels")
+        if self.kind == "serial" and self.baud not in SERIAL_RATES:
+            raise ValueError(f"baud {self.baud} is not one of {', '.join(map(str, SERIAL_RATES))}")
+        return self
 
 
 class SinkSettings(_Section):
@@ -207,16 +300,168 @@ class QualitySettings(_Section):
     for_s: float = Field(
         default=2.0, ge=0, description="How long black or saturated frames last before degraded."
     )
+    stuck_after_s: float = Field(
+        default=60.0, ge=0,
+        description="Sensors: every channel unchanged this long makes the pipeline degraded; 0: never.",
+    )
+    stuck_tolerance: float = Field(
+        default=0.0, ge=0, description="Sensors: a change this small or smaller counts as unchanged."
+    )
 
 
 class PipelineSettings(_Section):
-    model: str = Field(description="Name of the model in the store that sees the frames.")
-    source: SourceSettings = Field(description="Where frames come from.")
+    model: str = Field(description="Name of the model in the store that sees the frames or windows.")
+    source: SourceSettings = Field(description="Where frames or sensor samples come from.")
     sinks: list[SinkSettings] = Field(default=[], description="Where results go.")
     quality: QualitySettings = Field(
         default_factory=QualitySettings, description="When the input counts as degraded."
     )
     enabled: bool = Field(default=True, description="Start the pipeline with the daemon.")
+
+
+DEVICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def default_device_id() -> str:
+    """The host name, cut to what a topic level may hold."""
+    import socket
+
+    name = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname())[:64].strip("-.") or "edged"
+    return name if DEVICE_ID.fullmatch(name) else "edged"
+
+
+class MqttTlsSettings(_Section):
+    enabled: bool = Field(
+        default=False, description="Connect with TLS (the broker's certificate is checked)."
+    )
+    ca_file: Path | None = Field(
+        default=None, description="CA certificates that sign the broker's; the system's when unset."
+    )
+    cert_file: Path | None = Field(default=None, description="Client certificate, for brokers that ask one.")
+    key_file: Path | None = Field(default=None, description="Private key of the client certificate.")
+
+
+class MqttSettings(_Section):
+    enabled: bool = Field(
+        default=False, description="Connect to a broker. Off by default: the socket API needs no broker."
+    )
+    host: str = Field(
+        default="localhost", min_length=1, max_length=253, description="Broker host name or address."
+    )
+    port: int = Field(default=1883, ge=1, le=65535, description="Broker port (8883 is usual with TLS).")
+    device_id: str = Field(
+        default_factory=default_device_id,
+        description="This device's name in topics (edged/devices/{id}/...) and its MQTT client id.",
+    )
+    topic_prefix: str = Field(
+        default="edged", pattern=r"^[A-Za-z0-9_.-]{1,64}(/[A-Za-z0-9_.-]{1,64}){0,3}$",
+        description="First level(s) of every topic.",
+    )
+    protocol: Literal["5", "3.1.1"] = Field(
+        default="5", description="MQTT version; commands reply through v5 response topics (3.1.1: see docs)."
+    )
+    username: str | None = Field(default=None, max_length=256, description="User name for the broker.")
+    password: SecretStr | None = Field(
+        default=None, description="Password for the broker; password_file keeps it out of the config."
+    )
+    password_file: Path | None = Field(
+        default=None, description="File whose first line is the password (e.g. a systemd credential)."
+    )
+    tls: MqttTlsSettings = Field(default_factory=MqttTlsSettings, description="TLS to the broker.")
+    keepalive_s: int = Field(
+        default=30, ge=5, le=3600, description="Keepalive; the broker declares the Last Will after 1.5x this."
+    )
+    clean_start: bool = Field(
+        default=True, description="Start a new session on connect (false keeps subscriptions on the broker)."
+    )
+    session_expiry_s: int = Field(
+        default=0, ge=0, le=2**32 - 1, description="MQTT v5: how long the broker keeps a dropped session."
+    )
+    reconnect_min_s: float = Field(default=1.0, gt=0, le=3600, description="First wait before reconnecting.")
+    reconnect_max_s: float = Field(
+        default=60.0, gt=0, le=86400, description="Longest wait between reconnects (jittered, doubling)."
+    )
+    health_interval_s: float = Field(
+        default=30.0, ge=1, le=86400, description="Seconds between health reports."
+    )
+    outbox_path: Path = Field(
+        default_factory=lambda: default_data_dir() / "outbox.db",
+        description="Store-and-forward file for events, results and health while the broker is away.",
+    )
+    outbox_max_messages: int = Field(
+        default=100_000, ge=100, le=10_000_000,
+        description="Messages the outbox holds before dropping (health first, events last).",
+    )
+    outbox_max_bytes: int = Field(
+        default=64 << 20, ge=1 << 20, le=1 << 36, description="Bytes the outbox holds before dropping."
+    )
+    commands: bool = Field(default=True, description="Accept commands on edged/devices/{id}/cmd.")
+    command_senders: list[str] = Field(
+        default=[],
+        description=(
+            "If set, only commands whose user property 'sender' names one of these client ids are run. "
+            "A hint only: the broker's ACL is the real gate."
+        ),
+    )
+
+    @field_validator("device_id")
+    @classmethod
+    def _device_id(cls, value: str) -> str:
+        if not DEVICE_ID.fullmatch(value):
+            raise ValueError("a device id is 1-64 letters, digits, '_', '.' or '-', "
+                             "starting with a letter or digit")
+        return value
+
+
+class UpdateSettings(_Section):
+    enabled: bool = Field(
+        default=False,
+        description="Follow the registry's signed releases and install them (needs [mqtt], public_keys).",
+    )
+    public_keys: list[str] = Field(
+        default=[], max_length=16,
+        description="Registry public keys trusted to sign releases (base64, from `edged-registry keygen`).",
+    )
+    group: str | None = Field(
+        default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
+        description="The rollout group this device belongs to (edged/registry/groups/{group}/...).",
+    )
+    models: list[str] = Field(
+        default=[], description="Models to follow; empty: every model the registry publishes."
+    )
+    max_model_bytes: int = Field(
+        default=512 << 20, ge=1 << 10, le=1 << 40, description="Largest model (all its files) accepted."
+    )
+    chunk_bytes: int = Field(
+        default=256 << 10, ge=4 << 10, le=64 << 20,
+        description="Chunk size asked of the registry; kept below the broker's packet limit.",
+    )
+    window: int = Field(default=8, ge=1, le=256, description="Chunk requests in flight at once.")
+    chunk_timeout_s: float = Field(
+        default=10.0, gt=0, le=600, description="A chunk with no reply in this time is asked again."
+    )
+    chunk_retries: int = Field(default=5, ge=0, le=100, description="Retries of a chunk before giving up.")
+    probation_s: float = Field(
+        default=60.0, ge=0, le=86400,
+        description="After activation, how long errors and the self-test are watched before keeping it.",
+    )
+    probation_max_errors: int = Field(
+        default=3, ge=1, le=1_000_000, description="Inference errors during probation that cause a rollback."
+    )
+    keep_versions: int = Field(default=3, ge=2, le=100, description="Versions kept per model (for rollback).")
+    download_dir: Path = Field(
+        default_factory=lambda: default_data_dir() / "downloads",
+        description="Where chunks of a download in progress are kept (resumed after a restart).",
+    )
+
+    @field_validator("models")
+    @classmethod
+    def _model_names(cls, value: list[str]) -> list[str]:
+        from edged.models.manifest import check_name
+
+        for name in value:
+            check_name(name)
+        return value
 
 
 class LoggingSettings(_Section):
@@ -236,6 +481,10 @@ class Settings(BaseSettings):
     )
     pipelines: dict[str, PipelineSettings] = Field(
         default={}, description="Continuous inference pipelines, keyed by name ([pipelines.door])."
+    )
+    mqtt: MqttSettings = Field(default_factory=MqttSettings, description="The link to an MQTT broker.")
+    updates: UpdateSettings = Field(
+        default_factory=UpdateSettings, description="Model updates from the registry, over MQTT."
     )
     logging: LoggingSettings = Field(default_factory=LoggingSettings, description="Logging.")
 

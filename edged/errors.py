@@ -39,3 +39,7 @@ class Busy(EdgedError):
 
 class Forbidden(EdgedError):
     """The caller's credentials do not allow this."""
+
+
+class OutboxError(EdgedError):
+    """The MQTT outbox refused a message or cannot use its file."""

@@ -109,3 +109,48 @@ class PrometheusText:
     def render(self) -> bytes:
         return ("\n".join(self.lines) + "\n").encode()
 
+
+def health_metrics(text: PrometheusText, doc: dict) -> None:
+    """The health document's pipeline, system and MQTT figures, as Prometheus families."""
+    pipelines = doc.get("pipelines") or {}
+    for name, kind, help_text, key in (
+        ("edged_pipeline_processed_fps", "gauge", "Frames or windows through the model per second.",
+         "processed_fps"),
+        ("edged_pipeline_source_fps", "gauge", "Frames or windows the source delivers per second.",
+         "source_fps"),
+        ("edged_pipeline_dropped_total", "counter", "Inputs dropped because the model was busy.", "dropped"),
+        ("edged_pipeline_errors_total", "counter", "Inputs that failed in a stage.", "errors"),
+    ):
+        text.family(name, kind, help_text)
+        for pipeline, info in sorted(pipelines.items()):
+            text.sample(name, info.get(key, 0), {"pipeline": pipeline})
+    text.family("edged_pipeline_state", "gauge", "1 for the state each pipeline is in.")
+    for pipeline, info in sorted(pipelines.items()):
+        text.sample("edged_pipeline_state", 1, {"pipeline": pipeline, "state": info.get("state", "")})
+    system = doc.get("system") or {}
+    for name, help_text, key in (
+        ("edged_process_cpu_percent", "CPU use of the daemon since the last reading, % of one core.",
+         "cpu_percent"),
+        ("edged_process_resident_memory_bytes", "Resident memory of the daemon.", "memory_rss_bytes"),
+        ("edged_memory_available_bytes", "Memory available on the device.", "memory_available_bytes"),
+        ("edged_store_free_bytes", "Free disk space under the model store.", "store_free_bytes"),
+    ):
+        if system.get(key) is not None:
+            text.family(name, "gauge", help_text)
+            text.sample(name, system[key])
+    text.family("edged_temperature_celsius", "gauge", "Thermal zone temperatures.")
+    for zone, celsius in sorted((system.get("temperatures_c") or {}).items()):
+        text.sample("edged_temperature_celsius", celsius, {"zone": zone})
+    mqtt = doc.get("mqtt") or {}
+    if mqtt.get("enabled"):
+        text.family("edged_mqtt_connected", "gauge", "1 while connected to the broker.")
+        text.sample("edged_mqtt_connected", int(bool(mqtt.get("connected"))))
+        text.family("edged_mqtt_reconnects_total", "counter", "Connections to the broker after the first.")
+        text.sample("edged_mqtt_reconnects_total", mqtt.get("reconnects", 0))
+        outbox = mqtt.get("outbox") or {}
+        text.family("edged_outbox_backlog", "gauge", "Messages waiting in the outbox.")
+        for kind, count in sorted((outbox.get("by_kind") or {}).items()):
+            text.sample("edged_outbox_backlog", count, {"kind": kind})
+        text.family("edged_outbox_dropped_total", "counter", "Messages dropped because the outbox was full.")
+        for kind, count in sorted((outbox.get("dropped") or {}).items()):
+            text.sample("edged_outbox_dropped_total", count, {"kind": kind})

@@ -197,3 +197,59 @@ def fill_sample_store(store: ModelStore, sample_models: dict[str, Path], tiny_ir
 def sample_store(tmp_path: Path, sample_models: dict[str, Path], tiny_ir: Path) -> ModelStore:
     """A store with face, selfie and tiny (the IR), version 1 active."""
     return fill_sample_store(ModelStore(tmp_path / "store"), sample_models, tiny_ir)
+
+
+# --- MQTT: real Mosquitto brokers on free loopback ports (tests/broker.py) ---
+
+from tests.broker import Broker, MosquittoMissing, Subscriber  # noqa: E402
+
+
+def _broker_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
+    started: list[Broker] = []
+
+    def launch(mode: str = "anonymous", start: bool = True, **options) -> Broker:
+        try:
+            broker = Broker(tmp_path_factory.mktemp(f"broker-{mode}"), mode, **options)
+        except MosquittoMissing as exc:
+            pytest.fail(str(exc), pytrace=False)
+        started.append(broker)
+        return broker.start() if start else broker
+
+    yield launch
+    for broker in started:
+        broker.kill()  # nothing of a test broker outlives its test, so no need for a clean stop
+
+
+@pytest.fixture
+def start_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
+    """start_broker(mode="anonymous", start=True, **Broker options) -> Broker, gone after the test."""
+    yield from _broker_factory(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def start_module_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
+    """Like start_broker, for a broker shared by the tests of one module."""
+    yield from _broker_factory(tmp_path_factory)
+
+
+@pytest.fixture
+def broker(start_broker) -> Broker:
+    """A running anonymous broker of this test's own (starting one takes ~20 ms)."""
+    return start_broker()
+
+
+@pytest.fixture
+def mqtt_subscriber(start_broker) -> Iterator:
+    """mqtt_subscriber(broker, topics="#", **Subscriber options) -> a connected Subscriber,
+    closed after the test. (It asks for start_broker only so that its clients close before
+    the test's brokers go away.)"""
+    clients: list[Subscriber] = []
+
+    def connect(broker: Broker, topics: str | list[str] | None = "#", **options) -> Subscriber:
+        client = Subscriber(broker, topics, **options)
+        clients.append(client)
+        return client
+
+    yield connect
+    for client in clients:
+        client.close()

@@ -338,3 +338,30 @@ def test_settings_refuse_invalid_assignment() -> None:
     settings = Settings()
     with pytest.raises(ValueError, match="max_connections"):
         settings.socket.max_connections = 0
+
+
+def test_mqtt_settings_from_toml_and_nested_environment(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "edged.toml"
+    path.write_text('[mqtt]\nenabled = true\nhost = "broker"\ndevice_id = "door-17"\npassword = "s3cret"\n'
+                    '[mqtt.tls]\nenabled = true\n')
+    monkeypatch.setenv("EDGED_MQTT__TLS__CA_FILE", "/etc/edged/ca.pem")
+    mqtt = load_settings(path).mqtt
+    assert (mqtt.host, mqtt.device_id, mqtt.tls.enabled) == ("broker", "door-17", True)
+    assert mqtt.tls.ca_file == Path("/etc/edged/ca.pem")
+    assert "s3cret" not in repr(mqtt) and mqtt.password.get_secret_value() == "s3cret"
+
+
+def test_the_default_device_id_is_a_valid_topic_level() -> None:
+    assert config.DEVICE_ID.fullmatch(Settings().mqtt.device_id)
+
+
+@pytest.mark.parametrize("device_id", ["", "a/b", "cam+1", "#", "-lead", "x" * 65, "caméra"])
+def test_a_device_id_that_is_no_topic_level_is_refused(device_id: str) -> None:
+    with pytest.raises(ConfigError, match=r"mqtt\.device_id"):
+        load_settings(None, mqtt={"device_id": device_id})
+
+
+def test_a_topic_prefix_with_wildcards_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"mqtt\.topic_prefix"):
+        load_settings(None, mqtt={"topic_prefix": "edged/#"})

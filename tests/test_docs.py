@@ -7,9 +7,11 @@ import os
 import re
 import sys
 import tomllib
+import typing
 from pathlib import Path
 
 import pytest
+from pydantic import BaseModel
 
 from edged.config import ModelSettings, Settings, load_settings
 
@@ -71,22 +73,36 @@ def test_a_pipeline_loads_from_its_uncommented_tables(tmp_path: Path) -> None:
     assert [str(sink.path) for sink in pipeline.sinks] == ["/var/lib/edged/results/door.jsonl"]
 
 
+def _is_section(annotation: object) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
+
+
 @pytest.mark.parametrize("table", sorted(t for t in _blocks() if "pipelines." not in t))
 def test_each_section_loads_when_uncommented(table: str, tmp_path: Path) -> None:
+    """Each table holds every key of its section, loads, and shows the defaults as they are."""
     text = _blocks()[table]
-    data = tomllib.loads(text)
-    section, *model = table.split(".")
-    keys = data[section][model[0]] if model else data[section]
-    model_class = ModelSettings if model else Settings.model_fields[section].annotation
-    assert set(keys) == set(model_class.model_fields), "every key appears in the packaged file"
-
     path = tmp_path / "edged.toml"
     path.write_text(text)
-    settings = load_settings(path)
-    loaded = settings.model(model[0]) if model else getattr(settings, section)
+    data, settings = tomllib.loads(text), load_settings(path)
+    model_class: type[BaseModel] = Settings
+    loaded: object = settings
+    dotted = []
+    for part in table.split("."):  # "mqtt.tls", or "models.face" (a name under a dict of sections)
+        data = data[part]
+        if isinstance(loaded, dict):
+            loaded = loaded[part]
+            continue
+        dotted.append(part)
+        model_class = type(loaded).model_fields[part].annotation
+        loaded = getattr(loaded, part)
+        if not _is_section(model_class):  # dict[str, ModelSettings]: the next part is a name
+            model_class = typing.get_args(model_class)[1]
+    keys = set(data) - {k for k, v in data.items() if isinstance(v, dict)}
+    expected = {k for k, f in model_class.model_fields.items() if not _is_section(f.annotation)}
+    assert keys == expected, "every key appears in the packaged file"
     defaults = model_class()
     for key in keys:
-        if f"{section}.{key}" not in gen.MACHINE_DEFAULTS | gen.EXAMPLES:
+        if ".".join([*dotted, key]) not in gen.MACHINE_DEFAULTS | gen.EXAMPLES:
             assert getattr(loaded, key) == getattr(defaults, key), f"{table}.{key} shows its default"
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import annotated_types
-from pydantic import BaseModel
+from pydantic import BaseModel, SecretStr
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
@@ -45,6 +45,20 @@ MACHINE_DEFAULTS: dict[str, tuple[str, Any, str]] = {
         "(`/tmp/edged-<uid>/edged/edged.sock` when `XDG_RUNTIME_DIR` is unset)",
         "/run/edged/edged.sock", AS_ROOT,
     ),
+    "mqtt.device_id": (
+        "the host name (characters a topic level cannot hold become `-`)", "camera-17",
+        "The value below is an example.",
+    ),
+    "mqtt.outbox_path": (
+        "`$STATE_DIRECTORY/outbox.db` under systemd, `/var/lib/edged/outbox.db` as root, "
+        "`$XDG_DATA_HOME/edged/outbox.db` otherwise",
+        "/var/lib/edged/outbox.db", AS_ROOT,
+    ),
+    "updates.download_dir": (
+        "`$STATE_DIRECTORY/downloads` under systemd, `/var/lib/edged/downloads` as root, "
+        "`$XDG_DATA_HOME/edged/downloads` otherwise",
+        "/var/lib/edged/downloads", AS_ROOT,
+    ),
     "store.path": (
         "`$STATE_DIRECTORY/models` under systemd, "
         "`/var/lib/edged/models` as root, `$XDG_DATA_HOME/edged/models` otherwise "
@@ -63,6 +77,13 @@ MACHINE_DEFAULTS: dict[str, tuple[str, Any, str]] = {
 EXAMPLES: dict[str, Any] = {
     "socket.group": "edged",
     "pipelines.model": "face",
+    "mqtt.username": "camera-17",
+    "updates.group": "pilot",
+    "mqtt.password": "change-me",
+    "mqtt.password_file": "/etc/edged/mqtt-password",
+    "mqtt.tls.ca_file": "/etc/edged/mqtt-ca.pem",
+    "mqtt.tls.cert_file": "/etc/edged/mqtt-client.pem",
+    "mqtt.tls.key_file": "/etc/edged/mqtt-client.key",
     "pipelines.source.uri": "/dev/video0",
     "pipelines.sinks.path": "/var/lib/edged/results/door.jsonl",
 }
@@ -95,7 +116,7 @@ def sections() -> list[Section]:
     for name, field in Settings.model_fields.items():
         annotation = field.annotation
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            found.append(_section(name, annotation, name, f"{ENV_PREFIX}{name.upper()}__", field))
+            found.extend(_nested(name, annotation, name, f"{ENV_PREFIX}{name.upper()}__", field))
             continue
         args = typing.get_args(annotation)
         if (typing.get_origin(annotation) is dict and len(args) == 2
@@ -179,7 +200,8 @@ def type_name(annotation: Any, metadata: list[Any] | None = None) -> str:
             return f"{type_name(others[0], metadata)} (optional)"
     if origin is list and len(args) == 1:
         return f"list of {type_name(args[0])}s"
-    names = {bool: "boolean", str: "string", int: "integer", float: "number", Path: "path"}
+    names = {bool: "boolean", str: "string", int: "integer", float: "number", Path: "path",
+             SecretStr: "secret string"}
     if annotation not in names:
         raise TypeError(f"teach tools/gen_config_docs.py how to name {annotation}")
     return names[annotation] + _bounds(metadata or [])

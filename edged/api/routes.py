@@ -28,7 +28,8 @@ from edged.errors import (
     ModelNotFound,
     ModelUnavailable,
 )
-from edged.metrics import PrometheusText
+from edged.health import Health
+from edged.metrics import PrometheusText, health_metrics
 from edged.models.manager import ModelManager, ServedModel
 from edged.pipelines.group import PipelineNotFound, Pipelines
 
@@ -50,10 +51,13 @@ def error_response(status: int, message: str) -> Response:
 
 
 class Api:
-    def __init__(self, manager: ModelManager, settings: Settings) -> None:
+    def __init__(self, manager: ModelManager, settings: Settings, health: Health | None = None) -> None:
         self.manager = manager
         self.settings = settings
-        self.started = time.time()
+        self.health = health or Health(manager, manager.store.root)
+        self.health.sections["pipelines"] = lambda: self.pipelines.status() if self.pipelines else {}
+        self.health.sections["api"] = self.api_status
+        self.started = self.health.started
         self.socket_rule = Rule.build(
             settings.socket.allowed_users, settings.socket.allowed_groups, "socket"
         )
@@ -256,14 +260,11 @@ class Api:
         return json_response(200, {"pipeline": name, "done": action})
 
     def status_document(self) -> dict:
-        return {
-            "pipelines": self.pipelines.status() if self.pipelines else {},
-            "version": __version__,
-            "uptime_s": round(time.time() - self.started, 3),
-            "ready": self.manager.ready(),
-            "models": self.manager.status(),
-            "api": {"pending": self.pending, **self.counters},
-        }
+        return self.health.document()
+
+    def api_status(self) -> dict:
+        """This transport's own section of the health document."""
+        return {"pending": self.pending, **self.counters}
 
     def metrics(self, request: Request, peer: Peer) -> Response:
         text = PrometheusText()
@@ -294,8 +295,10 @@ class Api:
         text.family("edged_api_events_total", "counter", "Connection-level events on the socket.")
         for event, count in sorted(self.counters.items()):
             text.sample("edged_api_events_total", count, {"event": event})
+        health_metrics(text, self.health.document())
         return Response(200, text.render(), "text/plain; version=0.0.4")
 
     def count(self, event: str) -> None:
         with self._lock:
             self.counters[event] = self.counters.get(event, 0) + 1
+

@@ -254,6 +254,7 @@ class ModelManager:
         self._failed_version.pop(name, None)
         log.info("%s %s serving on %s: %s", name, version, selection.backend, selection.reason)
         self._emit("model_loaded", {"model": name, "version": version, "why": reason,
+                                    "previous": old.version if old is not None else None,
                                     "backend": selection.backend, "reason": selection.reason})
         if old is not None:
             old.retire()

@@ -60,6 +60,18 @@ class Pipelines:
                 pipeline.stop()
             self._start(name)
 
+    def apply(self, settings: dict[str, PipelineSettings]) -> None:
+        """A reloaded config: stop pipelines removed or changed, start new and changed enabled ones."""
+        with self._lock:
+            for name in list(self.running):
+                if settings.get(name) != self.settings.get(name):
+                    self.running.pop(name).stop()
+                    log.info("pipeline %s stopped (config changed)", name)
+            for name in set(self.failures) - set(settings):
+                self.failures.pop(name)
+            self.settings = settings
+            self.start_enabled()
+
     def stop_all(self) -> None:
         with self._lock:
             pipelines, self.running = list(self.running.values()), {}
@@ -71,12 +83,13 @@ class Pipelines:
     def status(self) -> dict:
         idle = {"frames": 0, "processed": 0, "dropped": 0, "errors": 0, "restarts": 0,
                 "reconnects": 0, "last_error": ""}
-        result = {name: {"model": s.model, "state": "stopped", "source": s.source.uri, **idle}
-                  for name, s in sorted(self.settings.items())}
+        result = {name: {"model": s.model, "state": "stopped", "source": s.source.uri or s.source.kind,
+                         **idle} for name, s in sorted(self.settings.items())}
         for name, reason in self.failures.items():
             result[name].update(state="failed", last_error=reason)
         for name, pipeline in list(self.running.items()):
-            result[name] = {**pipeline.status(), "source": pipeline.settings.source.uri}
+            source = pipeline.settings.source
+            result[name] = {**pipeline.status(), "source": source.uri or source.kind}
         return result
 
     def _known(self, name: str) -> PipelineSettings:
@@ -95,4 +108,4 @@ class Pipelines:
         self.failures.pop(name, None)
         pipeline.start()
         self.running[name] = pipeline
-        log.info("pipeline %s: %s -> %s", name, settings.source.uri, settings.model)
+        log.info("pipeline %s: %s -> %s", name, settings.source.uri or settings.source.kind, settings.model)

@@ -1,12 +1,13 @@
-"""Turns a camera frame into a model input tensor, as the model's manifest says.
+"""Turns a camera frame (or a sensor window) into a model input tensor.
 
-Manifest `preprocessing` keys (all optional):
+A frame is prepared as the model manifest's `preprocessing` says (all keys optional):
     resize: "stretch" (default) or "letterbox" (keep the aspect ratio, pad with black)
     color:  "rgb" (default) or "bgr"
     range:  [low, high] that pixel values 0..255 map to (default [0, 1]), or
     mean, std: per-channel lists, applied to 0..255 values as (x - mean) / std
 The tensor layout (NHWC or NCHW), size and dtype come from the model's input spec, so
-the same frame feeds an OpenVINO IR (often NCHW) and a TFLite model (NHWC).
+the same frame feeds an OpenVINO IR (often NCHW) and a TFLite model (NHWC). A sensor
+window needs no preprocessing: `window_to_tensor` only fits it to the input's shape and dtype.
 """
 
 from __future__ import annotations
@@ -140,3 +141,26 @@ def image_to_tensor(
     if channels_first:
         tensor = tensor.transpose(0, 3, 1, 2)
     return np.ascontiguousarray(tensor, dtype=dtype), placement
+
+
+def window_to_tensor(window: np.ndarray, shape: list[int] | tuple[int, ...],
+                     dtype: np.dtype) -> tuple[np.ndarray, Placement]:
+    """A sensor window [N samples, C channels] as the model input: the same values, reshaped.
+
+    Any input shape with N * C elements fits ([1, N, C], [1, N * C], ...; one dynamic
+    dimension is worked out). An input laid out as [.., C, .., N] (channels first) gets the
+    window transposed. The placement only records N and C: sensor results have no pixels.
+    """
+    samples, channels = window.shape
+    target = list(shape)
+    dynamic = [i for i, d in enumerate(target) if d < 0]
+    fixed = int(np.prod([d for d in target if d >= 0]))
+    if len(dynamic) == 1 and fixed and window.size % fixed == 0:
+        target[dynamic[0]] = window.size // fixed
+    if len(dynamic) > 1 or int(np.prod(target)) != window.size:
+        raise InvalidInput(f"a window of {samples} samples x {channels} channels does not fit model "
+                           f"input {list(shape)}; set source.window and source.channels to match")
+    if channels != samples and [d for d in target if d != 1] == [channels, samples]:
+        window = window.T
+    tensor = np.ascontiguousarray(window.reshape(target), dtype=dtype)
+    return tensor, Placement(1.0, 1.0, 0.0, 0.0, samples, channels)

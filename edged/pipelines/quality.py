@@ -1,9 +1,10 @@
-"""Is the input worth trusting? A camera can be online and still useless.
+"""Is the input worth trusting? A camera or a sensor can be online and still useless.
 
 A frozen picture (the same frame for `frozen_after_s`), or frames that stay black
-or saturated for `for_s`, make the pipeline `degraded` with the reason; it
-recovers by itself when the input does. The check looks at a 32x24 grey
-thumbnail, so it costs little next to inference.
+or saturated for `for_s`, make the pipeline `degraded` with the reason; so does a
+sensor whose every channel stays on one value for `stuck_after_s`. It recovers by
+itself when the input does. The picture check looks at a 32x24 grey thumbnail, so
+it costs little next to inference.
 """
 
 from __future__ import annotations
@@ -45,4 +46,35 @@ class QualityMonitor:
             if now - since >= self.settings.for_s:
                 reasons.append(f"{name} frames for {now - since:.0f} s (mean level {level:.0f})")
         self.reason = "; ".join(reasons)
+        return self.reason
+
+
+class SensorQualityMonitor:
+    """A sensor stuck on one value: no channel moved more than `stuck_tolerance` for a while."""
+
+    def __init__(self, settings: QualitySettings) -> None:
+        self.settings = settings
+        self._reference: np.ndarray | None = None  # the sample at the last change
+        self._changed_at = 0.0
+        self._samples = 0
+        self.reason = ""
+
+    def check(self, window: np.ndarray, samples: int, now: float) -> str:
+        """Look at a window [N, C] that ends with sample number `samples`; return the reason or ''."""
+        new = samples - self._samples
+        self._samples = samples
+        if self.settings.stuck_after_s <= 0 or len(window) == 0:
+            self.reason = ""
+            return ""
+        # Only samples not seen in an earlier window count; all of them after a gap or a reset.
+        fresh = window[-new:] if 0 < new < len(window) else window
+        if (self._reference is None
+                or np.abs(fresh - self._reference).max() > self.settings.stuck_tolerance):
+            self._reference = window[-1].copy()
+            self._changed_at = now
+        stuck_for = now - self._changed_at
+        self.reason = ""
+        if stuck_for >= self.settings.stuck_after_s:
+            values = ", ".join(str(round(float(v), 6)) for v in self._reference)
+            self.reason = f"sensor stuck on {values} for {stuck_for:.0f} s"
         return self.reason

@@ -1,7 +1,8 @@
 """One pipeline: source -> preprocess -> model -> decode -> sinks.
 
 Three threads overlap the work so the model is never idle waiting for Python:
-    feeder    newest frame -> input quality -> preprocess
+    feeder    newest frame or sensor window -> input quality -> preprocess (a window
+              only takes the input's shape and dtype)
     inferer   `ModelManager.infer` (the same call the socket API makes, so hot swaps
               and backend fallbacks reach pipelines too)
     finisher  decode -> sinks
@@ -28,16 +29,15 @@ from edged.errors import EdgedError
 from edged.metrics import Histogram
 from edged.models.manager import ModelManager, ServedModel
 from edged.pipelines.decoders import Decoder, build_decoder
-from edged.pipelines.preprocess import Placement, Preprocessing, image_to_tensor
-from edged.pipelines.quality import QualityMonitor
+from edged.pipelines.preprocess import Placement, Preprocessing, image_to_tensor, window_to_tensor
+from edged.pipelines.quality import QualityMonitor, SensorQualityMonitor
 from edged.pipelines.sinks.jsonl import JsonlSink
 from edged.pipelines.sinks.stream import EventHub
-from edged.pipelines.sources import Frame
-from edged.pipelines.sources.camera import CameraSource
-from edged.pipelines.sources.images import ImageFolderSource
+from edged.pipelines.sources import Frame, Window, build_source
 
 log = logging.getLogger(__name__)
 STAGES = ("preprocess", "infer", "decode", "sinks")
+RAW_VALUES_MAX = 64  # raw results show an output's values up to this many, else only its shape
 
 
 @dataclass
@@ -52,7 +52,7 @@ class _ModelView:
 
 @dataclass
 class _Item:
-    frame: Frame
+    frame: Frame | Window
     model: _ModelView
     tensor: np.ndarray
     placement: Placement
@@ -76,11 +76,11 @@ class Pipeline:
         self.name = name
         self.settings = settings
         self.manager = manager
-        self.source = (ImageFolderSource(settings.source) if settings.source.kind == "images"
-                       else CameraSource(settings.source))
+        self.source = build_source(settings.source, name)
         self.events = EventHub()  # the socket's event stream; costs nothing without subscribers
         self.sinks: list[JsonlSink | EventHub] = [*(JsonlSink(s) for s in settings.sinks), self.events]
-        self.quality = QualityMonitor(settings.quality)
+        self.quality = (SensorQualityMonitor(settings.quality) if settings.source.is_sensor
+                        else QualityMonitor(settings.quality))
         self.stages = {stage: Histogram() for stage in STAGES}
         self.processed = 0
         self.errors = 0
@@ -151,16 +151,24 @@ class Pipeline:
         frame = self.source.take(timeout=0.5)
         if frame is None:
             return
-        frame.image = as_bgr(frame.image)
         was = self.quality.reason
-        if self.quality.check(frame.image, time.monotonic()) != was:
+        if isinstance(frame, Window):  # from a sensor source, so self.quality watches sensors
+            self.quality.check(frame.data, frame.samples, time.monotonic())
+        else:
+            frame.image = as_bgr(frame.image)
+            self.quality.check(frame.image, time.monotonic())
+        if self.quality.reason != was:
             if self.quality.reason:
                 log.warning("pipeline %s degraded: %s", self.name, self.quality.reason)
             else:
                 log.info("pipeline %s: input recovered", self.name)
         view = self._model_view()
         start = time.perf_counter()
-        tensor, placement = image_to_tensor(frame.image, view.spec.shape, view.spec.dtype, view.preprocessing)
+        if isinstance(frame, Window):
+            tensor, placement = window_to_tensor(frame.data, view.spec.shape, view.spec.dtype)
+        else:
+            tensor, placement = image_to_tensor(frame.image, view.spec.shape, view.spec.dtype,
+                                                view.preprocessing)
         self.stages["preprocess"].observe(time.perf_counter() - start)
         self._hand(self._prepared, _Item(frame, view, tensor, placement))
 
@@ -182,15 +190,19 @@ class Pipeline:
         if item is None:
             return
         start = time.perf_counter()
-        height, width = item.frame.image.shape[:2]
+        frame = item.frame
+        if isinstance(frame, Window):
+            # A window has no pixels: its "frame size" is the input's (samples, channels).
+            width, height, counter = item.placement.input_width, item.placement.input_height, "window"
+        else:
+            (height, width), counter = frame.image.shape[:2], "frame"
         if item.model.decoder is not None:
             decoded = item.model.decoder.decode(item.outputs, item.placement, width, height)
         else:
-            decoded = {"outputs": {n: {"shape": list(a.shape), "dtype": str(a.dtype)}
-                                   for n, a in item.outputs.items()}}
+            decoded = {"outputs": {n: _raw(a) for n, a in item.outputs.items()}}
         middle = time.perf_counter()
         record = {"pipeline": self.name, "model": self.settings.model, "version": item.version,
-                  "frame": item.frame.number, "time": round(item.frame.captured_at, 6), **decoded}
+                  counter: frame.number, "time": round(frame.captured_at, 6), **decoded}
         for sink in self.sinks:
             sink.write(record)
         self.stages["decode"].observe(middle - start)
@@ -206,7 +218,8 @@ class Pipeline:
             manifest = served.manifest
             self._view = _ModelView(served, served.loaded.inputs[0],
                                     Preprocessing.parse(manifest.preprocessing),
-                                    build_decoder(manifest.decoder, manifest.labels))
+                                    build_decoder(manifest.decoder, manifest.labels,
+                                                  windows=self.settings.source.is_sensor))
         return self._view
 
     def _hand(self, slot: queue.Queue, item: _Item) -> None:
@@ -254,4 +267,13 @@ class Pipeline:
             "reconnects": source.reconnects,
             "last_error": self.last_error or source.last_error,
             "latency": {stage: hist.summary_ms() for stage, hist in self.stages.items()},
+            **source.details(),
         }
+
+
+def _raw(output: np.ndarray) -> dict:
+    """An output without a decoder: its shape and type, and its values when there are few."""
+    raw: dict = {"shape": list(output.shape), "dtype": str(output.dtype)}
+    if output.size <= RAW_VALUES_MAX:
+        raw["data"] = output.reshape(-1).tolist()
+    return raw

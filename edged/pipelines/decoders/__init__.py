@@ -28,15 +28,22 @@ DECODERS: dict[str, tuple[type, type]] = {
     "classification": (ClassificationConfig, ClassificationDecoder),
     "segmentation": (SegmentationConfig, SegmentationDecoder),
 }
+# Decoders that never look at pixels, so they also read the results of a sensor window.
+WINDOW_DECODERS = {"classification"}
 
 
-def build_decoder(spec: dict | None, labels: list[str] | None = None) -> Decoder | None:
-    """The decoder a manifest asks for (None for raw tensors); InvalidInput if it is wrong."""
+def build_decoder(spec: dict | None, labels: list[str] | None = None,
+                  windows: bool = False) -> Decoder | None:
+    """The decoder a manifest asks for (None for raw tensors); InvalidInput if it is wrong,
+    or if it reads images and the model sees sensor `windows`."""
     if not spec:
         return None
     kind = spec.get("type")
     if kind not in DECODERS:
         raise InvalidInput(f"decoder.type {kind!r} is not one of {sorted(DECODERS)}")
+    if windows and kind not in WINDOW_DECODERS:
+        raise InvalidInput(f"decoder.type {kind!r} reads images; a sensor pipeline takes "
+                           f"{' or '.join(sorted(WINDOW_DECODERS))}, or none for the raw outputs")
     config_class, decoder_class = DECODERS[kind]
     try:
         config = config_class.model_validate(spec)

@@ -1,5 +1,5 @@
-"""Where frames come from. Every source keeps only the newest frame: a slow model
-drops frames (and counts them) instead of building a queue."""
+"""Where frames and sensor windows come from. Every source keeps only the newest item:
+a slow model drops frames or windows (and counts them) instead of building a queue."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from edged.config import SourceSettings
+
 
 @dataclass
 class Frame:
@@ -18,23 +20,34 @@ class Frame:
     captured_at: float  # time.time()
 
 
-class LatestFrame:
-    """A one-slot mailbox: `put` replaces an unread frame (a drop), `take` waits for a new one."""
+@dataclass
+class Window:
+    """The newest `window` samples of a sensor, oldest first: float32 [N samples, C channels]."""
 
-    def __init__(self) -> None:
-        self._frame: Frame | None = None
+    number: int
+    data: np.ndarray
+    captured_at: float  # time.time() of the newest sample
+    samples: int = 0  # samples the source had read when this window was complete
+
+
+class LatestFrame:
+    """A one-slot mailbox: `put` replaces an unread item (a drop), `take` waits for a new one."""
+
+    def __init__(self, item: type[Frame] | type[Window] = Frame) -> None:
+        self._item = item
+        self._frame: Frame | Window | None = None
         self._unread = False
         self._cond = threading.Condition()
         self.received = 0
         self.dropped = 0
         self.taken = 0
 
-    def put(self, image: np.ndarray) -> None:
+    def put(self, data: np.ndarray, **extra: int) -> None:
         with self._cond:
             if self._unread:
                 self.dropped += 1
             self.received += 1
-            self._frame = Frame(self.received, image, time.time())
+            self._frame = self._item(self.received, data, time.time(), **extra)
             self._unread = True
             self._cond.notify_all()
 
@@ -50,7 +63,7 @@ class LatestFrame:
                 self._cond.wait(timeout)
             return not self._unread
 
-    def take(self, timeout: float) -> Frame | None:
+    def take(self, timeout: float) -> Frame | Window | None:
         with self._cond:
             if not self._unread:
                 self._cond.wait(timeout)
@@ -85,9 +98,29 @@ class ThreadedSource(abc.ABC):
         # A grabber stuck inside a driver call is left to finish on its own.
         self.state = "stopped" if not self._thread.is_alive() else "stopping"
 
-    def take(self, timeout: float) -> Frame | None:
+    def take(self, timeout: float) -> Frame | Window | None:
         return self.frames.take(timeout)
+
+    def details(self) -> dict:
+        """What this kind of source adds to the pipeline's status."""
+        return {}
 
     @abc.abstractmethod
     def _grab(self) -> None:
         """Put frames until `_stop` is set; keep `state` and `last_error` true."""
+
+
+def build_source(settings: SourceSettings, name: str = "") -> ThreadedSource:
+    """The source `settings.kind` names; `name` (the pipeline's) labels its log lines."""
+    from edged.pipelines.sources.camera import CameraSource
+    from edged.pipelines.sources.iio import IioSource
+    from edged.pipelines.sources.images import ImageFolderSource
+    from edged.pipelines.sources.sensors import LINE_SOURCES
+
+    if settings.kind == "images":
+        return ImageFolderSource(settings)
+    if settings.kind == "iio":
+        return IioSource(settings, name)
+    if settings.kind in LINE_SOURCES:
+        return LINE_SOURCES[settings.kind](settings, name)
+    return CameraSource(settings)

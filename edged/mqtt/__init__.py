@@ -1,0 +1,1 @@
+"""MQTT: the link to the broker, its durable outbox, and what is published over it."""

@@ -1,0 +1,313 @@
+"""The daemon's one MQTT connection.
+
+paho-mqtt runs the network in its own thread and reconnects forever; we only set
+each wait (doubling, jittered, so a fleet does not reconnect in step after a broker
+restart). Everything worth keeping (events, results, health, the state document)
+is `put` into the on-disk outbox first; a sender thread publishes it in order with
+a window of unacknowledged messages and deletes each one when the broker's PUBACK
+comes back. So nothing in the outbox is lost to a broker outage or a `kill -9`:
+after a reconnect or a restart it is simply sent again (QoS 1 may deliver a
+message twice; events carry a sequence number for that).
+
+A retained `status` says `online` on every connect, and the Last Will says
+`offline` for us when the connection dies; a clean stop says it itself.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import math
+import random
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from edged.config import ConfigError, MqttSettings
+from edged.errors import OutboxError
+from edged.mqtt.outbox import Outbox
+from edged.mqtt.topics import Topics
+
+log = logging.getLogger(__name__)
+WINDOW = 64  # outbox messages published and not yet acknowledged
+MessageHandler = Callable[[mqtt.MQTTMessage], None]
+
+
+class MqttLink:
+    def __init__(self, settings: MqttSettings, outbox: Outbox,
+                 online_document: Callable[[], dict[str, Any]] = dict) -> None:
+        self.settings = settings
+        self.outbox = outbox
+        self.topics = Topics(settings.topic_prefix, settings.device_id)
+        self.broker = f"{settings.host}:{settings.port}"
+        self.online_document = online_document
+        self.connected = threading.Event()
+        self.connections = 0  # successful CONNACKs
+        self.failures = 0  # connection attempts that failed or were refused
+        self.last_error = ""
+        self.put_failures = 0  # messages the outbox refused (disk trouble, oversize)
+        self.max_packet_size: int | None = None  # the broker's limit, from its CONNACK
+        self.on_connected: list[Callable[[], None]] = []
+        self._handlers: dict[str, tuple[int, MessageHandler]] = {}
+        self._attempt = 0
+        self._inflight: dict[int, int] = {}  # paho mid -> outbox id; touched by the sender thread only
+        self._acked: collections.deque[int] = collections.deque()  # mids paho saw acknowledged
+        self._cursor = 0  # highest outbox id handed to paho
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._sender = threading.Thread(target=self._send_loop, name="mqtt-sender", daemon=True)
+        self.client = self._build_client()
+
+    # --- set-up -------------------------------------------------------------------------
+    def _build_client(self) -> mqtt.Client:
+        s = self.settings
+        v5 = s.protocol == "5"
+        client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2, client_id=s.device_id,
+            protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
+            clean_session=None if v5 else s.clean_start,
+        )
+        password = s.password.get_secret_value() if s.password else None
+        if s.password_file is not None:
+            try:
+                lines = s.password_file.read_text().splitlines()
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ConfigError(f"mqtt.password_file: cannot read {s.password_file}: {exc}") from None
+            password = lines[0] if lines else ""
+        if s.username is not None or password is not None:
+            client.username_pw_set(s.username or "", password)
+        if s.tls.enabled:
+            try:
+                client.tls_set(
+                    ca_certs=str(s.tls.ca_file) if s.tls.ca_file else None,
+                    certfile=str(s.tls.cert_file) if s.tls.cert_file else None,
+                    keyfile=str(s.tls.key_file) if s.tls.key_file else None,
+                    cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT,
+                )
+            except (OSError, ssl.SSLError) as exc:
+                raise ConfigError(f"mqtt.tls: cannot load the certificates: {exc}") from None
+        client.will_set(self.topics.status, self._status_payload("offline", "connection lost"),
+                        qos=1, retain=True)
+        client.max_inflight_messages_set(WINDOW)
+        client.max_queued_messages_set(0)  # the outbox is the bounded queue
+        client.on_connect = self._on_connect
+        client.on_connect_fail = self._on_connect_fail
+        client.on_disconnect = self._on_disconnect
+        client.on_publish = self._on_publish
+        client.on_message = self._on_message
+        return client
+
+    def subscribe(self, topic_filter: str, handler: MessageHandler, qos: int = 1) -> None:
+        """Call `handler` (on paho's thread: keep it quick) for every message on `topic_filter`,
+        on this connection and every later one."""
+        self._handlers[topic_filter] = (qos, handler)
+        if self.connected.is_set():
+            self.client.subscribe(topic_filter, qos)
+
+    # --- lifecycle ----------------------------------------------------------------------
+    def start(self) -> None:
+        s = self.settings
+        kwargs: dict[str, Any] = {}
+        if s.protocol == "5":
+            properties = Properties(PacketTypes.CONNECT)
+            properties.SessionExpiryInterval = s.session_expiry_s
+            kwargs = {"clean_start": s.clean_start, "properties": properties}
+        self._set_next_wait()
+        self.client.connect_async(s.host, s.port, s.keepalive_s, **kwargs)
+        self.client.loop_start()
+        self._sender.start()
+        log.info("MQTT: connecting to %s as %s", self.broker, s.device_id)
+
+    def stop(self, flush_timeout: float = 5.0) -> None:
+        """Send what the outbox holds (for at most `flush_timeout`), say `offline`, disconnect."""
+        deadline = time.monotonic() + flush_timeout
+        while self.connected.is_set() and self.outbox.backlog() and time.monotonic() < deadline:
+            self._wake.set()
+            time.sleep(0.02)
+        if self.connected.is_set():
+            info = self.client.publish(self.topics.status, self._status_payload("offline", "shutdown"),
+                                       qos=1, retain=True)
+            info.wait_for_publish(timeout=max(0.5, deadline - time.monotonic()))
+        self._stopping.set()
+        self._wake.set()
+        self._sender.join(timeout=5)
+        self.client.disconnect()  # a clean disconnect: the broker discards the Last Will
+        self.client.loop_stop()
+        self.connected.clear()
+
+    # --- publishing ---------------------------------------------------------------------
+    def put(self, kind: str, topic: str, document: dict | bytes, *, retain: bool = False,
+            replace: bool = False) -> None:
+        """Queue a QoS 1 message in the outbox; it is sent in order, now or after a reconnect."""
+        payload = document if isinstance(document, bytes) else _json(document)
+        try:
+            self.outbox.put(kind, topic, payload, qos=1, retain=retain, replace=replace)
+        except OutboxError as exc:  # a full disk or a refused message: counted and said, never raised
+            self.put_failures += 1
+            self._problem(f"MQTT outbox refused a {kind} message for {topic}: {exc}")
+            return
+        self._wake.set()
+
+    def publish_now(self, topic: str, document: dict, properties: Properties | None = None) -> None:
+        """Publish outside the outbox (command replies): lost if the broker is away, by design."""
+        self.client.publish(topic, _json(document), qos=1, properties=properties)
+
+    def _send_loop(self) -> None:
+        while not self._stopping.is_set():
+            self._wake.wait(1.0)
+            self._wake.clear()
+            try:
+                self._send_some()
+            except Exception:  # a broken outbox must not end the sender; the next wake retries
+                log.exception("MQTT: sending from the outbox failed")
+                self._stopping.wait(1.0)
+
+    def _send_some(self) -> None:
+        acked = []
+        while self._acked:
+            outbox_id = self._inflight.pop(self._acked.popleft(), None)
+            if outbox_id is not None:
+                acked.append(outbox_id)
+        if acked:
+            self.outbox.ack(*acked)
+        if not self.connected.is_set():
+            return
+        room = WINDOW - len(self._inflight)
+        if room <= 0:
+            return
+        batch = self.outbox.pending(after_id=self._cursor, limit=room)
+        for message in batch:
+            info = self.client.publish(message.topic, message.payload, qos=message.qos, retain=message.retain)
+            if info.rc == mqtt.MQTT_ERR_QUEUE_SIZE:
+                break
+            self._cursor = message.id
+            if message.qos == 0:
+                self.outbox.ack(message.id)
+            else:  # sent now, or queued by paho and sent again after a reconnect
+                self._inflight[info.mid] = message.id
+        if batch:
+            self._wake.set()  # more may be waiting behind this batch
+
+    # --- paho callbacks (paho's network thread) -----------------------------------------
+    def _on_connect(self, client: mqtt.Client, userdata: object, flags: mqtt.ConnectFlags,
+                    reason: mqtt.ReasonCode, properties: Properties | None) -> None:
+        if reason.is_failure:
+            self.failures += 1
+            self._problem(f"MQTT broker {self.broker} refused the connection: {reason}; retrying")
+            return
+        self.connections += 1
+        self.max_packet_size = getattr(properties, "MaximumPacketSize", None)  # paho does not enforce it
+        self._attempt = 0
+        self._set_next_wait()
+        self.last_error = ""
+        log.info("MQTT: connected to %s%s", self.broker,
+                 f" (reconnect {self.connections - 1})" if self.connections > 1 else "")
+        client.publish(self.topics.status, self._status_payload("online"), qos=1, retain=True)
+        for topic_filter, (qos, _handler) in self._handlers.items():
+            client.subscribe(topic_filter, qos)
+        self.connected.set()
+        self._wake.set()
+        for hook in self.on_connected:
+            try:
+                hook()
+            except Exception:  # a hook must not break the connection
+                log.exception("MQTT: on-connect hook failed")
+
+    def _on_connect_fail(self, client: mqtt.Client, userdata: object) -> None:
+        self.failures += 1
+        self._problem(f"cannot connect to MQTT broker {self.broker}: {self._diagnose()}; retrying")
+        self._set_next_wait()
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: object, flags: mqtt.DisconnectFlags,
+                       reason: mqtt.ReasonCode, properties: Properties | None) -> None:
+        was_connected = self.connected.is_set()
+        self.connected.clear()
+        if self._stopping.is_set():
+            return
+        if was_connected:
+            self._problem(f"lost MQTT broker {self.broker} ({reason}); reconnecting")
+        self._set_next_wait()
+
+    def _on_publish(self, client: mqtt.Client, userdata: object, mid: int,
+                    reason: mqtt.ReasonCode, properties: Properties | None) -> None:
+        # paho holds its message lock here: only record the mid, the sender does the rest.
+        self._acked.append(mid)
+        self._wake.set()
+
+    def _on_message(self, client: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:
+        for topic_filter, (_qos, handler) in list(self._handlers.items()):
+            if mqtt.topic_matches_sub(topic_filter, message.topic):
+                try:
+                    handler(message)
+                except Exception:  # one bad message must not end the network thread
+                    log.exception("MQTT: handling a message on %s failed", message.topic)
+
+    # --- helpers ------------------------------------------------------------------------
+    def _set_next_wait(self) -> None:
+        """Tell paho how long to wait before its next attempt: doubling, capped, jittered."""
+        s = self.settings
+        ceiling = min(s.reconnect_max_s, s.reconnect_min_s * 2 ** min(self._attempt, 30))
+        self._attempt += 1
+        wait = random.uniform(ceiling / 2, ceiling)  # noqa: S311 (jitter, not secrecy)
+        self.client.reconnect_delay_set(wait, wait)  # type: ignore[arg-type]  # paho takes floats
+
+    def _diagnose(self) -> str:
+        """Why the last attempt failed, in words (paho does not hand us the exception)."""
+        try:
+            with socket.create_connection((self.settings.host, self.settings.port), timeout=2):
+                pass
+        except OSError as exc:
+            return exc.strerror or str(exc) or type(exc).__name__
+        if self.settings.tls.enabled:
+            return "the TLS handshake failed (check mqtt.tls.ca_file and the broker's certificate)"
+        return "the connection was dropped before CONNACK"
+
+    def _problem(self, message: str) -> None:
+        """One log line per new problem, not one per retry."""
+        if message != self.last_error:
+            log.error("%s", message)
+        self.last_error = message
+
+    def _status_payload(self, state: str, reason: str = "") -> bytes:
+        document: dict[str, Any] = {"state": state, "device": self.settings.device_id, "time": time.time()}
+        if state == "online":
+            document.update(self.online_document())
+        if reason:
+            document["reason"] = reason
+        return _json(document)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "enabled": True, "broker": self.broker, "connected": self.connected.is_set(),
+            "reconnects": max(self.connections - 1, 0), "failed_attempts": self.failures,
+            "last_error": self.last_error,
+            "outbox": {"backlog": self.outbox.backlog(), "by_kind": self.outbox.backlog_by_kind(),
+                       "bytes": self.outbox.backlog_bytes(), "dropped": self.outbox.dropped(),
+                       "in_flight": len(self._inflight), "refused": self.put_failures},
+        }
+
+
+def _json(document: dict) -> bytes:
+    """Strict JSON: a non-finite number (an empty histogram's inf) becomes null."""
+    try:
+        return json.dumps(document, separators=(",", ":"), allow_nan=False, default=str).encode()
+    except ValueError:
+        return json.dumps(_finite(document), separators=(",", ":"), default=str).encode()
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value

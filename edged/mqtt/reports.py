@@ -1,0 +1,164 @@
+"""What the fleet sees of this device: health reports, events and the retained state.
+
+- health: the health document (edged/health.py) every `health_interval_s`, and on demand;
+- events: model loaded/failed/activated/rolled back, backend fallback, pipeline source
+  lost/recovered, input degraded/recovered, config reloaded; each with a sequence
+  number that keeps growing across restarts (kept in the outbox file), so a consumer
+  can drop the duplicates QoS 1 allows;
+- state: per model the desired version (from the registry) and the active one, its
+  sha256, backend and whether it is degraded. Retained, and sent only when it changes
+  (and again on every connect, for a broker that lost its retained messages).
+
+All of it goes through the outbox, so a broker outage delays it and loses nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+import time
+from typing import Any
+
+from edged.health import Health
+from edged.models.manager import ModelManager
+from edged.models.store import version_key
+from edged.mqtt.link import MqttLink
+from edged.pipelines.group import Pipelines
+
+log = logging.getLogger(__name__)
+# A pipeline moving into (or out of) these states is an event.
+PIPELINE_EVENTS = {"reconnecting": ("source_lost", "source_recovered"),
+                   "degraded": ("input_degraded", "input_recovered"),
+                   "failed": ("pipeline_failed", "pipeline_recovered")}
+
+
+class Reporter:
+    def __init__(self, link: MqttLink, health: Health, manager: ModelManager,
+                 pipelines: Pipelines | None, interval_s: float) -> None:
+        self.link = link
+        self.health = health
+        self.manager = manager
+        self.pipelines = pipelines
+        self.interval_s = interval_s
+        self.desired: dict[str, str] = {}  # model -> version the registry wants (set by the update agent)
+        self._last_state = ""
+        self._pipeline_states: dict[str, str] = {}
+        self._health_now = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="mqtt-reports", daemon=True)
+
+    def start(self) -> None:
+        self.manager.listeners.append(self.on_model_event)
+        self.link.on_connected.append(self._on_connected)
+        self._pipeline_states = self._current_pipeline_states()
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._health_now.set()
+        self._thread.join(timeout=5)
+        if self.on_model_event in self.manager.listeners:
+            self.manager.listeners.remove(self.on_model_event)
+
+    # --- the three kinds of message -----------------------------------------------------
+    def event(self, kind: str, **data: Any) -> int:
+        """Queue one event; returns its sequence number."""
+        sequence = self.link.outbox.next_sequence("events")
+        self.link.put("event", self.link.topics.events, {
+            "seq": sequence, "time": round(time.time(), 6), "device": self.link.settings.device_id,
+            "kind": kind, **data,
+        })
+        return sequence
+
+    def request_health(self) -> None:
+        """Send a health report now (from the reporting thread)."""
+        self._health_now.set()
+
+    def publish_health(self) -> None:
+        document = self.health.document()
+        document["device"] = self.link.settings.device_id
+        self.link.put("health", self.link.topics.health, document)
+
+    def publish_state(self, force: bool = False) -> None:
+        document = self.state_document()
+        text = json.dumps(document, sort_keys=True)
+        if text == self._last_state and not force:
+            return
+        self._last_state = text
+        self.link.put("state", self.link.topics.state, document, retain=True, replace=True)
+
+    def state_document(self) -> dict[str, Any]:
+        models: dict[str, dict[str, Any]] = {}
+        served = self.manager.served()
+        for name in sorted(set(served) | set(self.manager.failures) | set(self.desired)):
+            model = served.get(name)
+            entry: dict[str, Any] = {"desired": self.desired.get(name), "active": None}
+            if model is not None:
+                entry.update(active=model.version, sha256=model_digest(model.manifest.files),
+                             backend=model.selection.backend)
+            error = self.manager.failures.get(name)
+            fallback = model is not None and model.selection.reason.startswith("fallback")
+            entry["degraded"] = model is None or bool(error) or fallback
+            if error or fallback:
+                entry["reason"] = error or model.selection.reason  # type: ignore[union-attr]
+            models[name] = entry
+        return {"device": self.link.settings.device_id, "models": models}
+
+    # --- sources of events --------------------------------------------------------------
+    def on_model_event(self, kind: str, data: dict) -> None:
+        """The model manager's listener: every load, failure, swap and fallback is an event."""
+        self.event(kind, **data)
+        previous, version = data.get("previous"), data.get("version")
+        if kind == "model_loaded" and previous and version and previous != version:
+            rolled_back = version_key(version) < version_key(previous)
+            self.event("model_rolled_back" if rolled_back else "model_activated", model=data["model"],
+                       version=version, previous=previous)
+        self.publish_state()
+
+    def _on_connected(self) -> None:
+        self.publish_state(force=True)
+        self.request_health()
+
+    def _current_pipeline_states(self) -> dict[str, str]:
+        if self.pipelines is None:
+            return {}
+        return {name: info["state"] for name, info in self.pipelines.status().items()}
+
+    def _check_pipelines(self) -> None:
+        if self.pipelines is None:
+            return
+        statuses = self.pipelines.status()
+        for name, info in statuses.items():
+            before, now = self._pipeline_states.get(name, "stopped"), info["state"]
+            self._pipeline_states[name] = now
+            if before == now:
+                continue
+            if now in PIPELINE_EVENTS:
+                self.event(PIPELINE_EVENTS[now][0], pipeline=name, state=now,
+                           reason=info.get("degraded_reason") or info.get("last_error", ""))
+            elif before in PIPELINE_EVENTS and now == "running":
+                self.event(PIPELINE_EVENTS[before][1], pipeline=name, state=now)
+
+    def _run(self) -> None:
+        next_health = time.monotonic() + self.interval_s  # the first report goes out on connect
+        while not self._stop.is_set():
+            try:
+                self._check_pipelines()
+                self.publish_state()
+                if time.monotonic() >= next_health or self._health_now.is_set():
+                    self._health_now.clear()
+                    self.publish_health()
+                    next_health = time.monotonic() + self.interval_s
+            except Exception:  # reporting must never stop; the next round tries again
+                log.exception("MQTT reporting failed")
+            self._health_now.wait(min(1.0, max(0.0, next_health - time.monotonic())))
+
+
+def model_digest(files: list) -> str:
+    """The sha256 of a one-file model, or of its sorted `name sha256` lines when it has several."""
+    if len(files) == 1:
+        return files[0].sha256
+    lines = "".join(f"{f.name} {f.sha256}\n" for f in sorted(files, key=lambda f: f.name))
+    return hashlib.sha256(lines.encode()).hexdigest()
