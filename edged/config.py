@@ -169,25 +169,27 @@ class ModelSettings(_Section):
     allowed_groups: list[str] = Field(default=[], description="If set, only these groups may use the model.")
 
 
-SENSOR_KINDS = ("serial", "fifo", "file", "stdin", "iio")
-LINE_KINDS = ("serial", "fifo", "file", "stdin")
+SENSOR_KINDS = ("serial", "fifo", "file", "stdin", "iio", "mqtt")
+LINE_KINDS = ("serial", "fifo", "file", "stdin", "mqtt")
 SERIAL_RATES = (1200, 2400, 4800, 9600, 19200, 38400, 57600, 115200, 230400, 460800, 921600)
 
 
 class SourceSettings(_Section):
-    kind: Literal["camera", "images", "serial", "fifo", "file", "stdin", "iio"] = Field(
+    kind: Literal["camera", "images", "serial", "fifo", "file", "stdin", "iio", "mqtt"] = Field(
         default="camera",
         description=(
             "camera: anything OpenCV opens (V4L2 device, stream URL, video file); images: a folder; "
             "serial, fifo, file (followed like `tail -F`), stdin: sensor samples as CSV or JSON lines; "
-            "iio: the channels of a Linux IIO device."
+            "iio: the channels of a Linux IIO device; mqtt: CSV or JSON lines in the messages of an "
+            "MQTT topic (needs mqtt.enabled)."
         ),
     )
     uri: str | None = Field(
         default=None, min_length=1, max_length=4096,
         description=(
             "/dev/videoN or a device index, an rtsp:// or http:// URL, a video file, or a folder; "
-            "for sensors the serial device, FIFO or file, or the IIO device (`iio:device0` or its name). "
+            "for sensors the serial device, FIFO or file, the IIO device (`iio:device0` or its name), "
+            "or for mqtt the topic filter (`sensors/+/vibration`; not starting with `$`). "
             "Required for every kind but stdin."
         ),
     )
@@ -276,14 +278,80 @@ class SourceSettings(_Section):
             raise ValueError(f"channels = {self.channels} but {len(named)} fields, columns or iio_channels")
         if self.kind == "serial" and self.baud not in SERIAL_RATES:
             raise ValueError(f"baud {self.baud} is not one of {', '.join(map(str, SERIAL_RATES))}")
+        if self.kind == "mqtt":
+            _check_topic_filter(str(self.uri))
         return self
 
 
+def _check_topic_filter(text: str) -> None:
+    """An MQTT topic filter a client may subscribe to (MQTT 5, 4.7), minus the broker's `$` topics."""
+    if text.startswith("$"):
+        raise ValueError(f"topic filter {text!r}: topics starting with '$' are the broker's")
+    if "\0" in text:
+        raise ValueError(f"topic filter {text!r}: holds a NUL character")
+    levels = text.split("/")
+    for index, level in enumerate(levels):
+        if "#" in level and (level != "#" or index != len(levels) - 1):
+            raise ValueError(f"topic filter {text!r}: '#' must be a whole level, the last one")
+        if "+" in level and level != "+":
+            raise ValueError(f"topic filter {text!r}: '+' must be a whole level")
+
+
 class SinkSettings(_Section):
-    kind: Literal["jsonl"] = Field(default="jsonl", description="jsonl: one JSON result per line in a file.")
-    path: Path = Field(description="The file results are appended to.")
-    max_bytes: int = Field(default=10 << 20, ge=4096, description="Size at which the file is rotated.")
-    backups: int = Field(default=3, ge=0, le=100, description="Rotated files kept (path.1, path.2, ...).")
+    kind: Literal["jsonl", "mqtt"] = Field(
+        default="jsonl",
+        description=(
+            "jsonl: one JSON result per line in a file; mqtt: each result to "
+            "edged/devices/{id}/results/{pipeline} (QoS 1, kept in the outbox while the broker is away; "
+            "needs mqtt.enabled)."
+        ),
+    )
+    path: Path | None = Field(default=None, description="jsonl: the file results are appended to (required).")
+    max_bytes: int = Field(default=10 << 20, ge=4096, description="jsonl: size at which the file is rotated.")
+    backups: int = Field(
+        default=3, ge=0, le=100, description="jsonl: rotated files kept (path.1, path.2, ...)."
+    )
+    max_rate_hz: float = Field(
+        default=0.0, ge=0, le=1000,
+        description="mqtt: results published per second at most, the rest dropped (counted); 0: all.",
+    )
+    on_change: bool = Field(
+        default=False,
+        description=(
+            "mqtt: publish a result only when it differs from the last one published "
+            "(its frame or window number and time aside)."
+        ),
+    )
+    change_digits: int = Field(
+        default=2, ge=0, le=9,
+        description=(
+            "mqtt, on_change: numbers closer than 10^-change_digits count as unchanged "
+            "(2: box jitter under 1% of the frame, score changes under 0.01)."
+        ),
+    )
+    heartbeat_s: float = Field(
+        default=0.0, ge=0, le=86400,
+        description="mqtt, on_change: publish an unchanged result after this long without one; 0: never.",
+    )
+
+    @model_validator(mode="after")
+    def _kind_keys_agree(self) -> SinkSettings:
+        def changed(*keys: str) -> list[str]:
+            return [k for k in keys if getattr(self, k) != type(self).model_fields[k].default]
+
+        if self.kind == "jsonl":
+            if self.path is None:
+                raise ValueError("path is required for kind = 'jsonl'")
+            if wrong := changed("max_rate_hz", "on_change", "change_digits", "heartbeat_s"):
+                raise ValueError(f"{', '.join(wrong)}: only for kind = 'mqtt'")
+            return self
+        if self.path is not None:
+            raise ValueError("kind = 'mqtt' takes no path (results go to edged/devices/{id}/results/...)")
+        if wrong := changed("max_bytes", "backups"):
+            raise ValueError(f"{', '.join(wrong)}: only for kind = 'jsonl'")
+        if not self.on_change and (wrong := changed("change_digits", "heartbeat_s")):
+            raise ValueError(f"{', '.join(wrong)}: only with on_change = true")
+        return self
 
 
 class QualitySettings(_Section):
@@ -433,7 +501,7 @@ class UpdateSettings(_Section):
         default=512 << 20, ge=1 << 10, le=1 << 40, description="Largest model (all its files) accepted."
     )
     chunk_bytes: int = Field(
-        default=256 << 10, ge=4 << 10, le=64 << 20,
+        default=1 << 20, ge=4 << 10, le=64 << 20,
         description="Chunk size asked of the registry; kept below the broker's packet limit.",
     )
     window: int = Field(default=8, ge=1, le=256, description="Chunk requests in flight at once.")
@@ -461,6 +529,18 @@ class UpdateSettings(_Section):
 
         for name in value:
             check_name(name)
+        return value
+
+    @field_validator("public_keys")
+    @classmethod
+    def _keys(cls, value: list[str]) -> list[str]:
+        from edged.signing import SignatureError, load_public_key
+
+        for index, text in enumerate(value):
+            try:
+                load_public_key(text)
+            except SignatureError as exc:
+                raise ValueError(f"key {index + 1}: {exc}") from None
         return value
 
 
@@ -496,6 +576,25 @@ class Settings(BaseSettings):
         for name in value:
             check_name(name)
         return value
+
+    @model_validator(mode="after")
+    def _updates_need_mqtt_and_keys(self) -> Settings:
+        if self.updates.enabled and not self.mqtt.enabled:
+            raise ValueError("updates.enabled needs mqtt.enabled: releases arrive over MQTT")
+        if self.updates.enabled and not self.updates.public_keys:
+            raise ValueError("updates.enabled needs updates.public_keys (from `edged-registry keygen`)")
+        return self
+
+    @model_validator(mode="after")
+    def _mqtt_pipelines_need_mqtt(self) -> Settings:
+        if self.mqtt.enabled:
+            return self
+        for name, pipeline in self.pipelines.items():
+            if pipeline.source.kind == "mqtt":
+                raise ValueError(f"pipeline {name!r} reads its source over MQTT: it needs mqtt.enabled")
+            if any(sink.kind == "mqtt" for sink in pipeline.sinks):
+                raise ValueError(f"pipeline {name!r} publishes results over MQTT: it needs mqtt.enabled")
+        return self
 
     def model(self, name: str) -> ModelSettings:
         return self.models.get(name) or ModelSettings()
@@ -545,6 +644,9 @@ def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
 def _describe(exc: ValidationError, path: Path | None) -> str:
     parts = []
     for err in exc.errors():
+        if not err["loc"]:  # a rule across sections: its message names the keys
+            parts.append(err["msg"].removeprefix("Value error, "))
+            continue
         field = ".".join(str(p) for p in err["loc"])
         env = "EDGED_" + "__".join(str(p).upper() for p in err["loc"])
         value = err.get("input")

@@ -39,7 +39,9 @@ class Daemon:
         self.server = ApiServer(settings.socket, self.api, listener)
         self.pipelines = Pipelines(settings.pipelines, self.manager)
         self.api.pipelines = self.pipelines
+        self.api.startup_done.clear()  # ready once models are loaded and pipelines started
         self.mqtt = MqttParts(self) if settings.mqtt.enabled else None
+        self.pipelines.use_mqtt(self.mqtt)  # results and sensor topics over the link
         self.health.sections["mqtt"] = self.mqtt.link.status if self.mqtt else (lambda: {"enabled": False})
         self.stopping = threading.Event()
 
@@ -64,6 +66,7 @@ class Daemon:
                 log.warning("the store %s has no active model: add one with `edged models add`",
                             self.store.root)
             self.pipelines.start_enabled()
+            self.api.startup_done.set()
             if on_ready is not None:
                 on_ready()
             while not self.stopping.wait(self.settings.store.poll_interval_s):
@@ -133,13 +136,39 @@ class MqttParts:
         self.commands = Commands(self.link, daemon.manager, daemon.health, daemon.pipelines,
                                  daemon.reload_config if daemon.reload_settings else None,
                                  settings.command_senders) if settings.commands else None
+        self.updates = None
+        if daemon.settings.updates.enabled:
+            from edged.mqtt.updates import UpdateAgent
+
+            self.updates = UpdateAgent(daemon.settings.updates, self.reporter, daemon.manager)
+        daemon.health.sections["updates"] = self.update_status
+
+    # What pipelines use (edged.pipelines.mqtt_port.MqttPort), without importing edged.mqtt.
+    @property
+    def connected(self) -> threading.Event:
+        return self.link.connected
+
+    def put_result(self, pipeline: str, document: dict) -> bool:
+        return self.link.put("result", self.link.topics.results(pipeline), document)
+
+    def subscribe(self, topic_filter: str, handler: Callable[[str, bytes], None]) -> None:
+        self.link.subscribe(topic_filter, lambda message: handler(message.topic, message.payload))
 
     def start_reporting(self) -> None:
         self.reporter.start()
         if self.commands is not None:
             self.commands.start()
+        if self.updates is not None:
+            self.updates.start()
+
+    def update_status(self) -> dict:
+        from edged.mqtt.updates import describe
+
+        return describe(self.updates)
 
     def stop(self) -> None:
+        if self.updates is not None:
+            self.updates.stop()
         if self.commands is not None:
             self.commands.stop()
         self.reporter.stop()

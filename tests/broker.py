@@ -223,7 +223,9 @@ class Broker:
                  "log_dest stderr",
                  "log_timestamp true",
                  "log_timestamp_format %H:%M:%S",
-                 "connection_messages true"]
+                 "connection_messages true",
+                 # As docs/mqtt.md recommends: small messages are not held back by Nagle.
+                 "set_tcp_nodelay true"]
         log_types = ["all"] if verbose else ["error", "warning", "notice", "information",
                                              "subscribe", "unsubscribe"]
         lines += [f"log_type {kind}" for kind in log_types]

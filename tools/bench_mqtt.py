@@ -48,7 +48,7 @@ class Broker:
         self.config = directory / "mosquitto.conf"
         # Persistence keeps the counting subscriber's session across the restart: it misses nothing.
         self.config.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\n"
-                               f"max_queued_messages 0\nmax_inflight_messages 0\n"
+                               f"max_queued_messages 0\nmax_inflight_messages 0\nset_tcp_nodelay true\n"
                                f"persistence true\npersistence_location {directory}/\n")
         self.proc: subprocess.Popen | None = None
 

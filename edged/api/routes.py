@@ -71,6 +71,9 @@ class Api:
         self.pending = 0
         self.counters: dict[str, int] = {}
         self.pipelines: Pipelines | None = None  # set by the daemon
+        # Ready also means started: the daemon clears this until its pipelines have started.
+        self.startup_done = threading.Event()
+        self.startup_done.set()
         self.stopping = threading.Event()
         self._lock = threading.Lock()
         self._infer_route = re.compile(_MODEL + r"/infer")
@@ -162,7 +165,7 @@ class Api:
         return json_response(200, {"live": True})
 
     def ready(self, request: Request, peer: Peer) -> Response:
-        ready = self.manager.ready()
+        ready = self.manager.ready() and self.startup_done.is_set()
         return json_response(200 if ready else 503, {"ready": ready})
 
     def server_metadata(self, request: Request, peer: Peer) -> Response:

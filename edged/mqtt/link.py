@@ -21,7 +21,6 @@ import logging
 import math
 import random
 import socket
-import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -31,8 +30,9 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from edged.config import ConfigError, MqttSettings
+from edged.config import MqttSettings
 from edged.errors import OutboxError
+from edged.mqtt.client import build_client, no_delay
 from edged.mqtt.outbox import Outbox
 from edged.mqtt.topics import Topics
 
@@ -56,7 +56,7 @@ class MqttLink:
         self.put_failures = 0  # messages the outbox refused (disk trouble, oversize)
         self.max_packet_size: int | None = None  # the broker's limit, from its CONNACK
         self.on_connected: list[Callable[[], None]] = []
-        self._handlers: dict[str, tuple[int, MessageHandler]] = {}
+        self._handlers: dict[str, list[MessageHandler]] = {}  # topic filter -> handlers
         self._attempt = 0
         self._inflight: dict[int, int] = {}  # paho mid -> outbox id; touched by the sender thread only
         self._acked: collections.deque[int] = collections.deque()  # mids paho saw acknowledged
@@ -68,32 +68,7 @@ class MqttLink:
 
     # --- set-up -------------------------------------------------------------------------
     def _build_client(self) -> mqtt.Client:
-        s = self.settings
-        v5 = s.protocol == "5"
-        client = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2, client_id=s.device_id,
-            protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
-            clean_session=None if v5 else s.clean_start,
-        )
-        password = s.password.get_secret_value() if s.password else None
-        if s.password_file is not None:
-            try:
-                lines = s.password_file.read_text().splitlines()
-            except (OSError, UnicodeDecodeError) as exc:
-                raise ConfigError(f"mqtt.password_file: cannot read {s.password_file}: {exc}") from None
-            password = lines[0] if lines else ""
-        if s.username is not None or password is not None:
-            client.username_pw_set(s.username or "", password)
-        if s.tls.enabled:
-            try:
-                client.tls_set(
-                    ca_certs=str(s.tls.ca_file) if s.tls.ca_file else None,
-                    certfile=str(s.tls.cert_file) if s.tls.cert_file else None,
-                    keyfile=str(s.tls.key_file) if s.tls.key_file else None,
-                    cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT,
-                )
-            except (OSError, ssl.SSLError) as exc:
-                raise ConfigError(f"mqtt.tls: cannot load the certificates: {exc}") from None
+        client = build_client(self.settings, self.settings.device_id)
         client.will_set(self.topics.status, self._status_payload("offline", "connection lost"),
                         qos=1, retain=True)
         client.max_inflight_messages_set(WINDOW)
@@ -105,12 +80,12 @@ class MqttLink:
         client.on_message = self._on_message
         return client
 
-    def subscribe(self, topic_filter: str, handler: MessageHandler, qos: int = 1) -> None:
+    def subscribe(self, topic_filter: str, handler: MessageHandler) -> None:
         """Call `handler` (on paho's thread: keep it quick) for every message on `topic_filter`,
         on this connection and every later one."""
-        self._handlers[topic_filter] = (qos, handler)
+        self._handlers.setdefault(topic_filter, []).append(handler)
         if self.connected.is_set():
-            self.client.subscribe(topic_filter, qos)
+            self.client.subscribe(topic_filter, 1)
 
     # --- lifecycle ----------------------------------------------------------------------
     def start(self) -> None:
@@ -145,16 +120,18 @@ class MqttLink:
 
     # --- publishing ---------------------------------------------------------------------
     def put(self, kind: str, topic: str, document: dict | bytes, *, retain: bool = False,
-            replace: bool = False) -> None:
-        """Queue a QoS 1 message in the outbox; it is sent in order, now or after a reconnect."""
+            replace: bool = False) -> bool:
+        """Queue a QoS 1 message in the outbox; it is sent in order, now or after a reconnect.
+        False when the outbox refused it (counted and logged here)."""
         payload = document if isinstance(document, bytes) else _json(document)
         try:
             self.outbox.put(kind, topic, payload, qos=1, retain=retain, replace=replace)
         except OutboxError as exc:  # a full disk or a refused message: counted and said, never raised
             self.put_failures += 1
             self._problem(f"MQTT outbox refused a {kind} message for {topic}: {exc}")
-            return
+            return False
         self._wake.set()
+        return True
 
     def publish_now(self, topic: str, document: dict, properties: Properties | None = None) -> None:
         """Publish outside the outbox (command replies): lost if the broker is away, by design."""
@@ -210,9 +187,10 @@ class MqttLink:
         self.last_error = ""
         log.info("MQTT: connected to %s%s", self.broker,
                  f" (reconnect {self.connections - 1})" if self.connections > 1 else "")
+        no_delay(client)
         client.publish(self.topics.status, self._status_payload("online"), qos=1, retain=True)
-        for topic_filter, (qos, _handler) in self._handlers.items():
-            client.subscribe(topic_filter, qos)
+        for topic_filter in self._handlers:
+            client.subscribe(topic_filter, 1)
         self.connected.set()
         self._wake.set()
         for hook in self.on_connected:
@@ -243,8 +221,10 @@ class MqttLink:
         self._wake.set()
 
     def _on_message(self, client: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:
-        for topic_filter, (_qos, handler) in list(self._handlers.items()):
-            if mqtt.topic_matches_sub(topic_filter, message.topic):
+        for topic_filter, handlers in list(self._handlers.items()):
+            if not mqtt.topic_matches_sub(topic_filter, message.topic):
+                continue
+            for handler in list(handlers):
                 try:
                     handler(message)
                 except Exception:  # one bad message must not end the network thread

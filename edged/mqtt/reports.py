@@ -135,6 +135,8 @@ class Reporter:
             self._pipeline_states[name] = now
             if before == now:
                 continue
+            if now == "reconnecting" and before in ("stopped", "starting"):
+                continue  # a source still opening, not one that was lost
             if now in PIPELINE_EVENTS:
                 self.event(PIPELINE_EVENTS[now][0], pipeline=name, state=now,
                            reason=info.get("degraded_reason") or info.get("last_error", ""))

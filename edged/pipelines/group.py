@@ -8,6 +8,7 @@ import threading
 from edged.config import PipelineSettings
 from edged.errors import EdgedError, InvalidInput
 from edged.models.manager import ModelManager
+from edged.pipelines.mqtt_port import MqttPort, SharedPort
 from edged.pipelines.runner import Pipeline
 
 log = logging.getLogger(__name__)
@@ -23,8 +24,13 @@ class Pipelines:
         self.manager = manager
         self.running: dict[str, Pipeline] = {}
         self.failures: dict[str, str] = {}  # pipelines that could not start, and why
+        self.mqtt: SharedPort | None = None  # for mqtt sources and sinks
         # One control operation at a time: start, stop and restart never interleave.
         self._lock = threading.RLock()
+
+    def use_mqtt(self, port: MqttPort | None) -> None:
+        """The daemon's MQTT link (None without one), for pipelines started from now on."""
+        self.mqtt = SharedPort(port) if port is not None else None
 
     def start_enabled(self) -> None:
         """Start every enabled pipeline; one that cannot start is reported, the rest run."""
@@ -100,7 +106,7 @@ class Pipelines:
     def _start(self, name: str) -> None:
         settings = self._known(name)
         try:
-            pipeline = Pipeline(name, settings, self.manager)
+            pipeline = Pipeline(name, settings, self.manager, self.mqtt)
         except (OSError, ValueError) as exc:  # e.g. a sink file that cannot be opened
             reason = f"{exc.strerror}: {exc.filename}" if isinstance(exc, OSError) else str(exc)
             self.failures[name] = f"pipeline {name!r} cannot start: {reason}"

@@ -29,9 +29,10 @@ from edged.errors import EdgedError
 from edged.metrics import Histogram
 from edged.models.manager import ModelManager, ServedModel
 from edged.pipelines.decoders import Decoder, build_decoder
+from edged.pipelines.mqtt_port import SharedPort
 from edged.pipelines.preprocess import Placement, Preprocessing, image_to_tensor, window_to_tensor
 from edged.pipelines.quality import QualityMonitor, SensorQualityMonitor
-from edged.pipelines.sinks.jsonl import JsonlSink
+from edged.pipelines.sinks import Sink, build_sinks
 from edged.pipelines.sinks.stream import EventHub
 from edged.pipelines.sources import Frame, Window, build_source
 
@@ -72,13 +73,15 @@ def as_bgr(image: np.ndarray) -> np.ndarray:
 
 
 class Pipeline:
-    def __init__(self, name: str, settings: PipelineSettings, manager: ModelManager) -> None:
+    def __init__(self, name: str, settings: PipelineSettings, manager: ModelManager,
+                 mqtt: SharedPort | None = None) -> None:
         self.name = name
         self.settings = settings
         self.manager = manager
-        self.source = build_source(settings.source, name)
+        self.source = build_source(settings.source, name, mqtt)
         self.events = EventHub()  # the socket's event stream; costs nothing without subscribers
-        self.sinks: list[JsonlSink | EventHub] = [*(JsonlSink(s) for s in settings.sinks), self.events]
+        self.outputs = build_sinks(settings.sinks, name, mqtt)  # the configured sinks
+        self.sinks: list[Sink] = [*self.outputs, self.events]
         self.quality = (SensorQualityMonitor(settings.quality) if settings.source.is_sensor
                         else QualityMonitor(settings.quality))
         self.stages = {stage: Histogram() for stage in STAGES}
@@ -267,6 +270,7 @@ class Pipeline:
             "reconnects": source.reconnects,
             "last_error": self.last_error or source.last_error,
             "latency": {stage: hist.summary_ms() for stage, hist in self.stages.items()},
+            "sinks": [sink.details() for sink in self.outputs],
             **source.details(),
         }
 

@@ -1,1 +1,47 @@
-"""Where pipeline results go."""
+"""Where pipeline results go: the configured sinks, built by `build_sinks`."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol
+
+from edged.config import SinkSettings
+
+if TYPE_CHECKING:
+    from edged.pipelines.mqtt_port import SharedPort
+
+
+class Sink(Protocol):
+    def write(self, result: dict) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class ConfiguredSink(Sink, Protocol):
+    kind: str
+
+    def details(self) -> dict:
+        """Its counters, for the pipeline's status."""
+        ...
+
+
+def build_sinks(settings: list[SinkSettings], pipeline: str,
+                mqtt: SharedPort | None = None) -> list[ConfiguredSink]:
+    """The sinks a pipeline's config names; ValueError (or OSError) when one cannot work."""
+    from edged.pipelines.sinks.jsonl import JsonlSink
+    from edged.pipelines.sinks.mqtt import MqttSink
+
+    sinks: list[ConfiguredSink] = []
+    try:
+        for sink in settings:
+            if sink.kind == "mqtt":
+                if mqtt is None:
+                    raise ValueError("a sink of kind = 'mqtt' needs mqtt.enabled (and a daemon restarted "
+                                     "with it)")
+                sinks.append(MqttSink(sink, pipeline, mqtt))
+            else:
+                sinks.append(JsonlSink(sink))
+    except BaseException:
+        for built in sinks:  # no file left open by a pipeline that does not start
+            built.close()
+        raise
+    return sinks

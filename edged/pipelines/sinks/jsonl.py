@@ -10,7 +10,11 @@ from edged.config import SinkSettings
 
 
 class JsonlSink:
+    kind = "jsonl"
+
     def __init__(self, settings: SinkSettings) -> None:
+        if settings.path is None:  # SinkSettings requires it; a hand-built one may not have it
+            raise ValueError("a sink of kind = 'jsonl' needs a path")
         self.path = Path(settings.path)
         self.max_bytes = settings.max_bytes
         self.backups = settings.backups
@@ -39,6 +43,9 @@ class JsonlSink:
         if self.backups == 0:
             self.path.unlink(missing_ok=True)
         self._file = self.path.open("a", encoding="utf-8")
+
+    def details(self) -> dict:
+        return {"kind": self.kind, "path": str(self.path), "written": self.written}
 
     def close(self) -> None:
         self._file.close()

@@ -7,10 +7,14 @@ import abc
 import threading
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from edged.config import SourceSettings
+
+if TYPE_CHECKING:
+    from edged.pipelines.mqtt_port import SharedPort
 
 
 @dataclass
@@ -110,13 +114,19 @@ class ThreadedSource(abc.ABC):
         """Put frames until `_stop` is set; keep `state` and `last_error` true."""
 
 
-def build_source(settings: SourceSettings, name: str = "") -> ThreadedSource:
-    """The source `settings.kind` names; `name` (the pipeline's) labels its log lines."""
+def build_source(settings: SourceSettings, name: str = "", mqtt: SharedPort | None = None) -> ThreadedSource:
+    """The source `settings.kind` names; `name` (the pipeline's) labels its log lines;
+    `mqtt` (the daemon's link, when it has one) feeds `kind = "mqtt"`."""
     from edged.pipelines.sources.camera import CameraSource
     from edged.pipelines.sources.iio import IioSource
     from edged.pipelines.sources.images import ImageFolderSource
+    from edged.pipelines.sources.mqtt_topic import MqttTopicSource
     from edged.pipelines.sources.sensors import LINE_SOURCES
 
+    if settings.kind == "mqtt":
+        if mqtt is None:
+            raise ValueError("a source of kind = 'mqtt' needs mqtt.enabled (and a daemon restarted with it)")
+        return MqttTopicSource(settings, name, mqtt)
     if settings.kind == "images":
         return ImageFolderSource(settings)
     if settings.kind == "iio":

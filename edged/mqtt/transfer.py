@@ -1,0 +1,217 @@
+"""Pull one file from the registry in chunks over MQTT, resumably.
+
+Chunk requests go to `{prefix}/registry/fetch` with this device's response topic and
+correlation data (docs/updates.md); `window` of them are in flight at a time, each timed
+out and retried. Chunks are written at their offset into `{sha256}.part`; the list of
+chunks on disk is kept in `{sha256}.progress` (written only after the part file is
+synced), so a daemon restart or a broker outage resumes where the transfer stopped
+instead of starting over. A finished file is checked against its size and sha256 before
+it is handed over as `{sha256}.file`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import queue
+import secrets
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from edged.errors import EdgedError
+from edged.mqtt.link import MqttLink
+
+log = logging.getLogger(__name__)
+PROGRESS_EVERY_S = 0.5
+
+
+class TransferError(EdgedError):
+    """A file could not be fetched; the message says why, in one line."""
+
+
+@dataclass
+class _Reply:
+    correlation: bytes
+    status: str
+    offset: int
+    payload: bytes
+
+
+class Transfer:
+    """Fetches files by sha256; one fetch at a time (the update agent's thread)."""
+
+    def __init__(self, link: MqttLink, directory: Path, *, chunk_bytes: int, window: int,
+                 timeout_s: float, retries: int) -> None:
+        self.link = link
+        self.directory = directory
+        self.chunk_bytes = chunk_bytes
+        self.window = window
+        self.timeout_s = timeout_s
+        self.retries = retries
+        self.reply_topic = f"{link.topics.device}/fetch"
+        self.request_topic = f"{link.topics.prefix}/registry/fetch"
+        self._replies: queue.Queue[_Reply] = queue.Queue()
+        self.bytes_received = 0
+        self.chunks_retried = 0
+
+    def start(self) -> None:
+        self.link.subscribe(self.reply_topic, self._on_reply)
+
+    def _on_reply(self, message: mqtt.MQTTMessage) -> None:
+        """paho's thread: hand the reply over, nothing more."""
+        properties = getattr(message, "properties", None)
+        correlation = getattr(properties, "CorrelationData", None)
+        if not correlation:
+            return
+        values = dict(getattr(properties, "UserProperty", None) or [])
+        try:
+            offset = int(values.get("offset", "-1"))
+        except ValueError:
+            offset = -1
+        self._replies.put(_Reply(bytes(correlation), values.get("status", ""), offset, message.payload))
+
+    # --- one file ---------------------------------------------------------------------
+    def chunk_size(self) -> int:
+        """Our chunk size, kept under the broker's packet limit when it announces one."""
+        limit = self.link.max_packet_size
+        return min(self.chunk_bytes, limit - 4096) if limit else self.chunk_bytes
+
+    def fetch(self, sha256: str, size: int, stop: threading.Event) -> Path:
+        """Return `{sha256}.file`, complete and verified, fetching what is missing."""
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        done_path = self.directory / f"{sha256}.file"
+        if done_path.exists() and done_path.stat().st_size == size:
+            return done_path
+        part = self.directory / f"{sha256}.part"
+        progress_path = self.directory / f"{sha256}.progress"
+        chunk, have = self._load_progress(progress_path, size, self.chunk_size())
+        count = max(1, -(-size // chunk))
+        missing = [i for i in range(count) if i not in have]
+        if missing:
+            log.info("fetching %s (%d bytes): %d of %d chunks to go", sha256[:12], size, len(missing), count)
+        fd = os.open(part, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            os.ftruncate(fd, size)
+            self._pull(fd, sha256, size, chunk, missing, have, progress_path, stop)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        digest = _sha256_of(part)
+        if digest != sha256:
+            part.unlink(missing_ok=True)
+            progress_path.unlink(missing_ok=True)
+            raise TransferError(f"file {sha256[:12]}: the received bytes hash to {digest[:12]}; discarded")
+        os.replace(part, done_path)
+        progress_path.unlink(missing_ok=True)
+        return done_path
+
+    def _pull(self, fd: int, sha256: str, size: int, chunk: int, missing: list[int], have: set[int],
+              progress_path: Path, stop: threading.Event) -> None:
+        waiting = list(reversed(missing))  # pop() from the end: lowest index first
+        in_flight: dict[bytes, tuple[int, float]] = {}  # correlation -> (index, sent at)
+        attempts: dict[int, int] = {}
+        not_before: dict[int, float] = {}  # a refused chunk waits before it is asked again
+        saved_at = time.monotonic()
+        while waiting or in_flight:
+            if stop.is_set():
+                raise TransferError("stopped")
+            if not self.link.connected.is_set():  # an outage is not the chunk's fault: wait
+                in_flight.clear()
+                waiting = sorted(set(range(-(-size // chunk))) - have, reverse=True)
+                self.link.connected.wait(1.0)
+                continue
+            now = time.monotonic()
+            while waiting and len(in_flight) < self.window and not_before.get(waiting[-1], 0) <= now:
+                index = waiting.pop()
+                correlation = secrets.token_bytes(12)
+                in_flight[correlation] = (index, time.monotonic())
+                self._request(sha256, index * chunk, min(chunk, size - index * chunk), correlation)
+            try:
+                reply = self._replies.get(timeout=0.2)
+            except queue.Empty:
+                reply = None
+            if reply is not None and reply.correlation in in_flight:
+                index, _sent = in_flight.pop(reply.correlation)
+                problem = self._check(reply, index * chunk, min(chunk, size - index * chunk))
+                if problem is None:
+                    os.pwrite(fd, reply.payload, index * chunk)
+                    have.add(index)
+                    self.bytes_received += len(reply.payload)
+                else:  # refused or damaged: ask again after a pause (the registry may be reindexing)
+                    self._retry(index, attempts, waiting, problem)
+                    not_before[index] = time.monotonic() + min(0.25 * 2 ** attempts[index], 5.0)
+            now = time.monotonic()
+            for correlation, (index, sent) in list(in_flight.items()):
+                if now - sent > self.timeout_s:
+                    del in_flight[correlation]
+                    self._retry(index, attempts, waiting, f"no reply within {self.timeout_s:g} s")
+            if now - saved_at > PROGRESS_EVERY_S:
+                os.fsync(fd)
+                self._save_progress(progress_path, size, chunk, have)
+                saved_at = now
+        self._save_progress(progress_path, size, chunk, have)
+
+    def _retry(self, index: int, attempts: dict[int, int], waiting: list[int], problem: str) -> None:
+        attempts[index] = attempts.get(index, 0) + 1
+        self.chunks_retried += 1
+        if attempts[index] > self.retries:
+            raise TransferError(f"chunk {index}: {problem} ({attempts[index]} tries)")
+        log.debug("chunk %d again: %s", index, problem)
+        waiting.insert(0, index)  # after the chunks not yet asked for
+
+    @staticmethod
+    def _check(reply: _Reply, offset: int, length: int) -> str | None:
+        if reply.status != "ok":
+            try:
+                return str(json.loads(reply.payload).get("error", "refused"))[:200]
+            except (ValueError, AttributeError, UnicodeDecodeError):
+                return "refused by the registry"
+        if reply.offset != offset:
+            return f"reply for offset {reply.offset}, asked for {offset}"
+        if len(reply.payload) != length:
+            return f"truncated chunk: {len(reply.payload)} bytes, expected {length}"
+        return None
+
+    def _request(self, sha256: str, offset: int, length: int, correlation: bytes) -> None:
+        properties = Properties(PacketTypes.PUBLISH)
+        properties.ResponseTopic = self.reply_topic
+        properties.CorrelationData = correlation
+        payload = json.dumps({"sha256": sha256, "offset": offset, "length": length}).encode()
+        self.link.client.publish(self.request_topic, payload, qos=1, properties=properties)
+
+    # --- progress on disk -------------------------------------------------------------
+    @staticmethod
+    def _load_progress(path: Path, size: int, limit: int) -> tuple[int, set[int]]:
+        """The chunk size and the chunks already on disk: a fresh start when the record is
+        missing, damaged, for another size, or in chunks now too big for the broker."""
+        try:
+            record = json.loads(path.read_text())
+            chunk = int(record["chunk"])
+            if record.get("size") == size and 0 < chunk <= limit:
+                return chunk, {int(i) for i in record["done"] if 0 <= int(i) < -(-size // chunk)}
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        return limit, set()
+
+    @staticmethod
+    def _save_progress(path: Path, size: int, chunk: int, have: set[int]) -> None:
+        temporary = path.with_suffix(".progress.tmp")
+        temporary.write_text(json.dumps({"size": size, "chunk": chunk, "done": sorted(have)}))
+        os.replace(temporary, path)
+
+    def discard(self, sha256: str) -> None:
+        for suffix in (".part", ".progress", ".file"):
+            (self.directory / f"{sha256}{suffix}").unlink(missing_ok=True)
+
+
+def _sha256_of(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()

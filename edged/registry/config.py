@@ -1,0 +1,158 @@
+"""The registry's settings: a small tree of its own, with the daemon's MQTT section.
+
+Sources, strongest first: `EDGED_REGISTRY_*` environment variables (nested keys with
+`__`: `EDGED_REGISTRY_MQTT__HOST`), the TOML file (`--config`, else
+/etc/edged/registry.toml when present), then the defaults written here.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    InitSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from edged.config import ConfigError, MqttSettings
+from edged.errors import EdgedError
+
+DEFAULT_CONFIG = Path("/etc/edged/registry.toml")
+DEFAULT_CLIENT_ID = "edged-registry"
+ENV_PREFIX = "EDGED_REGISTRY_"
+_file_data: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
+    "edged_registry_file", default=None)
+
+
+def default_root() -> Path:
+    """systemd's StateDirectory=, /var/lib/edged-registry as root, else under XDG_DATA_HOME."""
+    if state := os.environ.get("STATE_DIRECTORY"):
+        return Path(state.split(":")[0])
+    if os.geteuid() == 0:
+        return Path("/var/lib/edged-registry")
+    data = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(data) / "edged-registry"
+
+
+def registry_mqtt(**values: Any) -> MqttSettings:
+    """The daemon's MQTT section with the registry's own client id unless one is given."""
+    return MqttSettings(**{"device_id": DEFAULT_CLIENT_ID, **values})
+
+
+class RegistrySettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid")
+
+    root: Path = Field(
+        default_factory=default_root,
+        description="The registry's store: signing key, published versions, retained releases.",
+    )
+    topic_prefix: str = Field(
+        default="edged", pattern=r"^[A-Za-z0-9_.-]{1,64}(/[A-Za-z0-9_.-]{1,64}){0,3}$",
+        description="First level(s) of every topic; the devices' mqtt.topic_prefix.",
+    )
+    max_chunk_bytes: int = Field(
+        default=1 << 20, ge=1024, le=16 << 20,
+        description="Largest chunk `serve` sends in one reply; longer requests are refused.",
+    )
+    release_days: float = Field(
+        default=30.0, gt=0, le=3650,
+        description="How long a signed release is valid; `serve` re-signs it after two thirds of that.",
+    )
+    serve_threads: int = Field(
+        default=4, ge=1, le=64, description="Chunk requests `serve` answers at once."
+    )
+    reload_interval_s: float = Field(
+        default=2.0, gt=0, le=3600,
+        description="How often `serve` looks for changes to the store (SIGHUP: at once).",
+    )
+    connect_timeout_s: float = Field(
+        default=10.0, gt=0, le=300,
+        description="How long a command waits for the broker to connect or acknowledge.",
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field(default="info", description="Log level.")
+    mqtt: MqttSettings = Field(
+        default_factory=registry_mqtt,
+        description=(
+            "The broker, as the daemon's [mqtt] section (host, port, username, password_file, tls). "
+            "device_id is the registry's client id (default edged-registry); protocol must be 5. "
+            "enabled and the outbox, health and command keys are not used."
+        ),
+    )
+
+    @field_validator("mqtt", mode="before")
+    @classmethod
+    def _registry_client_id(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            return {"device_id": DEFAULT_CLIENT_ID, **value}
+        return value
+
+    @model_validator(mode="after")
+    def _one_prefix(self) -> RegistrySettings:
+        if self.mqtt.protocol != "5":
+            raise ValueError("mqtt.protocol must be 5: chunk replies need MQTT 5 response topics")
+        if "topic_prefix" in self.mqtt.model_fields_set and self.mqtt.topic_prefix != self.topic_prefix:
+            if "topic_prefix" in self.model_fields_set:
+                raise ValueError("topic_prefix and mqtt.topic_prefix differ; set topic_prefix only")
+            self.topic_prefix = self.mqtt.topic_prefix
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, InitSettingsSource(settings_cls, _file_data.get() or {}))
+
+
+def load_registry_settings(path: Path | None = None) -> RegistrySettings:
+    """Build the settings; raise ConfigError naming the field (and where to set it) at fault."""
+    if path is None and DEFAULT_CONFIG.exists():
+        path = DEFAULT_CONFIG
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such config file") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path}: cannot read: {exc}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    token = _file_data.set(data)
+    try:
+        return RegistrySettings()
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, path)) from None
+    except (ValueError, EdgedError) as exc:  # e.g. an environment variable that is not valid JSON
+        first = str(exc).splitlines()[0]
+        env = re.search(r'field "(\w+)" from source "EnvSettingsSource"', first)
+        if env:
+            first = f"an {ENV_PREFIX}{env.group(1).upper()}* environment variable cannot be parsed"
+        raise ConfigError(f"invalid registry configuration: {first}") from None
+    finally:
+        _file_data.reset(token)
+
+
+def _describe(exc: ValidationError, path: Path | None) -> str:
+    parts = []
+    for err in exc.errors():
+        field = ".".join(str(p) for p in err["loc"])
+        env = ENV_PREFIX + "__".join(str(p).upper() for p in err["loc"])
+        value = err.get("input")
+        shown = f" (got {value!r})" if not isinstance(value, dict | list) else ""
+        where = f" [set in {path or 'defaults'} or {env}]" if field else ""
+        message = err["msg"].removeprefix("Value error, ")
+        parts.append(f"{field or 'config'}: {message}{shown}{where}")
+    return "invalid registry configuration: " + "; ".join(parts)
