@@ -12,8 +12,9 @@ import contextvars
 import os
 import re
 import tomllib
+import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import (
     BaseModel,
@@ -548,7 +549,22 @@ class LoggingSettings(_Section):
     level: Literal["debug", "info", "warning", "error"] = Field(default="info", description="Log level.")
 
 
-class Settings(BaseSettings):
+class TomlSettings(BaseSettings):
+    """Settings whose TOML file (read by `load_toml_settings`) is weaker than the environment."""
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, InitSettingsSource(settings_cls, _file_data.get() or {}))
+
+
+class Settings(TomlSettings):
     model_config = SettingsConfigDict(
         env_prefix="EDGED_", env_nested_delimiter="__", extra="forbid", validate_assignment=True
     )
@@ -599,22 +615,19 @@ class Settings(BaseSettings):
     def model(self, name: str) -> ModelSettings:
         return self.models.get(name) or ModelSettings()
 
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings, env_settings, InitSettingsSource(settings_cls, _file_data.get() or {}))
-
-
 def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
-    """Build the settings; raise ConfigError naming the field or file line at fault."""
-    if path is None and DEFAULT_CONFIG.exists():
-        path = DEFAULT_CONFIG
+    """Build the daemon's settings; raise ConfigError naming the field or file line at fault."""
+    return load_toml_settings(Settings, path, DEFAULT_CONFIG, "EDGED_", "configuration", **overrides)
+
+
+_T = TypeVar("_T", bound=TomlSettings)
+
+
+def load_toml_settings(cls: type[_T], path: Path | None, default_path: Path, env_prefix: str,
+                       what: str, **overrides: Any) -> _T:
+    """`cls` from `path` (else `default_path` when present), the environment and `overrides`."""
+    if path is None and default_path.exists():
+        path = default_path
     data: dict[str, Any] = {}
     if path is not None:
         try:
@@ -627,29 +640,33 @@ def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
             raise ConfigError(f"{path}: invalid TOML: {exc}") from None
     token = _file_data.set(data)
     try:
-        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+        return cls(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as exc:
-        raise ConfigError(_describe(exc, path)) from None
+        raise ConfigError(f"invalid {what}: " + _describe(exc, path, env_prefix)) from None
     except (ValueError, EdgedError) as exc:  # e.g. an environment variable that is not valid JSON
         first = str(exc).splitlines()[0]
         env = re.search(r'field "(\w+)" from source "EnvSettingsSource"', first)
         if env:
-            first = (f"an EDGED_{env.group(1).upper()}__* environment variable cannot be parsed "
+            annotation = getattr(cls.model_fields.get(env.group(1)), "annotation", None)
+            nested = typing.get_origin(annotation) is dict or (
+                isinstance(annotation, type) and issubclass(annotation, BaseModel))
+            variable = f"{env_prefix}{env.group(1).upper()}{'__*' if nested else ''}"
+            first = (f"the {variable} environment variable cannot be parsed "
                      f"(lists and tables are JSON, e.g. '[\"alice\"]')")
-        raise ConfigError(f"invalid configuration: {first}") from None
+        raise ConfigError(f"invalid {what}: {first}") from None
     finally:
         _file_data.reset(token)
 
 
-def _describe(exc: ValidationError, path: Path | None) -> str:
+def _describe(exc: ValidationError, path: Path | None, env_prefix: str) -> str:
     parts = []
     for err in exc.errors():
         if not err["loc"]:  # a rule across sections: its message names the keys
             parts.append(err["msg"].removeprefix("Value error, "))
             continue
         field = ".".join(str(p) for p in err["loc"])
-        env = "EDGED_" + "__".join(str(p).upper() for p in err["loc"])
+        env = env_prefix + "__".join(str(p).upper() for p in err["loc"])
         value = err.get("input")
         shown = f" (got {value!r})" if not isinstance(value, dict | list) else ""
         parts.append(f"{field}: {err['msg']}{shown} [set in {path or 'defaults'} or {env}]")
-    return "invalid configuration: " + "; ".join(parts)
+    return "; ".join(parts)

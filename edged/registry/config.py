@@ -7,29 +7,20 @@ Sources, strongest first: `EDGED_REGISTRY_*` environment variables (nested keys 
 
 from __future__ import annotations
 
-import contextvars
 import os
-import re
-import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import (
-    BaseSettings,
-    InitSettingsSource,
-    PydanticBaseSettingsSource,
     SettingsConfigDict,
 )
 
-from edged.config import ConfigError, MqttSettings
-from edged.errors import EdgedError
+from edged.config import MqttSettings, TomlSettings, load_toml_settings
 
 DEFAULT_CONFIG = Path("/etc/edged/registry.toml")
 DEFAULT_CLIENT_ID = "edged-registry"
 ENV_PREFIX = "EDGED_REGISTRY_"
-_file_data: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
-    "edged_registry_file", default=None)
 
 
 def default_root() -> Path:
@@ -47,7 +38,7 @@ def registry_mqtt(**values: Any) -> MqttSettings:
     return MqttSettings(**{"device_id": DEFAULT_CLIENT_ID, **values})
 
 
-class RegistrySettings(BaseSettings):
+class RegistrySettings(TomlSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid")
 
     root: Path = Field(
@@ -104,55 +95,7 @@ class RegistrySettings(BaseSettings):
             self.topic_prefix = self.mqtt.topic_prefix
         return self
 
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings, env_settings, InitSettingsSource(settings_cls, _file_data.get() or {}))
-
 
 def load_registry_settings(path: Path | None = None) -> RegistrySettings:
     """Build the settings; raise ConfigError naming the field (and where to set it) at fault."""
-    if path is None and DEFAULT_CONFIG.exists():
-        path = DEFAULT_CONFIG
-    data: dict[str, Any] = {}
-    if path is not None:
-        try:
-            data = tomllib.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: no such config file") from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{path}: cannot read: {exc}") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path}: invalid TOML: {exc}") from None
-    token = _file_data.set(data)
-    try:
-        return RegistrySettings()
-    except ValidationError as exc:
-        raise ConfigError(_describe(exc, path)) from None
-    except (ValueError, EdgedError) as exc:  # e.g. an environment variable that is not valid JSON
-        first = str(exc).splitlines()[0]
-        env = re.search(r'field "(\w+)" from source "EnvSettingsSource"', first)
-        if env:
-            first = f"an {ENV_PREFIX}{env.group(1).upper()}* environment variable cannot be parsed"
-        raise ConfigError(f"invalid registry configuration: {first}") from None
-    finally:
-        _file_data.reset(token)
-
-
-def _describe(exc: ValidationError, path: Path | None) -> str:
-    parts = []
-    for err in exc.errors():
-        field = ".".join(str(p) for p in err["loc"])
-        env = ENV_PREFIX + "__".join(str(p).upper() for p in err["loc"])
-        value = err.get("input")
-        shown = f" (got {value!r})" if not isinstance(value, dict | list) else ""
-        where = f" [set in {path or 'defaults'} or {env}]" if field else ""
-        message = err["msg"].removeprefix("Value error, ")
-        parts.append(f"{field or 'config'}: {message}{shown}{where}")
-    return "invalid registry configuration: " + "; ".join(parts)
+    return load_toml_settings(RegistrySettings, path, DEFAULT_CONFIG, ENV_PREFIX, "registry configuration")
