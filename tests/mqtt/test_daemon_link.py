@@ -266,3 +266,23 @@ def test_a_password_file_and_an_acl_limited_to_the_device(start_daemon, start_br
                             timeout=20)
     operator = mqtt_subscriber(broker, None)
     assert operator.request(f"{TOPICS}/cmd", {"command": "ping"})["result"] == "pong"
+
+
+def test_commands_can_be_limited_to_named_senders(start_daemon, broker, mqtt_subscriber, tiny_store,
+                                                  tmp_path):
+    start_daemon(tiny_store.root, mqtt_config(broker, tmp_path, command_senders=["fleet-ops"]))
+    mqtt_subscriber(broker, f"{TOPICS}/status").wait_for(lambda m: m.json()["state"] == "online", timeout=20)
+    operator = mqtt_subscriber(broker, None)
+    refused = operator.request(f"{TOPICS}/cmd", {"command": "ping"})
+    assert refused["ok"] is False and "may not send commands" in refused["error"]
+    allowed = operator.request(f"{TOPICS}/cmd", {"command": "ping"},
+                               user_properties=[("sender", "fleet-ops")])
+    assert allowed["result"] == "pong"
+
+
+def test_commands_can_be_turned_off(start_daemon, broker, mqtt_subscriber, tiny_store, tmp_path):
+    start_daemon(tiny_store.root, mqtt_config(broker, tmp_path, commands=False))
+    mqtt_subscriber(broker, f"{TOPICS}/status").wait_for(lambda m: m.json()["state"] == "online", timeout=20)
+    operator = mqtt_subscriber(broker, None)
+    with pytest.raises(AssertionError, match="no message"):  # nobody answers
+        operator.request(f"{TOPICS}/cmd", {"command": "ping"}, timeout=2)
