@@ -7,6 +7,7 @@ The only module that turns errors into exit codes: 0 ok, 1 runtime error,
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import logging
 import sys
@@ -29,16 +30,24 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from edged import systemd
     from edged.daemon import Daemon, configure_logging
 
     settings = _settings(args)
     configure_logging(settings.logging.level)
     if args.check:
         return _check(settings)
-    daemon = Daemon(settings, reload_settings=lambda: _settings(args))
+    # Every thread's stack on stderr when a runtime crashes, or when the watchdog's SIGABRT
+    # ends a daemon whose inference hung: the journal then shows where.
+    faulthandler.enable()
+    listener = systemd.listen_socket()  # socket activation; None: the daemon binds the socket itself
+    daemon = Daemon(settings, listener, reload_settings=lambda: _settings(args))
     daemon.install_signal_handlers()
-    print(f"edged {__version__}: serving the models in {settings.store.path} "
-          f"on {settings.socket.path}", file=sys.stderr, flush=True)
+    if listener is not None and daemon.server.path != settings.socket.path:
+        logging.getLogger("edged").warning("serving on %s, the socket systemd passed; [socket] path %s "
+                                           "is not used", daemon.server.path, settings.socket.path)
+    print(f"edged {__version__}: serving the models in {settings.store.path} on {daemon.server.path}"
+          + (" (socket from systemd)" if listener else ""), file=sys.stderr, flush=True)
     return daemon.run()
 
 

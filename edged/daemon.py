@@ -1,24 +1,33 @@
 """Wires the store, the model manager, the socket API, the pipelines and the MQTT
 link, and runs until told to stop.
 
-Signal handlers only set a flag; the main loop does the work (syncing the
-store's active versions) and the single shutdown path.
+Signal handlers only write a byte to a pipe; the main loop reads it and does
+the work: reload on SIGHUP, the single shutdown path on SIGTERM and SIGINT,
+the watchdog and the status line systemd shows. The store is synced on a
+thread of its own, since loading a new version may take longer than the
+watchdog allows the loop to be away.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
+import os
+import select
 import signal
 import socket
-import sys
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
+from typing import IO
 
-from edged import __version__
+from edged import __version__, systemd
 from edged.api.routes import Api
-from edged.api.server import ApiServer
+from edged.api.server import ApiServer, check_socket_path
 from edged.config import ConfigError, Settings
+from edged.errors import EdgedError
 from edged.health import Health
 from edged.models.manager import ModelManager
 from edged.models.store import ModelStore
@@ -27,11 +36,48 @@ from edged.pipelines.group import Pipelines
 log = logging.getLogger("edged")
 
 
+class InUse(EdgedError):
+    """Another edged holds the socket or the store."""
+
+
+def hold_lock(path: Path, message: str) -> IO[str]:
+    """flock `path` for as long as the file stays open; the kernel drops it when the process ends.
+
+    `message` (with `{pid}`, the holder's) is the error when another process holds it.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    file = path.open("a+")
+    try:
+        fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        file.seek(0)
+        holder = file.read().strip() or "unknown"
+        file.close()
+        raise InUse(message.format(pid=holder)) from None
+    file.seek(0)
+    file.truncate()
+    file.write(f"{os.getpid()}\n")
+    file.flush()
+    return file
+
+
 class Daemon:
     def __init__(self, settings: Settings, listener: socket.socket | None = None,
                  reload_settings: Callable[[], Settings] | None = None) -> None:
         self.settings = settings
         self.reload_settings = reload_settings
+        # Before anything touches the socket, the store or the outbox. An activated socket is
+        # systemd's, handed to one process: it needs no lock of ours (and its directory may be
+        # read-only to us).
+        self.locks = []
+        if listener is None:
+            path = settings.socket.path
+            self.locks.append(hold_lock(path.with_name(path.name + ".lock"),
+                                        f"another process is serving on {path} (edged, pid {{pid}})"))
+            check_socket_path(path)  # what is wrong with the socket's path is said first
+        self.locks.append(hold_lock(settings.store.path / ".lock",
+                                    f"another process is using the model store {settings.store.path} "
+                                    "(edged, pid {pid})"))
         self.store = ModelStore(settings.store.path)
         self.manager = ModelManager(self.store, settings)
         self.health = Health(self.manager, self.store.root)
@@ -43,18 +89,27 @@ class Daemon:
         self.mqtt = MqttParts(self) if settings.mqtt.enabled else None
         self.pipelines.use_mqtt(self.mqtt)  # results and sensor topics over the link
         self.health.sections["mqtt"] = self.mqtt.link.status if self.mqtt else (lambda: {"enabled": False})
+        self.watchdog = systemd.Watchdog(systemd.inference_check(self.manager), systemd.watchdog_interval())
+        self.health.sections["watchdog"] = self.watchdog.status
         self.stopping = threading.Event()
+        self.restart_needed: list[str] = []  # config sections changed on disk that only a restart applies
+        self._signals_r, self._signals_w = os.pipe()
+        os.set_blocking(self._signals_w, False)
+        self._reload_lock = threading.Lock()
+        self._status = ""
 
     def run(self, on_ready: Callable[[], None] | None = None) -> int:
         started = time.monotonic()
         self.store.root.mkdir(parents=True, exist_ok=True)
         for name in self.store.names():
             self.store.clean_staging(name)
-        self.server.start()
-        log.info("listening on %s", self.server.path)
+        if not self.server.inherited:  # ours: answers at once, 503 to inferences until loaded
+            self.start_serving()
         try:
             if self.mqtt is not None:
                 self.mqtt.start_reporting()  # loading's events are queued in the outbox
+            count = len(self.store.names())
+            systemd.status(f"loading {count} model{'' if count == 1 else 's'}")
             self.manager.load_all()
             if self.mqtt is not None:
                 self.mqtt.link.start()  # `online` once the models serve
@@ -66,28 +121,75 @@ class Daemon:
                 log.warning("the store %s has no active model: add one with `edged models add`",
                             self.store.root)
             self.pipelines.start_enabled()
+            pending = self._read_signals(0)
+            if b"T" in pending:
+                return 0  # told to stop while starting: never say ready
             self.api.startup_done.set()
+            if self.server.inherited:  # systemd's: what waited in its backlog gets a ready edged
+                self.start_serving()
+            self._tell_systemd(ready=True)  # the socket answers from here on
             if on_ready is not None:
                 on_ready()
-            while not self.stopping.wait(self.settings.store.poll_interval_s):
-                try:
-                    self.manager.sync()
-                except Exception:  # the daemon outlives whatever the store throws at it
-                    log.exception("syncing with the model store failed; serving what is loaded")
+            threading.Thread(target=self._sync_loop, name="store-sync", daemon=True).start()
+            while b"T" not in pending:
+                if b"H" in pending:
+                    self._reload_on_signal()
+                self.watchdog.tick()
+                self._tell_systemd()
+                pending = self._read_signals(self.watchdog.tick_s)
         finally:
             log.info("stopping")
+            systemd.stopping()
+            self.stopping.set()
             self.pipelines.stop_all()
             self.server.stop(timeout=self.settings.socket.request_timeout_s)
             if self.mqtt is not None:
                 self.mqtt.stop()
             self.manager.close()
+            for lock in self.locks:
+                lock.close()
         return 0
+
+    def start_serving(self) -> None:
+        self.server.start()
+        log.info("listening on %s%s", self.server.path, " (from systemd)" if self.server.inherited else "")
+
+    def _sync_loop(self) -> None:
+        """Make the served versions follow the store's active pointers."""
+        while not self.stopping.wait(self.settings.store.poll_interval_s):
+            try:
+                self.manager.sync()
+            except Exception:  # the daemon outlives whatever the store throws at it
+                log.exception("syncing with the model store failed; serving what is loaded")
+
+    def _read_signals(self, timeout: float) -> bytes:
+        """What the signal handlers wrote: T to stop, H to reload; waits up to `timeout`."""
+        readable, _, _ = select.select([self._signals_r], [], [], timeout)
+        return os.read(self._signals_r, 256) if readable else b""
+
+    def _reload_on_signal(self) -> None:
+        try:
+            self.reload_config()
+        except ConfigError:
+            return  # logged in one line by reload_config
+        except Exception:
+            log.exception("config reload failed")
 
     def reload_config(self) -> dict:
         """Read the config again and apply what can change while running; say what cannot."""
-        if self.reload_settings is None:
-            raise ConfigError("no config to reload: the daemon was started without one")
-        new = self.reload_settings()
+        with self._reload_lock:
+            systemd.reloading()
+            try:
+                if self.reload_settings is None:
+                    raise ConfigError("the daemon was started without a config to read again")
+                return self._apply(self.reload_settings())
+            except ConfigError as exc:
+                log.error("config not reloaded, nothing changed: %s", exc)
+                raise
+            finally:
+                self._tell_systemd(ready=True)
+
+    def _apply(self, new: Settings) -> dict:
         applied, needs_restart = [], []
         for section in type(new).model_fields:
             if getattr(new, section) == getattr(self.settings, section):
@@ -101,6 +203,7 @@ class Daemon:
                 continue
             setattr(self.settings, section, getattr(new, section))
             applied.append(section)
+        self.restart_needed = needs_restart
         outcome = {"applied": applied, "needs_restart": needs_restart}
         log.info("config reloaded: applied %s; needs a restart: %s",
                  ", ".join(applied) or "nothing", ", ".join(needs_restart) or "nothing")
@@ -108,12 +211,42 @@ class Daemon:
             self.mqtt.reporter.event("config_reloaded", **outcome)
         return outcome
 
-    def install_signal_handlers(self) -> None:
-        def stop(signum: int, frame: object) -> None:
-            self.stopping.set()
+    def status_line(self) -> str:
+        """One line for `systemctl status`: models, pipelines, broker, what needs attention."""
+        served = sorted(self.manager.served().items())
+        models = ", ".join(f"{name} {m.version} {m.selection.backend}" for name, m in served)
+        parts = [f"serving {len(served)} model{'' if len(served) == 1 else 's'}"
+                 + (f" ({models})" if models else "")]
+        if failed := sorted(self.manager.failures):
+            parts.append(f"failed: {', '.join(failed)}")
+        if configured := len(self.pipelines.settings):
+            failures = len(self.pipelines.failures)
+            parts.append(f"{len(self.pipelines.running)} of {configured} pipelines running"
+                         + (f", {failures} failed" if failures else ""))
+        if self.mqtt is not None:
+            parts.append("MQTT connected" if self.mqtt.link.connected.is_set() else "MQTT not connected")
+        if self.restart_needed:
+            parts.append(f"restart needed for: {', '.join(self.restart_needed)}")
+        if stuck := self.watchdog.stuck_for():
+            parts.append(f"inference stuck for {stuck:.0f} s")
+        return "; ".join(parts)
 
-        signal.signal(signal.SIGTERM, stop)
-        signal.signal(signal.SIGINT, stop)
+    def _tell_systemd(self, ready: bool = False) -> None:
+        """READY=1 with the status line when asked; otherwise STATUS= only when the line changed."""
+        line = self.status_line()
+        if ready:
+            systemd.ready(line)
+        elif line != self._status:
+            systemd.status(line)
+        self._status = line
+
+    def install_signal_handlers(self) -> None:
+        def handler(signum: int, frame: object) -> None:
+            with contextlib.suppress(BlockingIOError):  # a full pipe already holds the news
+                os.write(self._signals_w, b"H" if signum == signal.SIGHUP else b"T")
+
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, handler)
 
 
 class MqttParts:
@@ -177,7 +310,5 @@ class MqttParts:
 
 
 def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(), stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    """Structured entries when stderr is the journal, plain lines on stderr otherwise."""
+    logging.basicConfig(level=level.upper(), handlers=[systemd.journald_handler()])

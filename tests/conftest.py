@@ -95,7 +95,8 @@ def to_toml(data: dict, prefix: str = "") -> str:
 class DaemonProcess:
     """`edged run` in a subprocess, with its socket, store and log."""
 
-    def __init__(self, workdir: Path, store_dir: Path, config: dict | None, env: dict | None) -> None:
+    def __init__(self, workdir: Path, store_dir: Path, config: dict | None, env: dict | None,
+                 launcher: list[str] | None = None, pass_fds: tuple[int, ...] = ()) -> None:
         self.workdir = workdir
         self.socket = workdir / "edged.sock"
         self.store_dir = store_dir
@@ -112,9 +113,9 @@ class DaemonProcess:
         full_env.update(env or {})
         self.log = self.log_path.open("wb")
         self.started = time.monotonic()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "edged", "run", "--config", str(self.config_path)],
-            stdout=self.log, stderr=subprocess.STDOUT, env=full_env, cwd=workdir,
+        self.proc = subprocess.Popen(  # launcher: what runs `-m edged run ...` (default: this Python)
+            [*(launcher or [sys.executable]), "-m", "edged", "run", "--config", str(self.config_path)],
+            stdout=self.log, stderr=subprocess.STDOUT, env=full_env, cwd=workdir, pass_fds=pass_fds,
         )
 
     def output(self) -> str:
@@ -158,10 +159,10 @@ def _daemon_factory() -> Iterator:
     started: list[DaemonProcess] = []
 
     def start(store_dir: Path, config: dict | None = None, env: dict | None = None,
-              ready: bool = True) -> DaemonProcess:
+              ready: bool = True, **spawn) -> DaemonProcess:
         workdir = base / f"d{len(started)}"
         workdir.mkdir()
-        daemon = DaemonProcess(workdir, store_dir, config, env)
+        daemon = DaemonProcess(workdir, store_dir, config, env, **spawn)
         started.append(daemon)
         return daemon.wait_ready() if ready else daemon
 
@@ -173,7 +174,8 @@ def _daemon_factory() -> Iterator:
 
 @pytest.fixture
 def start_daemon() -> Iterator:
-    """start_daemon(store_dir, config=None, env=None, ready=True) -> DaemonProcess, stopped after the test."""
+    """start_daemon(store_dir, config=None, env=None, ready=True, launcher=None, pass_fds=())
+    -> DaemonProcess, stopped after the test."""
     yield from _daemon_factory()
 
 

@@ -6,7 +6,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(python3 python3-venv python3-dev gcc pkg-config libsystemd-dev mosquitto)
+# systemd (systemd-analyze), dpkg-dev and lintian: the unit and .deb tests.
+packages=(python3 python3-venv python3-dev gcc pkg-config libsystemd-dev mosquitto systemd dpkg-dev lintian)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

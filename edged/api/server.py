@@ -43,6 +43,33 @@ def resolve_group(group: str | None) -> int:
         raise ConfigError(f"socket.group: no such group {group!r}") from None
 
 
+def check_socket_path(path: Path) -> bool:
+    """Refuse a path that is not a socket, or that another process answers on.
+
+    True when a stale socket (nobody listening) is there, to be replaced.
+    """
+    if not (path.exists() or path.is_symlink()):
+        return False
+    if not path.is_socket() or path.is_symlink():
+        raise SocketInUse(f"{path} exists and is not a socket; refusing to replace it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(2.0)
+    try:
+        probe.connect(str(path))
+    except ConnectionRefusedError:
+        return True
+    except TimeoutError:
+        raise SocketInUse(f"a process holds {path} but does not answer; stop it first") from None
+    except OSError as exc:
+        if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT):
+            raise
+        return exc.errno == errno.ECONNREFUSED
+    else:
+        raise SocketInUse(f"another process is serving on {path}")
+    finally:
+        probe.close()
+
+
 def bind_unix_socket(path: Path, group: str | None, mode: int = SOCKET_MODE) -> socket.socket:
     """Bind `path` with its final mode and group already set, replacing only a stale socket.
 
@@ -51,24 +78,8 @@ def bind_unix_socket(path: Path, group: str | None, mode: int = SOCKET_MODE) -> 
     looser permissions.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists() or path.is_symlink():
-        if not path.is_socket() or path.is_symlink():
-            raise SocketInUse(f"{path} exists and is not a socket; refusing to replace it")
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        probe.settimeout(2.0)
-        try:
-            probe.connect(str(path))
-        except ConnectionRefusedError:
-            log.info("replacing stale socket %s", path)
-        except TimeoutError:
-            raise SocketInUse(f"a process holds {path} but does not answer; stop it first") from None
-        except OSError as exc:
-            if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT):
-                raise
-        else:
-            raise SocketInUse(f"another process is serving on {path}")
-        finally:
-            probe.close()
+    if check_socket_path(path):
+        log.info("replacing stale socket %s", path)
     gid = resolve_group(group)
     temporary = path.with_name(f".{path.name}.{os.getpid()}")
     with contextlib.suppress(FileNotFoundError):
@@ -96,6 +107,7 @@ class ApiServer:
         self.inherited = listener is not None
         self.listener = listener
         self._connections: dict[socket.socket, Connection | None] = {}
+        self._reused: set[socket.socket] = set()  # kept alive after a response
         self._threads: set[threading.Thread] = set()
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -103,6 +115,11 @@ class ApiServer:
 
     @property
     def path(self) -> Path:
+        """Where clients connect: the inherited socket's own path, else the configured one."""
+        if self.inherited and self.listener is not None:
+            with contextlib.suppress(OSError):
+                if isinstance(name := self.listener.getsockname(), str) and name:
+                    return Path(name)
         return self.settings.path
 
     def start(self) -> None:
@@ -114,16 +131,23 @@ class ApiServer:
 
     def _accept_loop(self) -> None:
         assert self.listener is not None
-        while not self._stopping.is_set():
+        while True:
+            draining = self._stopping.is_set()
+            if draining and self.inherited:
+                return  # what waits in the backlog is for the next edged systemd starts
             try:
                 sock, _ = self.listener.accept()
             except TimeoutError:
                 continue
+            except BlockingIOError:  # draining, and the backlog is empty
+                return
             except OSError as exc:
-                if self._stopping.is_set():
+                if draining:
                     return
                 log.warning("accept failed: %s", exc)
                 continue
+            if draining:
+                log.debug("answering a connection made before the socket was removed")
             try:
                 # Room for a whole camera frame per syscall instead of a dozen small wake-ups.
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
@@ -191,6 +215,8 @@ class ApiServer:
                 conn.send(response, keep_alive, http10=http10, head_only=head_only)
                 if not keep_alive:
                     return
+                with self._lock:
+                    self._reused.add(sock)
         except ClientGone:
             pass
         except OSError as exc:  # the client went away while we answered
@@ -199,29 +225,46 @@ class ApiServer:
         finally:
             with self._lock:
                 self._connections.pop(sock, None)
+                self._reused.discard(sock)
                 self._threads.discard(threading.current_thread())
             sock.close()
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Stop accepting; close idle connections; let requests in progress finish (up to `timeout`)."""
-        self._stopping.set()
-        self.api.stopping.set()  # ends event streams
-        if self._thread is not None:
-            self._thread.join(timeout=2)
-        with self._lock:
-            for sock, conn in self._connections.items():
-                if conn is None or not conn.in_request:
-                    with contextlib.suppress(OSError):
-                        sock.shutdown(socket.SHUT_RDWR)
-            threads = list(self._threads)
-        deadline = time.monotonic() + timeout
-        for thread in threads:
-            thread.join(timeout=max(0.0, deadline - time.monotonic()))
-        if self.listener is not None:
-            self.listener.close()
+        """Stop taking connections and answer every request already made (up to `timeout`).
+
+        A socket we bound is removed first, so new clients are refused, and what is
+        already in its backlog is accepted and answered. An inherited one stays
+        systemd's: it keeps its path and its backlog, which the next edged answers.
+        A connection idle after a response is closed for reading: a request already
+        sent on it is still answered; one sent after that fails to send (HTTP allows
+        closing an idle keep-alive connection; clients retry on a new one). A new
+        connection still gets its first request answered.
+        """
         if not self.inherited:
             with contextlib.suppress(FileNotFoundError):
                 self.settings.path.unlink()
+        self._stopping.set()
+        self.api.stopping.set()  # ends event streams
+        if self.listener is not None and not self.inherited:
+            self.listener.setblocking(False)  # the accept loop drains the backlog, then ends
+        deadline = time.monotonic() + timeout
+        if self._thread is not None:
+            self._thread.join(timeout=max(0.0, deadline - time.monotonic()))
+        closed: set[socket.socket] = set()
+        while (left := deadline - time.monotonic()) > 0:
+            with self._lock:
+                for sock in self._reused - closed:  # looked at again: one may fall idle meanwhile
+                    conn = self._connections.get(sock)
+                    if conn is not None and not conn.in_request:
+                        with contextlib.suppress(OSError):
+                            sock.shutdown(socket.SHUT_RD)
+                        closed.add(sock)
+                threads = list(self._threads)
+            if not threads:
+                break
+            threads[0].join(timeout=min(0.1, left))
+        if self.listener is not None:
+            self.listener.close()
 
 
-__all__ = ["ApiServer", "Response", "SocketInUse", "bind_unix_socket"]
+__all__ = ["ApiServer", "Response", "SocketInUse", "bind_unix_socket", "check_socket_path"]

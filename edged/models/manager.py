@@ -252,7 +252,8 @@ class ModelManager:
         self._pending.discard(name)
         self.failures.pop(name, None)
         self._failed_version.pop(name, None)
-        log.info("%s %s serving on %s: %s", name, version, selection.backend, selection.reason)
+        log.info("%s %s serving on %s: %s", name, version, selection.backend, selection.reason,
+                 extra={"MODEL": name, "VERSION": version})
         self._emit("model_loaded", {"model": name, "version": version, "why": reason,
                                     "previous": old.version if old is not None else None,
                                     "backend": selection.backend, "reason": selection.reason})
@@ -264,7 +265,7 @@ class ModelManager:
         prefix = f"{name} {version}" if version else name
         message = reason if reason.startswith(name) else f"{prefix}: {reason}"
         if self.failures.get(name) != message:
-            log.error("cannot serve %s", message)
+            log.error("cannot serve %s", message, extra={"MODEL": name, "VERSION": version})
             self._emit("model_failed", {"model": name, "version": version, "error": message})
         self._pending.discard(name)
         if version is not None:
@@ -285,7 +286,8 @@ class ModelManager:
             if self._models.get(served.name) is not served:
                 return
             failing = served.selection.backend
-            log.warning("%s: %s failing (%s); trying another backend", served.name, failing, error)
+            log.warning("%s: %s failing (%s); trying another backend", served.name, failing, error,
+                        extra={"MODEL": served.name, "VERSION": served.version})
             if not self._load(served.name, served.version, reason=f"fallback from {failing}",
                               exclude=frozenset({failing})):
                 served.consecutive_errors = 0  # no other backend now: try again after as many errors

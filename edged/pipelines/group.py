@@ -41,7 +41,7 @@ class Pipelines:
                 try:
                     self._start(name)
                 except EdgedError as exc:
-                    log.error("%s", exc)
+                    log.error("%s", exc, extra={"PIPELINE": name, "MODEL": settings.model})
 
     def start(self, name: str) -> None:
         with self._lock:
@@ -56,7 +56,7 @@ class Pipelines:
             if pipeline is None:
                 raise InvalidInput(f"pipeline {name!r} is not running")
             pipeline.stop()
-        log.info("pipeline %s stopped", name)
+        log.info("pipeline %s stopped", name, extra={"PIPELINE": name})
 
     def restart(self, name: str) -> None:
         with self._lock:
@@ -72,7 +72,7 @@ class Pipelines:
             for name in list(self.running):
                 if settings.get(name) != self.settings.get(name):
                     self.running.pop(name).stop()
-                    log.info("pipeline %s stopped (config changed)", name)
+                    log.info("pipeline %s stopped (config changed)", name, extra={"PIPELINE": name})
             for name in set(self.failures) - set(settings):
                 self.failures.pop(name)
             self.settings = settings
@@ -114,4 +114,5 @@ class Pipelines:
         self.failures.pop(name, None)
         pipeline.start()
         self.running[name] = pipeline
-        log.info("pipeline %s: %s -> %s", name, settings.source.uri or settings.source.kind, settings.model)
+        log.info("pipeline %s: %s -> %s", name, settings.source.uri or settings.source.kind, settings.model,
+                 extra={"PIPELINE": name, "MODEL": settings.model})

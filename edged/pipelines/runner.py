@@ -1,23 +1,30 @@
 """One pipeline: source -> preprocess -> model -> decode -> sinks.
 
-Three threads overlap the work so the model is never idle waiting for Python:
-    feeder    newest frame or sensor window -> input quality -> preprocess (a window
-              only takes the input's shape and dtype)
-    inferer   `ModelManager.infer` (the same call the socket API makes, so hot swaps
-              and backend fallbacks reach pipelines too)
-    finisher  decode -> sinks
-Hand-offs hold one item each: a live camera's extra frames are dropped at the
-source (counted), never queued. A failure in a stage is counted and logged once
-per kind; an unexpected exception restarts that stage with a doubling backoff.
-Nothing here ever stops the daemon.
+Two threads (besides the source's own) overlap the work so the model is never idle
+waiting for Python:
+    inferer   `ModelManager.infer` and nothing else (the same call the socket API
+              makes, so hot swaps and backend fallbacks reach pipelines too)
+    worker    everything in Python, one step at a time: when the model's slot is free,
+              the newest frame or sensor window -> input quality -> preprocess (a
+              window only takes the input's shape and dtype) into the slot; otherwise
+              decode -> sinks for what the model has done
+The Python steps hold the GIL and are short, so a thread each would not run them side
+by side; it would only add hand-offs (wake-ups, context switches, GIL hand-overs:
+measured at ~0.1 ms of CPU per frame for the third thread this replaced, on 2 cores).
+Only the model, video decoding and OpenCV release the GIL for long. One condition variable
+carries every hand-off; the slot holds one item, so a live camera's extra frames are
+dropped at the source (counted), never queued, and the frame prepared is the newest
+when the model is ready for it. A failure is counted and logged once per kind; an
+unexpected exception restarts that thread's loop with a doubling backoff. Nothing
+here ever stops the daemon.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -39,6 +46,9 @@ from edged.pipelines.sources import Frame, Window, build_source
 log = logging.getLogger(__name__)
 STAGES = ("preprocess", "infer", "decode", "sinks")
 RAW_VALUES_MAX = 64  # raw results show an output's values up to this many, else only its shape
+# Picture quality is looked at up to 10 times a second, not on every frame: it judges
+# seconds (frozen, black, saturated) and its thumbnail reads every pixel of the frame.
+PICTURE_CHECK_S = 0.1
 
 
 @dataclass
@@ -72,6 +82,20 @@ def as_bgr(image: np.ndarray) -> np.ndarray:
     return image
 
 
+def _opencv_on_calling_threads() -> None:
+    """OpenCV runs each call on the thread that makes it, without its own worker pool.
+
+    A pipeline's OpenCV calls (colour conversion, resizing a frame) take tens of
+    microseconds, too little to share out; OpenCV's pool workers then spin waiting
+    for work on the cores the model runs on (measured on 2 cores: 0.4 ms of CPU per
+    frame, 240 yields, and a slower inference). Process-wide; video decoding by
+    FFmpeg keeps its own threads.
+    """
+    import cv2
+
+    cv2.setNumThreads(1)
+
+
 class Pipeline:
     def __init__(self, name: str, settings: PipelineSettings, manager: ModelManager,
                  mqtt: SharedPort | None = None) -> None:
@@ -90,9 +114,17 @@ class Pipeline:
         self.last_error = ""
         self.restarts = 0
         self.started_at = 0.0
-        self._prepared: queue.Queue[_Item] = queue.Queue(maxsize=1)
-        self._inferred: queue.Queue[_Item] = queue.Queue(maxsize=1)
+        self.inference_cpu_s = 0.0  # CPU time of the inferer inside ModelManager.infer
+        # The hand-offs, all under one condition: the prepared item the model takes next,
+        # and the inferred items the worker decodes and writes out. A new frame at the
+        # source wakes the worker through the same condition.
+        self._cond = threading.Condition()
+        self._slot: _Item | None = None
+        self._inferred: deque[_Item] = deque()
+        self._doing = "feed"  # what the worker does now, to name a failure
+        self.source.frames.on_put = self._frame_arrived
         self._completed = 0  # frames through the sinks, or given up on after an error
+        self._quality_due = 0.0  # monotonic time of the next picture quality check
         self._lock = threading.Lock()
         self._view: _ModelView | None = None
         self._stop = threading.Event()
@@ -102,8 +134,10 @@ class Pipeline:
     def start(self) -> None:
         self._stop.clear()
         self.started_at = time.monotonic()
+        if not self.settings.source.is_sensor:
+            _opencv_on_calling_threads()
         self.source.start()
-        for stage in (self._feed, self._infer, self._finish):
+        for stage in (self._infer, self._work):
             thread = threading.Thread(target=self._supervise, args=(stage,), daemon=True,
                                       name=f"pipeline-{self.name}-{stage.__name__.strip('_')}")
             self._threads.append(thread)
@@ -112,6 +146,8 @@ class Pipeline:
     def request_stop(self) -> None:
         self._stop.set()
         self.source.request_stop()
+        with self._cond:
+            self._cond.notify_all()
 
     def stop(self) -> None:
         self.request_stop()
@@ -143,28 +179,80 @@ class Pipeline:
                 else:
                     with self._lock:
                         self.restarts += 1
-                    self._note_error(f"{stage.__name__.strip('_')} failed: {type(exc).__name__}: {exc}")
+                    doing = self._doing if stage == self._work else stage.__name__.strip("_")
+                    self._note_error(f"{doing} failed: {type(exc).__name__}: {exc}")
                     if failures == 1:
-                        log.exception("pipeline %s: unexpected error", self.name)
+                        log.exception("pipeline %s: unexpected error", self.name, extra=self._log_fields)
                 if failures >= 3 and self._stop.wait(min(0.1 * 2 ** (failures - 3), 30.0)):
                     return
 
-    # --- the stages -------------------------------------------------------------------
-    def _feed(self) -> None:
-        frame = self.source.take(timeout=0.5)
-        if frame is None:
+    # --- the two threads ----------------------------------------------------------------
+    def _infer(self) -> None:
+        with self._cond:
+            while self._slot is None:
+                if self._stop.is_set() or not self._cond.wait(0.5):
+                    return
+            item, self._slot = self._slot, None
+            self._cond.notify_all()  # the worker may prepare the next frame meanwhile
+        start, cpu = time.perf_counter(), time.thread_time()
+        # Pinned to the version the frame was prepared for: across a hot swap, a frame
+        # prepared for the old version fails alone instead of being decoded wrongly.
+        result = self.manager.infer(self.settings.model, {item.model.spec.name: item.tensor},
+                                    version=item.model.served.version)
+        self.inference_cpu_s += time.thread_time() - cpu
+        self.stages["infer"].observe(time.perf_counter() - start)
+        item.outputs, item.version = result.outputs, result.model.version
+        with self._cond:
+            self._inferred.append(item)
+            self._cond.notify_all()
+
+    def _work(self) -> None:
+        """One step: feed the model's free slot from a waiting frame first (the model must
+        not wait), else finish the oldest inferred item; or wait for either."""
+        with self._cond:
+            while True:
+                if self._slot is None and self.source.frames.pending:
+                    item = None
+                    break
+                if self._inferred:
+                    item = self._inferred.popleft()
+                    break
+                if self._stop.is_set() or not self._cond.wait(0.5):
+                    return
+        if item is not None:
+            self._doing = "finish"
+            self._finish(item)
             return
+        self._doing = "feed"
+        frame = self.source.take(timeout=0)
+        if frame is not None:  # always, but for a source that was stopped meanwhile
+            prepared = self._feed(frame)
+            with self._cond:
+                self._slot = prepared
+                self._cond.notify_all()
+
+    def _frame_arrived(self) -> None:
+        """Called by the source after each new frame or window: the worker may be waiting."""
+        with self._cond:
+            self._cond.notify_all()
+
+    # --- the steps --------------------------------------------------------------------
+    def _feed(self, frame: Frame | Window) -> _Item:
         was = self.quality.reason
+        now = time.monotonic()
         if isinstance(frame, Window):  # from a sensor source, so self.quality watches sensors
-            self.quality.check(frame.data, frame.samples, time.monotonic())
+            self.quality.check(frame.data, frame.samples, now)
         else:
             frame.image = as_bgr(frame.image)
-            self.quality.check(frame.image, time.monotonic())
+            if now >= self._quality_due:  # a picture's quality is judged over seconds
+                self._quality_due = now + PICTURE_CHECK_S
+                self.quality.check(frame.image, now)
         if self.quality.reason != was:
             if self.quality.reason:
-                log.warning("pipeline %s degraded: %s", self.name, self.quality.reason)
+                log.warning("pipeline %s degraded: %s", self.name, self.quality.reason,
+                            extra=self._log_fields)
             else:
-                log.info("pipeline %s: input recovered", self.name)
+                log.info("pipeline %s: input recovered", self.name, extra=self._log_fields)
         view = self._model_view()
         start = time.perf_counter()
         if isinstance(frame, Window):
@@ -173,25 +261,9 @@ class Pipeline:
             tensor, placement = image_to_tensor(frame.image, view.spec.shape, view.spec.dtype,
                                                 view.preprocessing)
         self.stages["preprocess"].observe(time.perf_counter() - start)
-        self._hand(self._prepared, _Item(frame, view, tensor, placement))
+        return _Item(frame, view, tensor, placement)
 
-    def _infer(self) -> None:
-        item = self._next(self._prepared)
-        if item is None:
-            return
-        start = time.perf_counter()
-        # Pinned to the version the frame was prepared for: across a hot swap, a frame
-        # prepared for the old version fails alone instead of being decoded wrongly.
-        result = self.manager.infer(self.settings.model, {item.model.spec.name: item.tensor},
-                                    version=item.model.served.version)
-        self.stages["infer"].observe(time.perf_counter() - start)
-        item.outputs, item.version = result.outputs, result.model.version
-        self._hand(self._inferred, item)
-
-    def _finish(self) -> None:
-        item = self._next(self._inferred)
-        if item is None:
-            return
+    def _finish(self, item: _Item) -> None:
         start = time.perf_counter()
         frame = item.frame
         if isinstance(frame, Window):
@@ -225,19 +297,10 @@ class Pipeline:
                                                   windows=self.settings.source.is_sensor))
         return self._view
 
-    def _hand(self, slot: queue.Queue, item: _Item) -> None:
-        while not self._stop.is_set():
-            try:
-                slot.put(item, timeout=0.5)
-                return
-            except queue.Full:
-                continue
-
-    def _next(self, slot: queue.Queue) -> _Item | None:
-        try:
-            return slot.get(timeout=0.5)
-        except queue.Empty:
-            return None
+    @property
+    def _log_fields(self) -> dict[str, str]:
+        """Journal fields for this pipeline's log lines."""
+        return {"PIPELINE": self.name, "MODEL": self.settings.model}
 
     def _done_with_one(self) -> None:
         with self._lock:
@@ -247,7 +310,7 @@ class Pipeline:
         with self._lock:
             self.errors += 1
         if message != self.last_error:
-            log.warning("pipeline %s: %s", self.name, message)
+            log.warning("pipeline %s: %s", self.name, message, extra=self._log_fields)
         self.last_error = message
 
     # --- reporting ----------------------------------------------------------------------

@@ -55,14 +55,12 @@ def ssd_anchor_centres(width: int, height: int, strides: tuple[int, ...], per_la
     return np.concatenate(centres).astype(np.float32)
 
 
-def _iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+def _iou(box: np.ndarray, area: float, boxes: np.ndarray, areas: np.ndarray) -> np.ndarray:
     x1 = np.maximum(box[0], boxes[:, 0])
     y1 = np.maximum(box[1], boxes[:, 1])
     x2 = np.minimum(box[2], boxes[:, 2])
     y2 = np.minimum(box[3], boxes[:, 3])
-    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
-    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    area = (box[2] - box[0]) * (box[3] - box[1])
+    inter = np.maximum(x2 - x1, 0.0) * np.maximum(y2 - y1, 0.0)
     return inter / np.maximum(area + areas - inter, 1e-12)
 
 
@@ -70,24 +68,40 @@ def weighted_nms(scores: np.ndarray, boxes: np.ndarray, keypoints: np.ndarray, t
                  limit: int) -> list[tuple[float, np.ndarray, np.ndarray]]:
     """Merge overlapping candidates into their score-weighted mean; keep the top score."""
     order = np.argsort(-scores, kind="stable")
+    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
     kept = []
     while order.size and len(kept) < limit:
         best = order[0]
-        overlap = _iou(boxes[best], boxes[order])
+        overlap = _iou(boxes[best], areas[best], boxes[order], areas[order])
         overlap[0] = 1.0  # a box always belongs to its own group
         group = order[overlap > threshold]
         weights = scores[group][:, None]
-        box = (boxes[group] * weights).sum(0) / weights.sum()
-        points = (keypoints[group] * weights[:, :, None]).sum(0) / weights.sum()
+        total = weights.sum()
+        box = (boxes[group] * weights).sum(0) / total
+        points = (keypoints[group] * weights[:, :, None]).sum(0) / total
         kept.append((float(scores[best]), box, points))
         order = order[overlap <= threshold]
     return kept
+
+
+def _logit_floor(threshold: float, clip: float) -> float | None:
+    """The raw logit at or above which a score (sigmoid of the clipped logit) may reach
+    `threshold`: -inf keeps every number, None keeps nothing."""
+    if threshold >= 1.0:
+        return None
+    if threshold <= 0.0:
+        return -np.inf
+    floor = float(np.log(threshold / (1.0 - threshold))) - 1e-9
+    if floor > clip:
+        return None  # no clipped logit gets there
+    return -np.inf if floor <= -clip else floor  # within (-clip, clip], clipping changes no comparison
 
 
 class BlazeFaceDecoder:
     def __init__(self, config: BlazeFaceConfig, labels: list[str] | None = None) -> None:
         self.config = config  # one class (a face): labels are not used
         self._anchors: dict[tuple[int, int], np.ndarray] = {}
+        self._floor = _logit_floor(config.score_threshold, config.score_clip)
 
     def anchors(self, width: int, height: int) -> np.ndarray:
         key = (width, height)
@@ -108,17 +122,18 @@ class BlazeFaceDecoder:
         anchors = self.anchors(placement.input_width, placement.input_height)
         if len(anchors) != len(raw) or len(raw) != len(logits):
             raise InvalidInput(f"blazeface decoder: {len(raw)} boxes for {len(anchors)} anchors")
-        # Threshold in logit space first: the sigmoid then runs on the few candidates only.
-        clipped = np.clip(logits, -c.score_clip, c.score_clip)
-        threshold = c.score_threshold
-        if 0.0 < threshold < 1.0:
-            keep = clipped >= np.log(threshold / (1.0 - threshold)) - 1e-9
-        else:
-            keep = np.ones(len(clipped), bool) if threshold <= 0.0 else np.zeros(len(clipped), bool)
-        scores = 1.0 / (1.0 + np.exp(-clipped[keep].astype(np.float64)))
-        keep_exact = scores >= threshold
-        raw = raw[keep][keep_exact].astype(np.float64)
-        anchors, scores = anchors[keep][keep_exact], scores[keep_exact]
+        if self._floor is None:
+            return {"detections": []}
+        # Threshold in logit space first: everything after runs on the few candidates only.
+        index = np.flatnonzero(logits >= self._floor)
+        if index.size == 0:
+            return {"detections": []}
+        clipped = np.maximum(np.minimum(logits[index], c.score_clip), -c.score_clip)
+        scores = 1.0 / (1.0 + np.exp(-clipped.astype(np.float64)))
+        exact = scores >= c.score_threshold
+        index, scores = index[exact], scores[exact]
+        raw = raw[index].astype(np.float64)
+        anchors = anchors[index]
         size = np.array([placement.input_width, placement.input_height], np.float64)
         centre = raw[:, 0:2] / size + anchors
         half = raw[:, 2:4] / size / 2
@@ -126,15 +141,19 @@ class BlazeFaceDecoder:
         points = raw[:, 4:].reshape(-1, c.num_keypoints, 2) / size + anchors[:, None, :]
         # A box with no area or a non-finite value cannot be merged or reported: drop it.
         sane = (half > 0).all(axis=1) & np.isfinite(boxes).all(axis=1) & np.isfinite(points).all(axis=(1, 2))
-        boxes, points, scores = boxes[sane], points[sane], scores[sane]
+        if not sane.all():
+            boxes, points, scores = boxes[sane], points[sane], scores[sane]
+        kept = weighted_nms(scores, boxes, points, c.nms_threshold, c.max_detections)
+        if not kept:
+            return {"detections": []}
+        # Every kept detection's two corners and keypoints, mapped back to the frame at once.
+        corners = np.array([np.concatenate([box, kps.reshape(-1)]) for _, box, kps in kept])
+        xs, ys = placement.to_frame(corners[:, 0::2], corners[:, 1::2], frame_w, frame_h)
         detections = []
-        for score, box, kps in weighted_nms(scores, boxes, points, c.nms_threshold, c.max_detections):
-            x1, y1 = placement.to_frame(box[0], box[1], frame_w, frame_h)
-            x2, y2 = placement.to_frame(box[2], box[3], frame_w, frame_h)
-            kx, ky = placement.to_frame(kps[:, 0], kps[:, 1], frame_w, frame_h)
+        for (score, _, _), x, y in zip(kept, xs.tolist(), ys.tolist(), strict=True):
             detections.append({
                 "score": round(score, 5),
-                "box": [round(float(v), 5) for v in (x1, y1, x2 - x1, y2 - y1)],
-                "keypoints": [[round(float(x), 5), round(float(y), 5)] for x, y in zip(kx, ky, strict=True)],
+                "box": [round(x[0], 5), round(y[0], 5), round(x[1] - x[0], 5), round(y[1] - y[0], 5)],
+                "keypoints": [[round(kx, 5), round(ky, 5)] for kx, ky in zip(x[2:], y[2:], strict=True)],
             })
         return {"detections": detections}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import abc
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -35,7 +36,11 @@ class Window:
 
 
 class LatestFrame:
-    """A one-slot mailbox: `put` replaces an unread item (a drop), `take` waits for a new one."""
+    """A one-slot mailbox: `put` replaces an unread item (a drop), `take` waits for a new one.
+
+    `on_put`, when set, is called after each put (outside the mailbox's lock): a reader
+    that waits for more than this mailbox (a pipeline's worker) learns of the new item.
+    """
 
     def __init__(self, item: type[Frame] | type[Window] = Frame) -> None:
         self._item = item
@@ -45,6 +50,7 @@ class LatestFrame:
         self.received = 0
         self.dropped = 0
         self.taken = 0
+        self.on_put: Callable[[], None] | None = None
 
     def put(self, data: np.ndarray, **extra: int) -> None:
         with self._cond:
@@ -54,6 +60,8 @@ class LatestFrame:
             self._frame = self._item(self.received, data, time.time(), **extra)
             self._unread = True
             self._cond.notify_all()
+        if self.on_put is not None:
+            self.on_put()
 
     @property
     def pending(self) -> int:

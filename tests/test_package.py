@@ -1,0 +1,148 @@
+"""The .deb, built once per session by tools/build_deb.sh, as an admin meets it:
+lintian finds no error in it; `dpkg -i` installs it on this machine; the installed
+`edged` reports its version and, run as the service's user, validates a config and
+loads real models; `dpkg -r` keeps config and models; `dpkg --purge` deletes them.
+
+Building takes two and a half to four minutes on two busy cores (most of it xz
+compressing 400 MB). The test changes this machine:
+it needs root, and leaves behind only the system users edged and edged-registry,
+which purge keeps by design. State an earlier edged left in /etc/edged,
+/var/lib/edged or /var/cache/edged is moved aside for the test and put back.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import edged
+from tests.conftest import ir_files, to_toml
+
+ROOT = Path(__file__).resolve().parent.parent
+EDGED = "/opt/edged/bin/edged"
+STATE = [Path("/etc/edged"), Path("/var/lib/edged"), Path("/var/cache/edged")]
+ENABLED = [Path("/etc/systemd/system/sockets.target.wants/edged.socket"),
+           Path("/etc/systemd/system/multi-user.target.wants/edged.service")]
+
+pytestmark = [
+    pytest.mark.skipif(os.geteuid() != 0, reason="installs a .deb: needs root"),
+    pytest.mark.skipif(shutil.which("dpkg") is None, reason="needs dpkg (Debian or Ubuntu)"),
+]
+
+
+def run(*args: str, timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGED_")}
+    env["DEB_COMPRESSION"] = "gzip"  # the same package, built in a fraction of xz's time
+    return subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env, **kwargs)
+
+
+def ok(*args: str, **kwargs) -> str:
+    result = run(*args, **kwargs)
+    command = " ".join(args)
+    assert result.returncode == 0, f"{command} exited {result.returncode}:\n{result.stdout}{result.stderr}"
+    return result.stdout
+
+
+def installed() -> bool:
+    result = run("dpkg-query", "-W", "-f=${db:Status-Status}", "edged")
+    return result.returncode == 0 and result.stdout != "not-installed"
+
+
+@pytest.fixture(scope="session")
+def deb(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("deb")
+    path = Path(ok(str(ROOT / "tools" / "build_deb.sh"), str(out), timeout=1200).strip().splitlines()[-1])
+    assert path.name == f"edged_{edged.__version__}_{ok('dpkg', '--print-architecture').strip()}.deb"
+    return path
+
+
+@pytest.fixture
+def this_machine() -> Iterator[None]:
+    """The machine to install on, one test run at a time, given back as it was found."""
+    with open("/run/lock/edged-test-package.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if installed():
+            pytest.fail("the edged package (or its configuration) is on this machine; "
+                        "the test would replace it: purge it first")
+        saved = {}
+        for path in STATE:
+            if path.exists():
+                aside = path.with_name(f"{path.name}.saved-by-test-package")
+                assert not aside.exists(), f"{aside} is left from an earlier run: put it back first"
+                path.rename(aside)
+                saved[path] = aside
+        try:
+            yield
+        finally:
+            if installed():
+                run("dpkg", "--purge", "edged")
+            for path, aside in saved.items():
+                shutil.rmtree(path, ignore_errors=True)
+                aside.rename(path)
+
+
+def test_lintian_finds_no_error(deb):
+    result = run("lintian", "--tag-display-limit", "0", str(deb))
+    errors = [line for line in result.stdout.splitlines() if line.startswith("E:")]
+    assert errors == [] and result.returncode == 0, result.stdout + result.stderr
+
+
+def test_install_check_remove_purge(deb, this_machine, sample_models, tiny_ir):
+    ok("dpkg", "-i", str(deb))
+    assert ok(EDGED, "--version").strip() == f"edged {edged.__version__}"
+    assert ok("/usr/bin/edged-registry", "--version").strip() == f"edged-registry {edged.__version__}"
+    assert Path("/etc/edged/edged.toml").read_text() == (ROOT / "packaging" / "edged.toml").read_text()
+    assert all(link.is_symlink() for link in ENABLED), "edged.socket and edged.service are enabled"
+    groups = ok("id", "-nG", "edged").split()
+    assert "edged" in groups and ("video" in groups or run("getent", "group", "video").returncode != 0)
+    # The installed units, against the installed programs: not a word from verify.
+    verify = run("systemd-analyze", "verify", "edged.service", "edged.socket", "edged-registry.service")
+    assert (verify.returncode, verify.stdout + verify.stderr) == (0, "")
+
+    # A store with a .tflite and an OpenVINO IR, filled with the installed CLI, and
+    # `run --check` as the user the service runs as: the venv works for it, both runtimes load.
+    work = Path(tempfile.mkdtemp(prefix="edged-deb-", dir="/tmp"))
+    try:
+        work.chmod(0o755)
+        store = work / "store"
+        add = [EDGED, "models", "add", "--store", str(store), "--version", "1"]
+        ok(*add, "face", str(sample_models["face"]))
+        ok(*add, "tiny", *map(str, ir_files(tiny_ir)))
+        cache = work / "cache"
+        cache.mkdir()
+        shutil.chown(cache, "edged", "edged")
+        config = work / "edged.toml"
+        config.write_text(to_toml({"store": {"path": str(store)},
+                                   "backends": {"openvino_cache_dir": str(cache), "probe_runs": 3}}))
+        config.chmod(0o644)
+        ok("chmod", "-R", "a+rX", str(store))
+        check = ok("runuser", "-u", "edged", "--", EDGED, "run", "--check", "--config", str(config), cwd=work)
+        lines = check.splitlines()
+        assert [line.split(":")[0] for line in lines] == ["face", "tiny"], check
+        assert all(": ready: 1 on " in line for line in lines), check
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    # What the service would have made: models in its state directory, an admin's file in /etc/edged.
+    model = Path("/var/lib/edged/models/face/1/model.tflite")
+    model.parent.mkdir(parents=True)
+    model.write_bytes(sample_models["face"].read_bytes())
+    Path("/etc/edged/mqtt-password").write_text("secret\n")
+
+    ok("dpkg", "-r", "edged")
+    assert not Path("/opt/edged").exists() and not Path("/usr/bin/edged").exists()
+    assert Path("/etc/edged/edged.toml").exists() and Path("/etc/edged/mqtt-password").exists()
+    assert model.read_bytes() == sample_models["face"].read_bytes()
+
+    ok("dpkg", "--purge", "edged")
+    assert not installed()
+    for path in [*STATE, *ENABLED]:
+        assert not path.exists() and not path.is_symlink(), f"{path} is left after purge"
+    assert not list(Path("/etc/systemd/system").rglob("edged*")), "unit links left after purge"
