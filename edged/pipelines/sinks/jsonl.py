@@ -20,22 +20,17 @@ class JsonlSink:
         self.backups = settings.backups
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = self.path.open("a", encoding="utf-8")
-        self._size = self._file.tell()  # bytes in the file, counted as lines go in
         self.written = 0
 
     def write(self, result: dict) -> None:
-        # ASCII only (json.dumps escapes the rest), so characters are bytes: the size is
-        # counted here rather than asked of the text file (`tell()`), which costs more.
         line = json.dumps(result, separators=(",", ":")) + "\n"
         if self._file.closed:  # a rotation failed earlier (the directory went away): try again
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._file = self.path.open("a", encoding="utf-8")
-            self._size = self._file.tell()
-        if self._size + len(line) > self.max_bytes and self._size > 0:
+        if self._file.tell() + len(line) > self.max_bytes and self._file.tell() > 0:
             self._rotate()
         self._file.write(line)
         self._file.flush()
-        self._size += len(line)
         self.written += 1
 
     def _rotate(self) -> None:
@@ -48,7 +43,6 @@ class JsonlSink:
         if self.backups == 0:
             self.path.unlink(missing_ok=True)
         self._file = self.path.open("a", encoding="utf-8")
-        self._size = self._file.tell()
 
     def details(self) -> dict:
         return {"kind": self.kind, "path": str(self.path), "written": self.written}
