@@ -196,6 +196,15 @@ def fill_sample_store(store: ModelStore, sample_models: dict[str, Path], tiny_ir
 
 
 @pytest.fixture
+def tiny_store(tmp_path: Path, tiny_ir: Path) -> ModelStore:
+    """A store with one fast model: tiny 1 active."""
+    store = ModelStore(tmp_path / "store")
+    store.add("tiny", ir_files(tiny_ir), "1")
+    store.activate("tiny", "1")
+    return store
+
+
+@pytest.fixture
 def sample_store(tmp_path: Path, sample_models: dict[str, Path], tiny_ir: Path) -> ModelStore:
     """A store with face, selfie and tiny (the IR), version 1 active."""
     return fill_sample_store(ModelStore(tmp_path / "store"), sample_models, tiny_ir)

@@ -163,14 +163,6 @@ def slow_ir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def tiny_store(tmp_path: Path, tiny_ir: Path) -> ModelStore:
-    store = ModelStore(tmp_path / "store")
-    store.add("tiny", ir_files(tiny_ir), "1")
-    store.activate("tiny", "1")
-    return store
-
-
-@pytest.fixture
 def slow_store(tiny_store: ModelStore, slow_ir: Path) -> ModelStore:
     """tiny and slow, version 1 of each active."""
     tiny_store.add("slow", ir_files(slow_ir), "1")

@@ -18,15 +18,6 @@ DEVICE = "cam-1"
 TOPICS = f"edged/devices/{DEVICE}"
 
 
-@pytest.fixture
-def tiny_store(tmp_path: Path, tiny_ir: Path) -> ModelStore:
-    """A store with one fast model: tiny 1 active."""
-    store = ModelStore(tmp_path / "store")
-    store.add("tiny", ir_files(tiny_ir), "1")
-    store.activate("tiny", "1")
-    return store
-
-
 def mqtt_config(broker: Broker, workdir: Path, **extra: object) -> dict:
     settings = {"enabled": True, "host": broker.host, "port": broker.port, "device_id": DEVICE,
                 "outbox_path": str(workdir / "outbox.db"), "reconnect_min_s": 0.2,

@@ -32,14 +32,6 @@ def key():
 
 
 @pytest.fixture
-def tiny_store(tmp_path: Path, tiny_ir: Path) -> ModelStore:
-    store = ModelStore(tmp_path / "store")
-    store.add("tiny", ir_files(tiny_ir), "1")
-    store.activate("tiny", "1")
-    return store
-
-
-@pytest.fixture
 def peer(broker):
     chunk_peer = ChunkPeer(broker)
     yield chunk_peer
