@@ -484,8 +484,9 @@ def test_kill_9_in_the_middle_of_puts_from_threads_loses_nothing_that_was_put(pa
         def put(t):
             for n in range(10**9):
                 box.put("result", "edged/devices/d1/results/cam", b"%d:%d" % (t, n))
-                with lock:
-                    print(t, n, flush=True)
+                with lock:  # one write a line: a kill never leaves half a line counted
+                    sys.stdout.write("%d %d\\n" % (t, n))
+                    sys.stdout.flush()
         for t in range(3):
             threading.Thread(target=put, args=(t,)).start()
         """,
@@ -493,12 +494,15 @@ def test_kill_9_in_the_middle_of_puts_from_threads_loses_nothing_that_was_put(pa
     )
     confirmed = []
     for line in child.stdout:
+        if not line.endswith("\n"):  # cut by the kill: that put was not confirmed
+            break
         confirmed.append(tuple(int(x) for x in line.split()))
         if len(confirmed) == 1500:
             child.send_signal(signal.SIGKILL)
             break
     rest, _ = child.communicate(timeout=60)
-    confirmed += [tuple(int(x) for x in line.split()) for line in rest.splitlines() if line.strip()]
+    confirmed += [tuple(int(x) for x in line.split()) for line in rest.splitlines(keepends=True)
+                  if line.endswith("\n")]
     assert child.returncode == -signal.SIGKILL
     box = Outbox(path)
     try:
