@@ -1,7 +1,7 @@
 """The `edged` command: run the daemon, query it, manage the local model store.
 
-The only module that turns errors into exit codes: 0 ok, 1 runtime error,
-2 bad usage or configuration.
+Errors become exit codes in `edged.exits`: 0 ok, 1 runtime error, 2 bad usage
+or configuration.
 """
 
 from __future__ import annotations
@@ -15,9 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-from edged import __version__
-from edged.config import ConfigError, Settings, load_settings
+from edged import __version__, strict_json
+from edged.config import Settings, load_settings
 from edged.errors import EdgedError
+from edged.exits import run_command
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -86,7 +87,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             return _predict_image(client, args, meta, path)
         doc, outputs = client.infer_full(args.model, inputs, version=args.version, binary=not args.json)
     if args.json:
-        print(json.dumps(doc))
+        print(strict_json.dumps(doc))
         return 0
     print(f"{doc['model_name']} {doc['model_version']}")
     for name, array in outputs.items():
@@ -114,7 +115,7 @@ def _predict_image(client, args: argparse.Namespace, meta: dict, path: Path) -> 
     else:
         result = decoder.decode(outputs, placement, image.shape[1], image.shape[0])
     if args.json:
-        print(json.dumps({"model": doc["model_name"], "version": doc["model_version"], **result}))
+        print(strict_json.dumps({"model": doc["model_name"], "version": doc["model_version"], **result}))
         return 0
     print(f"{doc['model_name']} {doc['model_version']}")
     for detection in result.get("detections", []):
@@ -125,7 +126,7 @@ def _predict_image(client, args: argparse.Namespace, meta: dict, path: Path) -> 
             print(f"  {name} {array.dtype} {list(array.shape)}")
     for key, value in result.items():
         if key != "detections" and decoder is not None:
-            print(f"  {key}: {json.dumps(value)}")
+            print(f"  {key}: {strict_json.dumps(value)}")
     return 0
 
 
@@ -136,7 +137,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     with Client(settings.socket.path) as client:
         status = client.status()
     if args.json:
-        print(json.dumps(status, indent=2))
+        print(strict_json.dumps(status, indent=2))
         return 0
     print_status(status)
     return 0
@@ -189,7 +190,7 @@ def cmd_pipelines(args: argparse.Namespace) -> int:
             return 0
         pipelines = client.pipelines()
     if args.json:
-        print(json.dumps(pipelines, indent=2))
+        print(strict_json.dumps(pipelines, indent=2))
         return 0
     if not pipelines:
         print("(no pipelines configured)")
@@ -307,18 +308,4 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except ConfigError as exc:
-        print(f"edged: {exc}", file=sys.stderr)
-        return 2
-    except EdgedError as exc:
-        print(f"edged: {exc}", file=sys.stderr)
-        return 1
-    except (OSError, ValueError) as exc:
-        print(f"edged: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
-    finally:
-        logging.shutdown()
+    return run_command("edged", args.func, args)

@@ -101,6 +101,7 @@ class Daemon:
     def run(self, on_ready: Callable[[], None] | None = None) -> int:
         started = time.monotonic()
         self.store.root.mkdir(parents=True, exist_ok=True)
+        self.store.clean_staging()  # whole models a killed `edged models remove` left
         for name in self.store.names():
             self.store.clean_staging(name)
         if not self.server.inherited:  # ours: answers at once, 503 to inferences until loaded

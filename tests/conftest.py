@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -142,6 +143,10 @@ class DaemonProcess:
     def client(self, timeout: float = 30.0) -> Client:
         return Client(self.socket, timeout=timeout)
 
+    def predicting(self, model: str, inputs: dict[str, np.ndarray], clients: int = 1) -> PredictLoad:
+        """`with daemon.predicting(...) as load:` clients keep predicting until the block ends."""
+        return PredictLoad(self, model, inputs, clients)
+
     def stop(self) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -152,6 +157,38 @@ class DaemonProcess:
                 self.proc.wait()
         self.log.close()
         return self.proc.returncode
+
+
+class PredictLoad:
+    """Socket clients predicting in threads; every answer's first output value and every
+    failure is kept, so a test can say "zero failed requests" about what happened meanwhile."""
+
+    def __init__(self, daemon: DaemonProcess, model: str, inputs: dict[str, np.ndarray],
+                 clients: int) -> None:
+        self.answers: list[float] = []
+        self.failures: list[str] = []
+        self._daemon, self._model, self._inputs = daemon, model, inputs
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._predict) for _ in range(clients)]
+
+    def _predict(self) -> None:
+        with self._daemon.client() as client:
+            while not self._stop.is_set():
+                try:
+                    outputs = client.infer(self._model, self._inputs)
+                    self.answers.append(float(next(iter(outputs.values())).flat[0]))
+                except Exception as exc:  # every failure counts
+                    self.failures.append(repr(exc))
+
+    def __enter__(self) -> PredictLoad:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join()
 
 
 def _daemon_factory() -> Iterator:

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from edged import strict_json
 from edged.errors import InvalidInput
 
 HEADER_LENGTH = "inference-header-content-length"
@@ -279,7 +280,7 @@ def encode_response_parts(
     doc: dict[str, Any] = {"model_name": model_name, "model_version": model_version, "outputs": tensors}
     if request.id is not None:
         doc["id"] = request.id
-    header = json.dumps(doc, separators=(",", ":")).encode()
+    header = strict_json.dumpb(doc)
     if request.id is None and all(wanted.values()):
         _RESPONSE_HEADERS.put(key, header)
     return [header, *blobs], len(header) if blobs else None

@@ -6,7 +6,6 @@ this is the only place that knows about either.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import threading
@@ -14,7 +13,7 @@ import time
 from collections.abc import Callable
 from urllib.parse import unquote
 
-from edged import __version__
+from edged import __version__, strict_json
 from edged.api import codec
 from edged.api.access import Peer, Rule
 from edged.api.http import HTTPError, Request, Response, parse_length
@@ -43,7 +42,7 @@ _MODEL = r"/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?"
 
 
 def json_response(status: int, doc: object) -> Response:
-    return Response(status, json.dumps(doc, separators=(",", ":")).encode())
+    return Response(status, strict_json.dumpb(doc))
 
 
 def error_response(status: int, message: str) -> Response:
@@ -249,7 +248,7 @@ class Api:
                     if result is None:
                         yield b"\n"  # an empty line now and then finds out when a client has gone
                     else:
-                        yield json.dumps(result, separators=(",", ":")).encode() + b"\n"
+                        yield strict_json.dumpb(result) + b"\n"
             finally:
                 subscription.close()
 

@@ -250,8 +250,11 @@ class ModelStore:
         model_dir = self._model_dir(name)
         if not model_dir.is_dir():
             raise ModelNotFound(name)
-        if version is None:
-            shutil.rmtree(model_dir)
+        if version is None:  # the model disappears atomically, then is deleted at leisure
+            trash = self.root / f"{STAGING_PREFIX}{os.getpid()}-rm-{name}"
+            os.rename(model_dir, trash)
+            fsync_dir(self.root)
+            shutil.rmtree(trash, ignore_errors=True)
             return
         if self.active(name) == version:
             raise StoreError(f"{name} {version} is active: activate another version first")
@@ -267,12 +270,13 @@ class ModelStore:
             history = [v for v in pointer["history"] if v != version]
             self._write_pointer(name, pointer["version"], history)
 
-    def clean_staging(self, name: str) -> None:
-        """Delete staging directories left by processes that no longer run."""
-        model_dir = self._model_dir(name)
-        if not model_dir.is_dir():
+    def clean_staging(self, name: str | None = None) -> None:
+        """Delete staging directories (of a model, or at the top: removed models) left by
+        processes that no longer run."""
+        directory = self.root if name is None else self._model_dir(name)
+        if not directory.is_dir():
             return
-        for path in model_dir.glob(f"{STAGING_PREFIX}*"):
+        for path in directory.glob(f"{STAGING_PREFIX}*"):
             pid = path.name[len(STAGING_PREFIX):].split("-", 1)[0]
             if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
                 continue

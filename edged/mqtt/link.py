@@ -16,9 +16,7 @@ A retained `status` says `online` on every connect, and the Last Will says
 from __future__ import annotations
 
 import collections
-import json
 import logging
-import math
 import random
 import socket
 import threading
@@ -30,6 +28,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from edged import strict_json
 from edged.config import MqttSettings
 from edged.errors import OutboxError
 from edged.mqtt.client import build_client, no_delay
@@ -57,6 +56,8 @@ class MqttLink:
         self.max_packet_size: int | None = None  # the broker's limit, from its CONNACK
         self.on_connected: list[Callable[[], None]] = []
         self._handlers: dict[str, list[MessageHandler]] = {}  # topic filter -> handlers
+        self._subscribing = threading.Lock()  # a filter added while connecting is never missed
+        self._subscribed = False  # this connection has the filters (set under `_subscribing`)
         self._attempt = 0
         self._inflight: dict[int, int] = {}  # paho mid -> outbox id; touched by the sender thread only
         self._acked: collections.deque[int] = collections.deque()  # mids paho saw acknowledged
@@ -83,9 +84,10 @@ class MqttLink:
     def subscribe(self, topic_filter: str, handler: MessageHandler) -> None:
         """Call `handler` (on paho's thread: keep it quick) for every message on `topic_filter`,
         on this connection and every later one."""
-        self._handlers.setdefault(topic_filter, []).append(handler)
-        if self.connected.is_set():
-            self.client.subscribe(topic_filter, 1)
+        with self._subscribing:
+            self._handlers.setdefault(topic_filter, []).append(handler)
+            if self._subscribed:
+                self.client.subscribe(topic_filter, 1)
 
     # --- lifecycle ----------------------------------------------------------------------
     def start(self) -> None:
@@ -188,9 +190,11 @@ class MqttLink:
         log.info("MQTT: connected to %s%s", self.broker,
                  f" (reconnect {self.connections - 1})" if self.connections > 1 else "")
         no_delay(client)
+        with self._subscribing:  # before `online`: whoever sees it can send commands at once
+            for topic_filter in self._handlers:
+                client.subscribe(topic_filter, 1)
+            self._subscribed = True
         client.publish(self.topics.status, self._status_payload("online"), qos=1, retain=True)
-        for topic_filter in self._handlers:
-            client.subscribe(topic_filter, 1)
         self.connected.set()
         self._wake.set()
         for hook in self.on_connected:
@@ -208,6 +212,8 @@ class MqttLink:
                        reason: mqtt.ReasonCode, properties: Properties | None) -> None:
         was_connected = self.connected.is_set()
         self.connected.clear()
+        with self._subscribing:
+            self._subscribed = False
         if self._stopping.is_set():
             return
         if was_connected:
@@ -275,19 +281,6 @@ class MqttLink:
         }
 
 
+
 def _json(document: dict) -> bytes:
-    """Strict JSON: a non-finite number (an empty histogram's inf) becomes null."""
-    try:
-        return json.dumps(document, separators=(",", ":"), allow_nan=False, default=str).encode()
-    except ValueError:
-        return json.dumps(_finite(document), separators=(",", ":"), default=str).encode()
-
-
-def _finite(value: Any) -> Any:
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
-    return value
+    return strict_json.dumpb(document, default=str)

@@ -1,7 +1,7 @@
 """`edged-registry`: keygen, publish, list, promote, retire, fleet, serve.
 
-The only module of the registry that turns errors into exit codes: 0 ok, 1 runtime
-error (including a change stored but not announced), 2 bad usage or configuration.
+Errors become exit codes in `edged.exits`: 0 ok, 1 runtime error (including a change
+stored but not announced), 2 bad usage or configuration.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 
 from edged import __version__
-from edged.config import ConfigError
-from edged.errors import EdgedError, InvalidInput
+from edged.errors import InvalidInput
+from edged.exits import run_command
 from edged.registry.config import RegistrySettings, load_registry_settings
 from edged.registry.fleet import format_table, watch
 from edged.registry.publisher import Outcome, Publisher, newer_elsewhere, release_version
@@ -213,19 +213,4 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except ConfigError as exc:
-        print(f"edged-registry: {exc}", file=sys.stderr)
-        return 2
-    except EdgedError as exc:
-        print(f"edged-registry: {exc}", file=sys.stderr)
-        return 1
-    except OSError as exc:
-        print(f"edged-registry: {exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}",
-              file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
-    finally:
-        logging.shutdown()
+    return run_command("edged-registry", args.func, args)

@@ -120,6 +120,17 @@ def test_json_request_with_nested_data(daemon):
     assert doc["outputs"] == [{"name": "y", "datatype": "FP32", "shape": [1, 4], "data": [3, 5, 0, 2]}]
 
 
+def test_json_outputs_carry_non_finite_values_as_null(daemon):
+    """2 * 3e38 + 1 overflows float32: JSON has no token for infinity, so it becomes null."""
+    status, doc = post(daemon.socket, "tiny", {
+        "inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [3e38, 2, -3, 0.5]}],
+    })
+    assert status == 200
+    assert doc["outputs"][0]["data"] == [None, 5, 0, 2]
+    with daemon.client() as client:  # binary outputs carry it exactly
+        assert client.infer("tiny", {"x": np.array([[3e38, 2, -3, 0.5]], np.float32)})["y"][0, 0] == np.inf
+
+
 def _tensor(data=None, **over):
     tensor = {"name": "x", "datatype": "FP32", "shape": [1, 4], "data": data or [1, 2, 3, 4]}
     tensor.update(over)

@@ -423,6 +423,23 @@ def test_remove_a_whole_model(store: ModelStore, src: Path) -> None:
     assert store.names() == ["b"]
     assert store.active("a") is None
     assert store.versions("b") == ["1"]
+    assert sorted(p.name for p in store.root.iterdir()) == ["b"]  # nothing left behind
+
+
+def test_a_whole_model_half_removed_by_a_dead_process_is_gone_and_cleaned(
+    store: ModelStore, src: Path
+) -> None:
+    """`remove` renames the model away first: a kill mid-delete leaves a hidden leftover,
+    never half a model."""
+    add_tflite(store, src, "1", name="a")
+    add_tflite(store, src, "1", name="b")
+    leftover = store.root / f"{STAGING_PREFIX}{dead_pid()}-rm-a"
+    (store.root / "a").rename(leftover)  # where a `remove` killed before its rmtree leaves the model
+    assert store.names() == ["b"]
+    assert store.active("a") is None
+    store.clean_staging()
+    assert sorted(p.name for p in store.root.iterdir()) == ["b"]
+    store.verify("b", "1")
 
 
 # --- verify -------------------------------------------------------------------

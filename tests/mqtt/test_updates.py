@@ -3,7 +3,6 @@ a real daemon subprocess, a real Mosquitto, real models, real signatures."""
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -65,26 +64,11 @@ def test_a_signed_release_is_pulled_tested_and_activated_while_clients_predict(
         start_daemon, broker, peer, mqtt_subscriber, tiny_store, tmp_path, key):
     events = mqtt_subscriber(broker, EVENTS)
     daemon = start_daemon(tiny_store.root, device_config(broker, tmp_path, key))
-    failures, answers, stop = [], [], threading.Event()
-
-    def predict() -> None:
-        with daemon.client() as client:
-            while not stop.is_set():
-                try:
-                    answers.append(float(client.infer("tiny", {"x": ONES})["y"][0, 0]))
-                except Exception as exc:  # every failure counts
-                    failures.append(repr(exc))
-
-    clients = [threading.Thread(target=predict) for _ in range(2)]
-    for thread in clients:
-        thread.start()
-    envelope = sign_and_retain(broker, tiny_release(peer, tmp_path, "2", 3.0), key)
-    kept = events.wait_for(lambda m: m.json()["kind"] == "update_kept", timeout=60).json()
-    stop.set()
-    for thread in clients:
-        thread.join()
-    assert kept["version"] == "2" and failures == []
-    assert answers[0] == 3.0 and answers[-1] == 4.0  # relu(1 * 2 + 1), then relu(1 * 3 + 1)
+    with daemon.predicting("tiny", {"x": ONES}, clients=2) as load:
+        envelope = sign_and_retain(broker, tiny_release(peer, tmp_path, "2", 3.0), key)
+        kept = events.wait_for(lambda m: m.json()["kind"] == "update_kept", timeout=60).json()
+    assert kept["version"] == "2" and load.failures == []
+    assert load.answers[0] == 3.0 and load.answers[-1] == 4.0  # relu(1 * 2 + 1), then relu(1 * 3 + 1)
     kinds = [m.json()["kind"] for m in events.messages() if m.json()["kind"].startswith("update_")]
     assert kinds == ["update_started", "update_downloaded", "update_staged", "update_tested",
                      "update_activated", "update_kept"]

@@ -7,7 +7,6 @@ import json
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -199,25 +198,9 @@ def test_a_publish_reaches_the_device_while_a_client_predicts_without_a_failure(
         start_daemon, registry, mqtt_subscriber, wide_store, tmp_path):
     events = mqtt_subscriber(registry.broker, EVENTS, keep_session=True)
     daemon = start_daemon(wide_store.root, device_config(registry, tmp_path))
-    outputs, failures, stop = [], [], threading.Event()
-    ones = np.ones((1, WIDTH), np.float32)
-
-    def predict() -> None:
-        with daemon.client() as client:
-            while not stop.is_set():
-                try:
-                    outputs.append(float(client.infer("wide", {"x": ones})["y"][0, 0]))
-                except Exception as exc:  # every failure counts
-                    failures.append(repr(exc))
-
-    client = threading.Thread(target=predict)
-    client.start()
-    try:
+    with daemon.predicting("wide", {"x": np.ones((1, WIDTH), np.float32)}) as load:
         publish_v2(registry, tmp_path)
         kept = events.wait_for(lambda m: m.json()["kind"] == "update_kept", timeout=120).json()
-    finally:
-        stop.set()
-        client.join()
-    assert kept["version"] == "2" and failures == []
-    assert outputs[0] != outputs[-1]  # version 1's answer, then version 2's
+    assert kept["version"] == "2" and load.failures == []
+    assert load.answers[0] != load.answers[-1]  # version 1's answer, then version 2's
     assert wide_store.active("wide") == "2"

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
+from edged import strict_json
 from edged.config import SinkSettings
 
 
@@ -23,7 +23,7 @@ class JsonlSink:
         self.written = 0
 
     def write(self, result: dict) -> None:
-        line = json.dumps(result, separators=(",", ":")) + "\n"
+        line = strict_json.dumps(result) + "\n"
         if self._file.closed:  # a rotation failed earlier (the directory went away): try again
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._file = self.path.open("a", encoding="utf-8")
