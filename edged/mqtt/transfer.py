@@ -100,11 +100,10 @@ class Transfer:
         fd = os.open(part, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             os.ftruncate(fd, size)
-            self._pull(fd, sha256, size, chunk, missing, have, progress_path, stop)
+            digest = self._pull(fd, sha256, size, chunk, missing, have, progress_path, stop)
             os.fsync(fd)
         finally:
             os.close(fd)
-        digest = _sha256_of(part)
         if digest != sha256:
             part.unlink(missing_ok=True)
             progress_path.unlink(missing_ok=True)
@@ -114,7 +113,10 @@ class Transfer:
         return done_path
 
     def _pull(self, fd: int, sha256: str, size: int, chunk: int, missing: list[int], have: set[int],
-              progress_path: Path, stop: threading.Event) -> None:
+              progress_path: Path, stop: threading.Event) -> str:
+        """Fetch the missing chunks into `fd`; the sha256 of the whole file, hashed as it grows."""
+        hashing = _InOrderHash(fd, size, chunk, hold=2 * self.window)
+        hashing.advance(have)  # chunks a previous run left on disk
         waiting = list(reversed(missing))  # pop() from the end: lowest index first
         in_flight: dict[bytes, tuple[int, float]] = {}  # correlation -> (index, sent at)
         attempts: dict[int, int] = {}
@@ -145,6 +147,7 @@ class Transfer:
                     os.pwrite(fd, reply.payload, index * chunk)
                     have.add(index)
                     self.bytes_received += len(reply.payload)
+                    hashing.received(index, reply.payload, have)
                 else:  # refused or damaged: ask again after a pause (the registry may be reindexing)
                     self._retry(index, attempts, waiting, problem)
                     not_before[index] = time.monotonic() + min(0.25 * 2 ** attempts[index], 5.0)
@@ -158,6 +161,7 @@ class Transfer:
                 self._save_progress(progress_path, size, chunk, have)
                 saved_at = now
         self._save_progress(progress_path, size, chunk, have)
+        return hashing.hexdigest()
 
     def _retry(self, index: int, attempts: dict[int, int], waiting: list[int], problem: str) -> None:
         attempts[index] = attempts.get(index, 0) + 1
@@ -212,6 +216,36 @@ class Transfer:
             (self.directory / f"{sha256}{suffix}").unlink(missing_ok=True)
 
 
-def _sha256_of(path: Path) -> str:
-    with path.open("rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+class _InOrderHash:
+    """sha256 of a file whose chunks arrive out of order, computed while they arrive, so a
+    finished download needs no second read. A chunk that comes early is held in memory (at
+    most `hold` of them; beyond that it is read back from the file when its turn comes)."""
+
+    def __init__(self, fd: int, size: int, chunk: int, hold: int) -> None:
+        self._fd, self._size, self._chunk, self._hold = fd, size, chunk, hold
+        self._hash = hashlib.sha256()
+        self._next = 0  # the first chunk not yet hashed
+        self._held: dict[int, bytes] = {}
+
+    def received(self, index: int, data: bytes, have: set[int]) -> None:
+        if index > self._next and len(self._held) < self._hold:
+            self._held[index] = data
+        elif index == self._next:
+            self._hash.update(data)
+            self._next += 1
+        self.advance(have)
+
+    def advance(self, have: set[int]) -> None:
+        while self._next in have:
+            offset = self._next * self._chunk
+            data = self._held.pop(self._next, None)
+            if data is None:
+                data = os.pread(self._fd, min(self._chunk, self._size - offset), offset)
+            self._hash.update(data)
+            self._next += 1
+
+    def hexdigest(self) -> str:
+        count = -(-self._size // self._chunk)
+        if self._next < count:  # cannot happen once every chunk is in `have`; never trust it
+            raise TransferError(f"hashed {self._next} of {count} chunks")
+        return self._hash.hexdigest()
