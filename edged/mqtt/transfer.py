@@ -5,8 +5,10 @@ correlation data (docs/updates.md); `window` of them are in flight at a time, ea
 out and retried. Chunks are written at their offset into `{sha256}.part`; the list of
 chunks on disk is kept in `{sha256}.progress` (written only after the part file is
 synced), so a daemon restart or a broker outage resumes where the transfer stopped
-instead of starting over. A finished file is checked against its size and sha256 before
-it is handed over as `{sha256}.file`.
+instead of starting over. A finished file is checked against its size and sha256 (hashed
+as the chunks arrive) before it is handed over as `{sha256}.file`. That file is not
+synced: the store syncs its own copy, and a `.file` found at the next start is hashed
+again before it is used, so a power cut costs a download, never a wrong model.
 """
 
 from __future__ import annotations
@@ -89,7 +91,10 @@ class Transfer:
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         done_path = self.directory / f"{sha256}.file"
         if done_path.exists() and done_path.stat().st_size == size:
-            return done_path
+            # Left by an earlier run, never synced (the store's copy is): check it once more.
+            if _sha256_of(done_path) == sha256:
+                return done_path
+            done_path.unlink()
         part = self.directory / f"{sha256}.part"
         progress_path = self.directory / f"{sha256}.progress"
         chunk, have = self._load_progress(progress_path, size, self.chunk_size())
@@ -101,7 +106,6 @@ class Transfer:
         try:
             os.ftruncate(fd, size)
             digest = self._pull(fd, sha256, size, chunk, missing, have, progress_path, stop)
-            os.fsync(fd)
         finally:
             os.close(fd)
         if digest != sha256:
@@ -214,6 +218,11 @@ class Transfer:
     def discard(self, sha256: str) -> None:
         for suffix in (".part", ".progress", ".file"):
             (self.directory / f"{sha256}{suffix}").unlink(missing_ok=True)
+
+
+def _sha256_of(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 class _InOrderHash:

@@ -143,6 +143,25 @@ def test_a_truncated_chunk_fails_the_update_and_nothing_changes(
         truncating.close()
 
 
+def test_a_finished_download_found_damaged_at_start_is_fetched_again(
+        start_daemon, broker, peer, mqtt_subscriber, tiny_store, tmp_path, key):
+    """Finished downloads are not synced (the store syncs its copy): one a power cut left as
+    zeros is hashed before use and fetched again, never staged."""
+    release = tiny_release(peer, tmp_path, "2", 3.0)
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    for entry in release["manifest"]["files"]:
+        (downloads / f"{entry['sha256']}.file").write_bytes(bytes(entry["size"]))
+    events = mqtt_subscriber(broker, EVENTS)
+    start_daemon(tiny_store.root, device_config(broker, tmp_path, key))
+    requests_before = peer.requests
+    sign_and_retain(broker, release, key)
+    kept = events.wait_for(lambda m: m.json()["kind"] in ("update_kept", "update_failed"), timeout=60).json()
+    assert kept["kind"] == "update_kept", kept
+    assert peer.requests > requests_before  # fetched, not taken from the damaged files
+    tiny_store.verify("tiny", "2")
+
+
 def test_a_version_that_goes_bad_in_probation_is_rolled_back(
         start_daemon, broker, peer, mqtt_subscriber, tiny_store, tmp_path, key):
     events = mqtt_subscriber(broker, EVENTS)
