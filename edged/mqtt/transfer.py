@@ -29,6 +29,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from edged.errors import EdgedError
+from edged.models.manifest import sha256_of
 from edged.mqtt.link import MqttLink
 
 log = logging.getLogger(__name__)
@@ -92,7 +93,7 @@ class Transfer:
         done_path = self.directory / f"{sha256}.file"
         if done_path.exists() and done_path.stat().st_size == size:
             # Left by an earlier run, never synced (the store's copy is): check it once more.
-            if _sha256_of(done_path) == sha256:
+            if sha256_of(done_path) == sha256:
                 return done_path
             done_path.unlink()
         part = self.directory / f"{sha256}.part"
@@ -218,11 +219,6 @@ class Transfer:
     def discard(self, sha256: str) -> None:
         for suffix in (".part", ".progress", ".file"):
             (self.directory / f"{sha256}{suffix}").unlink(missing_ok=True)
-
-
-def _sha256_of(path: Path) -> str:
-    with path.open("rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 class _InOrderHash:
