@@ -151,10 +151,11 @@ def print_status(status: dict) -> None:
         if info["state"] != "ready":
             print(f"  {name:20} {info['state']:8} {info.get('error', '')}")
             continue
-        lat = info["latency"]
+        latency = "/".join("-" if v is None else f"{v:g}" for v in
+                           (info["latency"][k] for k in ("p50_ms", "p95_ms", "p99_ms")))
         print(f"  {name:20} {info['version']:8} {info['backend']:9} {info['precision']:5} "
               f"req {info['requests']:<8} err {info['errors']:<4} "
-              f"p50/p95/p99 {lat['p50_ms']}/{lat['p95_ms']}/{lat['p99_ms']} ms  ({info['reason']})")
+              f"p50/p95/p99 {latency} ms  ({info['reason']})")
     pipelines = status.get("pipelines") or {}
     if pipelines:
         print("pipelines:")
