@@ -13,7 +13,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +64,65 @@ def short_dir() -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="edged-", dir="/tmp"))
     yield path
     shutil.rmtree(path, ignore_errors=True)
+
+
+def wait_until(predicate: Callable[[], object], timeout: float = 60.0, what: str = "condition") -> None:
+    """Poll `predicate` until it is true; fail naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+class SmallDisk:
+    """A real tmpfs of a few MiB mounted at `path`: `fill()` takes every free byte (writes
+    then fail with ENOSPC, as on a full SD card), `free()` gives them back."""
+
+    def __init__(self, path: Path, size_mb: int) -> None:
+        self.path = path
+        self._filler = path / ".filler"
+        path.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m,mode=0755", "tmpfs", str(path)],
+                       check=True, capture_output=True)
+
+    def fill(self, leave: int = 0) -> None:
+        """Write until the disk is full, or has only `leave` bytes free."""
+        with self._filler.open("ab") as out:
+            while True:
+                room = shutil.disk_usage(self.path).free - leave
+                if room <= 0:
+                    break
+                try:
+                    out.write(b"\0" * min(room, 1 << 20))
+                    out.flush()
+                except OSError:
+                    break
+
+    def free(self) -> None:
+        self._filler.unlink(missing_ok=True)
+
+    def unmount(self) -> None:
+        subprocess.run(["umount", "-l", str(self.path)], capture_output=True)
+
+
+@pytest.fixture
+def small_disk() -> Iterator[Callable[..., SmallDisk]]:
+    """small_disk(path, size_mb=8) -> a SmallDisk mounted there, unmounted after the test.
+    Skipped where tmpfs cannot be mounted (not root, no CAP_SYS_ADMIN)."""
+    mounted: list[SmallDisk] = []
+
+    def mount(path: Path, size_mb: int = 8) -> SmallDisk:
+        try:
+            disk = SmallDisk(path, size_mb)
+        except (subprocess.CalledProcessError, FileNotFoundError) as exc:
+            reason = exc.stderr.decode(errors="replace").strip() if getattr(exc, "stderr", None) else exc
+            pytest.skip(f"cannot mount a tmpfs here (needs root with CAP_SYS_ADMIN): {reason}")
+        mounted.append(disk)
+        return disk
+
+    yield mount
+    for disk in mounted:
+        disk.unmount()
 
 
 def ir_files(xml: Path) -> list[Path]:

@@ -23,7 +23,6 @@ import threading
 import time
 import tomllib
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +35,7 @@ from edged.models.manager import ModelManager
 from edged.models.store import ModelStore
 from edged.systemd import JOURNAL_SOCKET, JournalHandler
 from tests.broker import Broker
-from tests.conftest import DaemonProcess, build_tiny_ir, ir_files, to_toml
+from tests.conftest import DaemonProcess, build_tiny_ir, ir_files, to_toml, wait_until
 
 X = np.array([[1, 2, -3, 0.5]], np.float32)
 WATCHDOG_USEC = 2_000_000  # WatchdogSec=2s: a ping every second, a check must finish in 0.5 s
@@ -169,12 +168,6 @@ def slow_store(tiny_store: ModelStore, slow_ir: Path) -> ModelStore:
     tiny_store.activate("slow", "1")
     return tiny_store
 
-
-def wait_until(predicate: Callable[[], object], timeout: float = 60.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 # --- READY, STATUS, STOPPING ------------------------------------------------------------

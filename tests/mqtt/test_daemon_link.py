@@ -12,7 +12,7 @@ import pytest
 
 from edged.models.store import ModelStore
 from tests.broker import Broker
-from tests.conftest import build_tiny_ir, ir_files
+from tests.conftest import build_tiny_ir, ir_files, wait_until
 
 DEVICE = "cam-1"
 TOPICS = f"edged/devices/{DEVICE}"
@@ -30,14 +30,6 @@ def add_version(store: ModelStore, tmp_path: Path, version: str) -> None:
     ir = build_tiny_ir(tmp_path / f"ir-{version}", scale=float(version))
     store.add("tiny", ir_files(ir), version)
 
-
-def wait_until(predicate, timeout: float = 20.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_status_is_retained_online_and_the_last_will_says_offline(

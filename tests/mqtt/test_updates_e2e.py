@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from edged.models.store import ModelStore
-from tests.conftest import ir_files
+from tests.conftest import ir_files, wait_until
 
 DEVICE = "cam-1"
 EVENTS = f"edged/devices/{DEVICE}/events"
@@ -113,14 +113,6 @@ def progress(download_dir: Path) -> int:
             return 0
     return 0
 
-
-def wait_until(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def wide_output(daemon) -> float:

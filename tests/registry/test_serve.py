@@ -7,14 +7,13 @@ import json
 import signal
 import socket
 import threading
-import time
 import uuid
 
 import pytest
 
 from edged.models.manifest import sha256_of
 from tests.broker import Subscriber
-from tests.conftest import build_tiny_ir, ir_files
+from tests.conftest import build_tiny_ir, ir_files, wait_until
 from tests.registry.conftest import Registry, fetch, retained_on, user_properties
 
 # Mosquitto delays small packets by default (Nagle); docs/registry.md recommends this.
@@ -147,12 +146,6 @@ def test_a_version_published_while_serving_is_served_after_the_store_is_checked(
     reply = wait_for_status(client, "cam-3", sha256_of(bin_file), "ok")
     assert reply.payload == bin_file.read_bytes()
 
-
-def wait_until(condition, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
 
 
 def wait_for_status(client: Subscriber, name: str, sha256: str, status: str, attempts: int = 200):
