@@ -216,7 +216,10 @@ class SourceSettings(_Section):
         default=[], description="jsonl: the object keys read as channels, in order; empty: lines are lists."
     )
     columns: list[int] = Field(
-        default=[], description="csv: the columns read as channels (0 is the first), in order; empty: all."
+        default=[], description=(
+            "csv: the columns read as channels (0 is the first), in order; empty: every column, "
+            "and a line must then hold exactly `channels` values (1 unless set)."
+        ),
     )
     channels: int = Field(
         default=0, ge=0, le=4096,
