@@ -22,12 +22,13 @@ from edged.exits import run_command
 
 
 def _settings(args: argparse.Namespace) -> Settings:
+    """The settings as the command needs them: whole for `run`, its own sections for clients."""
     overrides: dict = {}
     if getattr(args, "socket", None):
         overrides["socket"] = {"path": args.socket}
     if getattr(args, "store", None):
         overrides["store"] = {"path": args.store}
-    return load_settings(args.config, **overrides)
+    return load_settings(args.config, for_daemon=args.command == "run", **overrides)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -208,17 +209,30 @@ def cmd_pipelines(args: argparse.Namespace) -> int:
     return 0
 
 
+def _list_models(store) -> int:
+    """Every model, one line each; a model whose pointer is unreadable is named, not a stop."""
+    unreadable = 0
+    for name in store.names():
+        versions = store.versions(name)
+        try:
+            active = store.active(name)
+        except EdgedError as exc:
+            print(f"{name}: {', '.join(versions) or '(no versions)'}  (active version unknown: {exc})")
+            unreadable += 1
+            continue
+        listed = ", ".join(f"{v}*" if v == active else v for v in versions)
+        print(f"{name}: {listed or '(no versions)'}")
+    if not store.names():
+        print(f"(no models in {store.root})")
+    return 1 if unreadable else 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from edged.models.store import ModelStore
 
     store = ModelStore(_settings(args).store.path)
     if args.action == "list":
-        for name in store.names():
-            active = store.active(name)
-            versions = ", ".join(f"{v}*" if v == active else v for v in store.versions(name))
-            print(f"{name}: {versions or '(no versions)'}")
-        if not store.names():
-            print(f"(no models in {store.root})")
+        return _list_models(store)
     elif args.action == "add":
         labels = Path(args.labels).read_text().splitlines() if args.labels else None
         preprocessing = json.loads(Path(args.preprocess).read_text()) if args.preprocess else None

@@ -37,6 +37,9 @@ from edged.errors import EdgedError
 DEFAULT_CONFIG = Path("/etc/edged/edged.toml")
 # The parsed TOML file of the `load_settings` call in progress (a weaker source than the environment).
 _file_data: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("edged_file", default=None)
+# False while a client command (`edged models`, `predict`, ...) loads the settings: the rules
+# about what the running daemon needs (updates need MQTT, ...) are not that command's business.
+_for_daemon: contextvars.ContextVar[bool] = contextvars.ContextVar("edged_for_daemon", default=True)
 
 
 class ConfigError(EdgedError):
@@ -513,6 +516,21 @@ class UpdateSettings(_Section):
         default=10.0, gt=0, le=600, description="A chunk with no reply in this time is asked again."
     )
     chunk_retries: int = Field(default=5, ge=0, le=100, description="Retries of a chunk before giving up.")
+    retry_min_s: float = Field(
+        default=30.0, gt=0, le=86400,
+        description="First wait before a failed or refused-for-disk release is tried again; doubles each time.",
+    )
+    retry_max_s: float = Field(
+        default=3600.0, gt=0, le=604800, description="Longest wait between tries of a failed release."
+    )
+    retry_jitter: float = Field(
+        default=0.2, ge=0, le=1,
+        description="Each wait is shortened by up to this fraction at random, so a fleet does not retry at once.",
+    )
+    disk_poll_s: float = Field(
+        default=5.0, gt=0, le=3600,
+        description="How often free space is checked for a release waiting for disk; it is retried once freed.",
+    )
     probation_s: float = Field(
         default=60.0, ge=0, le=86400,
         description="After activation, how long errors and the self-test are watched before keeping it.",
@@ -598,6 +616,8 @@ class Settings(TomlSettings):
 
     @model_validator(mode="after")
     def _updates_need_mqtt_and_keys(self) -> Settings:
+        if not _for_daemon.get():
+            return self
         if self.updates.enabled and not self.mqtt.enabled:
             raise ValueError("updates.enabled needs mqtt.enabled: releases arrive over MQTT")
         if self.updates.enabled and not self.updates.public_keys:
@@ -606,7 +626,7 @@ class Settings(TomlSettings):
 
     @model_validator(mode="after")
     def _mqtt_pipelines_need_mqtt(self) -> Settings:
-        if self.mqtt.enabled:
+        if self.mqtt.enabled or not _for_daemon.get():
             return self
         for name, pipeline in self.pipelines.items():
             if pipeline.source.kind == "mqtt":
@@ -618,9 +638,14 @@ class Settings(TomlSettings):
     def model(self, name: str) -> ModelSettings:
         return self.models.get(name) or ModelSettings()
 
-def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
-    """Build the daemon's settings; raise ConfigError naming the field or file line at fault."""
-    return load_toml_settings(Settings, path, DEFAULT_CONFIG, "EDGED_", "configuration", **overrides)
+def load_settings(path: Path | None = None, for_daemon: bool = True, **overrides: Any) -> Settings:
+    """Build the daemon's settings; raise ConfigError naming the field or file line at fault.
+    `for_daemon=False` (client commands) skips the rules about what a running daemon needs."""
+    token = _for_daemon.set(for_daemon)
+    try:
+        return load_toml_settings(Settings, path, DEFAULT_CONFIG, "EDGED_", "configuration", **overrides)
+    finally:
+        _for_daemon.reset(token)
 
 
 _T = TypeVar("_T", bound=TomlSettings)

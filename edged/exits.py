@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable
 
@@ -18,7 +19,13 @@ from edged.errors import EdgedError
 def run_command(program: str, func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
     """Run one subcommand and turn what it raised into a line on stderr and an exit code."""
     try:
-        return func(args)
+        code = func(args)
+        sys.stdout.flush()  # here, so that a closed pipe is seen below, not at exit
+        return code
+    except BrokenPipeError:
+        # The reader went away (`edged models list | head -1`): stop quietly, as `ls | head` does.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a program killed by it
     except ConfigError as exc:
         print(f"{program}: {exc}", file=sys.stderr)
         return 2

@@ -182,3 +182,41 @@ def test_unknown_model_version_route(start_daemon, sample_store):
     with daemon.client() as client, pytest.raises(ClientError) as info:
         client.infer("tiny", {"x": X}, version="5")
     assert info.value.status == 404
+
+
+def test_models_list_names_an_unreadable_pointer_and_lists_the_rest(tmp_path, tiny_ir):
+    store = str(tmp_path / "store")
+    for name in ("alpha", "beta", "gamma"):
+        edged("models", "add", name, *map(str, ir_files(tiny_ir)), "--version", "1", "--store", store)
+    (tmp_path / "store" / "alpha" / ".active.json").write_text("{not json")
+    out = edged("models", "list", "--store", store, check=False)
+    lines = out.stdout.splitlines()
+    assert out.returncode == 1
+    assert lines[0].startswith("alpha: 1  (active version unknown: ")
+    assert "unreadable active pointer" in lines[0]
+    assert lines[1:] == ["beta: 1*", "gamma: 1*"]
+
+
+def test_client_commands_ignore_the_daemons_cross_section_rules(tmp_path, tiny_ir):
+    """Update settings without MQTT are the daemon's problem; `models list` still works."""
+    store = str(tmp_path / "store")
+    env = {"EDGED_UPDATES__ENABLED": "true"}
+    edged("models", "add", "tiny", *map(str, ir_files(tiny_ir)), "--version", "1", "--store", store, env=env)
+    assert edged("models", "list", "--store", store, env=env).stdout.strip() == "tiny: 1*"
+    refused = edged("run", "--check", "--store", store, env=env, check=False)
+    assert refused.returncode == 2
+    assert "updates.enabled needs mqtt.enabled" in refused.stderr
+
+
+def test_a_closed_pipe_ends_the_command_quietly(tmp_path):
+    store = tmp_path / "store"
+    for n in range(1500):  # 1,500 lines of 64 bytes: more than a pipe holds, so the writer sees it close
+        (store / f"m{n:04d}{'x' * 54}" / "1").mkdir(parents=True)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    lister = subprocess.Popen([sys.executable, "-m", "edged", "models", "list", "--store", str(store)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    head = subprocess.run(["head", "-1"], stdin=lister.stdout, capture_output=True, text=True, timeout=60)
+    lister.stdout.close()
+    assert head.stdout == f"m0000{'x' * 54}: 1\n"
+    assert lister.wait(timeout=60) == 141  # as a shell reports `ls | head -1`
+    assert lister.stderr.read() == b""
