@@ -218,5 +218,6 @@ def test_a_closed_pipe_ends_the_command_quietly(tmp_path):
     head = subprocess.run(["head", "-1"], stdin=lister.stdout, capture_output=True, text=True, timeout=60)
     lister.stdout.close()
     assert head.stdout == f"m0000{'x' * 54}: 1\n"
-    assert lister.wait(timeout=60) == 141  # as a shell reports `ls | head -1`
-    assert lister.stderr.read() == b""
+    _, stderr = lister.communicate(timeout=60)
+    assert lister.returncode == 141  # as a shell reports `ls | head -1`
+    assert stderr == b""
