@@ -13,6 +13,12 @@ class InvalidInput(EdgedError):
     """A request, tensor, manifest or file that does not meet its contract."""
 
 
+class InputRejected(InvalidInput):
+    """The model itself refused inputs that passed validation (a Reshape given an impossible
+    shape, an index out of range): the runtime failed on them twice while it still runs a
+    known-good input, so the caller must change the inputs, and the backend is not to blame."""
+
+
 class ModelNotFound(EdgedError):
     def __init__(self, name: str, version: str | None = None, detail: str = "") -> None:
         what = f"model {name!r}" if version is None else f"version {version!r} of model {name!r}"

@@ -8,8 +8,12 @@ Everything else (selection, fallback, hot swap) lives above this line.
 from __future__ import annotations
 
 import abc
+import logging
 import os
+import re
 import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Generic, TypeVar
@@ -17,6 +21,23 @@ from typing import Generic, TypeVar
 import numpy as np
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
+# A C++ source location that OpenVINO puts on lines of its own ("... reshape.cpp:77:").
+_LOCATION = re.compile(r"\.(?:cpp|hpp|cc|h):\d+:$")
+
+
+def first_line(exc: BaseException) -> str:
+    """The line of a runtime's error that says why, for a caller who gets one line.
+
+    OpenVINO errors are C++ context ("Exception from src/...:224:", "Check '...' failed
+    at src/...:77:", "FrontEnd API failed with ...:") narrowing down to the sentence that
+    explains, last; LiteRT's are one line. The whole text is for the debug log.
+    """
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    for line in reversed(lines):
+        if not (line.startswith(("Exception from", "Check ")) or _LOCATION.search(line)):
+            return line
+    return lines[-1] if lines else type(exc).__name__
 
 
 @dataclass(frozen=True)
@@ -48,27 +69,63 @@ class WarmPool(Generic[T]):
     Last-in-first-out keeps a lone caller on one runtime whose memory is still in the
     CPU cache; a FIFO would rotate through all of them (measured: LiteRT 1.9 ms against
     1.3 ms per face inference when requests alternate between two interpreters).
+
+    A runtime that raised is never lent again: `borrow` drops it and builds a fresh one
+    with `build`. After an inference error an OpenVINO CPU infer request can answer the
+    next call with its previous outputs instead of raising (measured with a Reshape given
+    an impossible shape), and a LiteRT interpreter keeps appending old errors to new ones.
+    A slot whose rebuild fails stays empty (`None`) and is built again when next lent, so
+    a failed rebuild never shrinks the pool.
     """
 
-    def __init__(self, items: list[T]) -> None:
-        self._items = list(items)
+    def __init__(self, items: list[T], build: Callable[[], T]) -> None:
+        self._items: list[T | None] = list(items)
+        self._build = build
         self._lock = threading.Lock()
         self._available = threading.Semaphore(len(self._items))
+
+    @contextmanager
+    def borrow(self) -> Iterator[T]:
+        """Lend one runtime; returned to the pool when the block ends, replaced if it raised."""
+        item = self.get()
+        try:
+            yield item
+        except BaseException:
+            self._return(self._rebuild())
+            raise
+        self.put(item)
 
     def get(self) -> T:
         self._available.acquire()
         with self._lock:
-            return self._items.pop()
+            item = self._items.pop()
+        if item is None:  # its rebuild failed earlier: try again for this caller
+            try:
+                item = self._build()
+            except BaseException:
+                self._return(None)
+                raise
+        return item
 
     def put(self, item: T) -> None:
+        self._return(item)
+
+    def _return(self, item: T | None) -> None:
         with self._lock:
             self._items.append(item)
         self._available.release()
 
+    def _rebuild(self) -> T | None:
+        try:
+            return self._build()
+        except Exception:
+            log.warning("cannot rebuild a runtime after an error; retried when next lent", exc_info=True)
+            return None
+
     def drain(self) -> list[T]:
         with self._lock:
             items, self._items = self._items, []
-        return items
+        return [item for item in items if item is not None]
 
     def __len__(self) -> int:
         return len(self._items)
@@ -84,7 +141,11 @@ class LoadedModel(abc.ABC):
 
     @abc.abstractmethod
     def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run one request. Inputs are already validated against `inputs`."""
+        """Run one request. Inputs are already validated against `inputs`.
+
+        A runtime error propagates as the runtime raised it, and the runtime that raised
+        has been replaced (`WarmPool.borrow`), so no later call sees its state.
+        """
 
     @abc.abstractmethod
     def close(self) -> None:

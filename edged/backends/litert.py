@@ -17,7 +17,7 @@ except ImportError:  # pragma: no cover - depends on what the device has install
     from tflite_runtime.interpreter import Interpreter  # type: ignore[no-redef]
 
 from edged.backends import READS
-from edged.backends.base import Backend, LoadedModel, LoadOptions, TensorSpec, WarmPool
+from edged.backends.base import Backend, LoadedModel, LoadOptions, TensorSpec, WarmPool, first_line
 from edged.errors import BackendError
 
 
@@ -64,15 +64,16 @@ class LiteRTModel(LoadedModel):
         first = _Instance(content, threads)
         self.inputs = _specs(first.input_details)
         self.outputs = _specs(first.output_details)
-        others = [_Instance(content, threads) for _ in range(max(1, options.workers) - 1)]
-        self._pool = WarmPool([first, *others])
+        def build() -> _Instance:
+            return _Instance(content, threads)
+
+        others = [build() for _ in range(max(1, options.workers) - 1)]
+        self._pool = WarmPool([first, *others], build)
 
     def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        instance = self._pool.get()
-        try:
+        # An interpreter that raised is replaced, never reused: see WarmPool.
+        with self._pool.borrow() as instance:
             return instance.run(inputs)
-        finally:
-            self._pool.put(instance)
 
     def close(self) -> None:
         self._pool.drain()
@@ -88,5 +89,4 @@ class LiteRTBackend(Backend):
             content = path.read_bytes()
             return LiteRTModel(content, options)
         except (ValueError, RuntimeError) as exc:
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise BackendError(f"litert cannot load {path.name}: {reason}") from exc
+            raise BackendError(f"litert cannot load {path.name}: {first_line(exc)}") from exc

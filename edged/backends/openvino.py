@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import openvino as ov
 
-from edged.backends.base import Backend, LoadedModel, LoadOptions, TensorSpec, WarmPool
+from edged.backends.base import Backend, LoadedModel, LoadOptions, TensorSpec, WarmPool, first_line
 from edged.errors import BackendError
 
 PRECISIONS = frozenset({"f32", "bf16", "f16"})  # OpenVINO's own names for them
@@ -50,15 +50,16 @@ class OpenVINOModel(LoadedModel):
         optimal = int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
         self.num_requests = max(optimal, workers)
         # Each caller thread borrows one infer request; the pool bounds concurrency.
-        self._requests = WarmPool([compiled.create_infer_request() for _ in range(self.num_requests)])
+        build = compiled.create_infer_request
+        self._requests = WarmPool([build() for _ in range(self.num_requests)], build)
         self._input_index = {spec.name: i for i, spec in enumerate(self.inputs)}
         self._output_names = list(enumerate(spec.name for spec in self.outputs))
 
     def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         # The tensor API directly: OpenVINO's generic `infer(dict)` dispatch costs more
         # Python time than this small model's whole inference.
-        request = self._requests.get()
-        try:
+        # A request that raised is replaced, never reused: see WarmPool.
+        with self._requests.borrow() as request:
             for name, array in inputs.items():
                 # Zero-copy where the array may be shared; OpenVINO refuses read-only memory.
                 tensor = ov.Tensor(array, shared_memory=array.flags.writeable)
@@ -66,8 +67,6 @@ class OpenVINOModel(LoadedModel):
             request.infer()
             # Copies: the request's own output memory is reused by its next inference.
             return {name: request.get_output_tensor(i).data.copy() for i, name in self._output_names}
-        finally:
-            self._requests.put(request)
 
     def close(self) -> None:
         self._requests.drain()
@@ -94,14 +93,6 @@ class OpenVINOBackend(Backend):
             model = core.read_model(str(path))
             compiled = core.compile_model(model, "CPU", config)
         except RuntimeError as exc:
-            raise BackendError(f"openvino cannot load {path.name}: {_first_reason(exc)}") from exc
+            raise BackendError(f"openvino cannot load {path.name}: {first_line(exc)}") from exc
         return OpenVINOModel(compiled, options.workers)
 
-
-def _first_reason(exc: Exception) -> str:
-    """OpenVINO errors span many lines of C++ context; keep the line that says why."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    for line in reversed(lines):
-        if not line.startswith(("Exception from", "Check ")):
-            return line
-    return lines[-1] if lines else type(exc).__name__

@@ -18,9 +18,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from edged.backends.base import LoadedModel, LoadOptions
+from edged.backends.faults import run_checked
 from edged.backends.selection import Selection, select
 from edged.config import ModelSettings, Settings
-from edged.errors import BackendError, EdgedError, ModelNotFound, ModelUnavailable
+from edged.errors import BackendError, EdgedError, InputRejected, ModelNotFound, ModelUnavailable
 from edged.metrics import ModelStats
 from edged.models.manifest import Manifest
 from edged.models.store import ModelStore
@@ -115,14 +116,16 @@ class ModelManager:
                 self._count(stats, "rejected")
                 raise
             start = time.perf_counter()
-            try:
-                outputs = served.loaded.infer(checked)
-            except Exception as exc:  # any runtime failure is a backend error for this request
+            where = f"{name} {served.version} on {served.selection.backend}"
+            try:  # a runtime error is judged there: the inputs' fault or the runtime's
+                outputs = run_checked(served.loaded, checked, where)
+            except InputRejected as exc:  # the backend is sound: no step towards a fallback
+                self._count(stats, "rejected")
+                raise InputRejected(f"{where}: the model rejected these inputs: {exc}") from exc
+            except BackendError as exc:
                 self._count(stats, "errors")
                 self._on_backend_error(served, exc)
-                raise BackendError(
-                    f"{name} {served.version} on {served.selection.backend}: inference failed: {exc}"
-                ) from exc
+                raise BackendError(f"{where}: inference failed: {exc}") from exc
             stats.latency.observe(time.perf_counter() - start)
             served.consecutive_errors = 0
             return InferResult(served, outputs)
@@ -229,7 +232,10 @@ class ModelManager:
             ),
         }
 
-    def _load(self, name: str, version: str, reason: str, exclude: frozenset[str] = frozenset()) -> bool:
+    def _load(self, name: str, version: str, reason: str, exclude: frozenset[str] = frozenset(),
+              why_here: str | None = None) -> bool:
+        """Load and swap in; `exclude` (a fallback) sets the retry time and `why_here` the
+        reason shown, both before the swap, so no reader sees a half-described model."""
         settings = self.settings.model(name)
         wanted = "auto" if exclude else settings.backend
         try:
@@ -245,7 +251,10 @@ class ModelManager:
         except (OSError, ValueError, TypeError) as exc:  # whatever a damaged store throws
             self._fail(name, version, f"{type(exc).__name__}: {exc}")
             return False
+        selection.reason = why_here or selection.reason
         served = ServedModel(manifest, loaded, selection, settings)
+        if exclude:
+            served.retry_at = time.monotonic() + self.settings.backends.fallback_retry_s
         old = self._models.get(name)
         self.stats.setdefault(name, ModelStats())
         self._models[name] = served  # the swap: new requests go to the new version from here
@@ -278,10 +287,11 @@ class ModelManager:
         limit = self.settings.backends.fallback_after_errors
         if served.consecutive_errors == limit and served.settings.backend == "auto":
             threading.Thread(
-                target=self._fall_back, args=(served, str(exc)), name=f"fallback-{served.name}", daemon=True
+                target=self._fall_back, args=(served, limit, str(exc)), name=f"fallback-{served.name}",
+                daemon=True,
             ).start()
 
-    def _fall_back(self, served: ServedModel, error: str) -> None:
+    def _fall_back(self, served: ServedModel, errors: int, error: str) -> None:
         with self._swap_lock:
             if self._models.get(served.name) is not served:
                 return
@@ -289,14 +299,11 @@ class ModelManager:
             log.warning("%s: %s failing (%s); trying another backend", served.name, failing, error,
                         extra={"MODEL": served.name, "VERSION": served.version})
             if not self._load(served.name, served.version, reason=f"fallback from {failing}",
-                              exclude=frozenset({failing})):
+                              exclude=frozenset({failing}),
+                              why_here=f"fallback from {failing} after {errors} errors ({error})"):
                 served.consecutive_errors = 0  # no other backend now: try again after as many errors
                 return
             new = self._models[served.name]
-            new.selection.reason = (
-                f"fallback from {failing} after {served.consecutive_errors} errors ({error})"
-            )
-            new.retry_at = time.monotonic() + self.settings.backends.fallback_retry_s
             self._emit("backend_fallback", {"model": served.name, "version": served.version,
                                             "from": failing, "to": new.selection.backend, "error": error})
 
