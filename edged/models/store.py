@@ -195,7 +195,10 @@ class ModelStore:
         if final.exists():
             raise StoreError(f"{name} {version} already exists in {self.root}")
         # Build (and so validate) the manifest from the sources before anything is written.
-        entries = [ManifestFile(name=p.name, sha256=sha256_of(p), size=p.stat().st_size) for p in paths]
+        try:
+            entries = [ManifestFile(name=p.name, sha256=sha256_of(p), size=p.stat().st_size) for p in paths]
+        except OSError as exc:
+            raise StoreError(f"cannot read {exc.filename or 'a file to add'}: {exc.strerror or exc}") from exc
         try:
             manifest = Manifest(
                 name=name, version=version, format=guess_format(paths), files=entries,
@@ -204,18 +207,23 @@ class ModelStore:
         except ValidationError as exc:
             raise InvalidInput(f"invalid model: {one_line(exc)}") from None
         model_dir = self._model_dir(name)
-        model_dir.mkdir(parents=True, exist_ok=True)
-        self.clean_staging(name)
-        staging = Path(tempfile.mkdtemp(dir=model_dir, prefix=f"{STAGING_PREFIX}{os.getpid()}-"))
+        staging: Path | None = None
         try:
+            model_dir.mkdir(parents=True, exist_ok=True)
+            self.clean_staging(name)
+            staging = Path(tempfile.mkdtemp(dir=model_dir, prefix=f"{STAGING_PREFIX}{os.getpid()}-"))
             for path, entry in zip(paths, entries, strict=True):
                 if self._copy_in(path, staging) != entry:
                     raise StoreError(f"{path} changed while it was being added")
             atomic_write(staging / "manifest.json", manifest.to_json())
             fsync_dir(staging)
             os.rename(staging, final)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
+        except BaseException as exc:
+            if staging is not None:  # nothing half-written stays (a full disk gets its space back)
+                shutil.rmtree(staging, ignore_errors=True)
+            if isinstance(exc, OSError):
+                raise StoreError(f"{name} {version} not added: cannot write {exc.filename or model_dir}: "
+                                 f"{exc.strerror or exc}") from exc
             raise
         fsync_dir(model_dir)
         return manifest

@@ -9,6 +9,10 @@ instead of starting over. A finished file is checked against its size and sha256
 as the chunks arrive) before it is handed over as `{sha256}.file`. That file is not
 synced: the store syncs its own copy, and a `.file` found at the next start is hashed
 again before it is used, so a power cut costs a download, never a wrong model.
+
+A write that fails (a full disk) removes the file's `.part`, `.progress` and `.file` and
+raises a one-line TransferError; so does a download that is given up. A download that
+merely timed out keeps its chunks, for the next try to resume.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import logging
 import os
 import queue
 import secrets
+import shutil
 import threading
 import time
 from dataclasses import dataclass
@@ -34,6 +39,8 @@ from edged.mqtt.link import MqttLink
 
 log = logging.getLogger(__name__)
 PROGRESS_EVERY_S = 0.5
+SUFFIXES = (".part", ".progress", ".file")
+SCRATCH_PREFIX = ".stage-"  # the update agent's hard-link directories (and tempfile's "tmp")
 
 
 class TransferError(EdgedError):
@@ -64,6 +71,7 @@ class Transfer:
         self._replies: queue.Queue[_Reply] = queue.Queue()
         self.bytes_received = 0
         self.chunks_retried = 0
+        self.last_reply = 0.0  # monotonic time of the last chunk reply: the registry answers
 
     def start(self) -> None:
         self.link.subscribe(self.reply_topic, self._on_reply)
@@ -74,6 +82,7 @@ class Transfer:
         correlation = getattr(properties, "CorrelationData", None)
         if not correlation:
             return
+        self.last_reply = time.monotonic()
         values = dict(getattr(properties, "UserProperty", None) or [])
         try:
             offset = int(values.get("offset", "-1"))
@@ -88,7 +97,17 @@ class Transfer:
         return min(self.chunk_bytes, limit - 4096) if limit else self.chunk_bytes
 
     def fetch(self, sha256: str, size: int, stop: threading.Event) -> Path:
-        """Return `{sha256}.file`, complete and verified, fetching what is missing."""
+        """Return `{sha256}.file`, complete and verified, fetching what is missing. A failed
+        write removes what was on disk for this file and says so in one line."""
+        try:
+            return self._fetch(sha256, size, stop)
+        except OSError as exc:
+            self.discard(sha256)
+            where = exc.filename or self.directory
+            raise TransferError(f"file {sha256[:12]}: cannot write {where}: {exc.strerror or exc}; "
+                                f"its partial download was removed") from exc
+
+    def _fetch(self, sha256: str, size: int, stop: threading.Event) -> Path:
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         done_path = self.directory / f"{sha256}.file"
         if done_path.exists() and done_path.stat().st_size == size:
@@ -217,8 +236,33 @@ class Transfer:
         os.replace(temporary, path)
 
     def discard(self, sha256: str) -> None:
-        for suffix in (".part", ".progress", ".file"):
+        for suffix in SUFFIXES:
             (self.directory / f"{sha256}{suffix}").unlink(missing_ok=True)
+        (self.directory / f"{sha256}.progress.tmp").unlink(missing_ok=True)
+
+    def sweep(self, keep: set[str]) -> list[str]:
+        """Remove every download whose sha256 is not in `keep` (a release that was replaced,
+        withdrawn or installed); returns the sha256s removed."""
+        removed = set()
+        if not self.directory.is_dir():
+            return []
+        for path in self.directory.iterdir():
+            digest = path.name.split(".", 1)[0]
+            if path.is_file() and len(digest) == 64 and digest not in keep:
+                path.unlink(missing_ok=True)
+                removed.add(digest)
+        return sorted(removed)
+
+    def clear_leftovers(self) -> list[Path]:
+        """At start: the hard-link directories a killed daemon left while copying a version
+        into the store (each holds a link to a whole model file)."""
+        found = []
+        if self.directory.is_dir():
+            for path in self.directory.iterdir():
+                if path.is_dir() and path.name.startswith((SCRATCH_PREFIX, "tmp")):
+                    shutil.rmtree(path, ignore_errors=True)
+                    found.append(path)
+        return found
 
 
 class _InOrderHash:

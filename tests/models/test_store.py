@@ -543,7 +543,7 @@ def test_crash_before_the_final_rename_leaves_no_version(
 
     monkeypatch.setattr(os, "rename", crash)
     path = make_file(src / "v2", "model.tflite", b"version two")
-    with pytest.raises(OSError, match="simulated crash"):
+    with pytest.raises(StoreError, match="simulated crash"):  # an OSError, in one line
         store.add("m", [path], "2")
     monkeypatch.undo()
 
@@ -570,7 +570,7 @@ def test_crash_during_the_first_add_of_a_model_leaves_no_version(
 
     monkeypatch.setattr(os, "rename", crash)
     path = make_file(src, "m.tflite", b"x")
-    with pytest.raises(OSError, match="simulated crash"):
+    with pytest.raises(StoreError, match="simulated crash"):  # an OSError, in one line
         store.add("m", [path], "1")
     monkeypatch.undo()
     assert store.versions("m") == []

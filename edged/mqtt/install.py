@@ -1,0 +1,147 @@
+"""One release installed: download its files, stage them in the store, load and self-test
+the staged version, activate it, watch it through probation, roll back when it goes bad,
+prune old versions. The update agent (`updates.py`) decides what to install and when to
+try again; this does one install and raises when a step fails.
+
+The backend the self-test ran on is the one `update_activated` names: when the model
+manager's own selection serves the version on another backend, that backend is
+self-tested at once (a failure rolls back), and the event names both and says why.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from edged.config import UpdateSettings
+from edged.errors import EdgedError
+from edged.models.manager import ModelManager
+from edged.models.store import version_key
+from edged.mqtt.checks import UpdateRefused, check_served, check_staged
+from edged.mqtt.reports import Reporter
+from edged.mqtt.transfer import SCRATCH_PREFIX, Transfer
+from edged.signing import Release
+
+log = logging.getLogger("edged.mqtt.updates")
+
+
+class Installer:
+    def __init__(self, settings: UpdateSettings, reporter: Reporter, manager: ModelManager,
+                 transfer: Transfer, stop: threading.Event) -> None:
+        self.settings = settings
+        self.reporter = reporter
+        self.manager = manager
+        self.store = manager.store
+        self.transfer = transfer
+        self.stop = stop
+
+    def install(self, release: Release) -> None:
+        """Download, stage, test, activate, watch; raises on a failed step (nothing half-done stays)."""
+        manifest = release.manifest
+        name, version = manifest.name, manifest.version
+        previous = self.store.active(name) if name in self.store.names() else None
+        self.reporter.event("update_started", model=name, version=version, previous=previous,
+                            bytes=sum(f.size for f in manifest.files))
+        staged = name in self.store.names() and version in self.store.versions(name)
+        if not staged:  # else: staged before a restart; checked again below
+            started = time.monotonic()
+            paths = {f.name: self.transfer.fetch(f.sha256, f.size, self.stop) for f in manifest.files}
+            self.reporter.event("update_downloaded", model=name, version=version,
+                                seconds=round(time.monotonic() - started, 3))
+            self._stage(release, paths)
+        tested = check_staged(self.manager, release)
+        self.reporter.event("update_tested", model=name, version=version, backend=tested,
+                            selftest=release.selftest is not None)
+        self.store.activate(name, version)
+        self.manager.sync()
+        served = self.manager.served().get(name)
+        if served is None or served.version != version:
+            reason = self.manager.failures.get(name, "it did not load")
+            self._roll_back(name, version, f"activation failed: {reason}")
+            return
+        backend = served.selection.backend
+        agree: dict[str, Any] = {}
+        if backend != tested:  # the manager ran its own selection: test what it chose, now
+            try:
+                check_served(self.manager, release)
+            except EdgedError as exc:
+                self._roll_back(name, version, f"tested on {tested}, served on {backend}, which fails: {exc}")
+                return
+            checked = "the self-test then passed on it too" if release.selftest else "its files verify"
+            agree = {"tested_backend": tested,
+                     "backend_reason": f"tested on {tested}, but the model manager's own selection chose "
+                                       f"{backend} ({served.selection.reason}); {checked}"}
+        self.reporter.event("update_activated", model=name, version=version, previous=previous,
+                            backend=backend, **agree)
+        for f in manifest.files:
+            self.transfer.discard(f.sha256)
+        if self._probation(release):
+            self.reporter.event("update_kept", model=name, version=version)
+            self._prune(name)
+
+    def _stage(self, release: Release, paths: dict[str, Path]) -> None:
+        """Into the store under the manifest's own file names (the store hashes them again).
+        The hard links live in a `.stage-*` directory, removed at start if a kill left it."""
+        manifest = release.manifest
+        with tempfile.TemporaryDirectory(dir=self.transfer.directory, prefix=SCRATCH_PREFIX) as scratch:
+            named = []
+            for file_name, path in paths.items():
+                link = Path(scratch) / file_name  # a plain name: checked by the manifest schema
+                link.hardlink_to(path)
+                named.append(link)
+            stored = self.store.add(manifest.name, named, manifest.version, labels=manifest.labels,
+                                    preprocessing=manifest.preprocessing, decoder=manifest.decoder,
+                                    description=manifest.description)
+        if stored.files != manifest.files:
+            self.store.remove(manifest.name, manifest.version)
+            raise UpdateRefused("the stored files differ from the release's manifest")
+        self.reporter.event("update_staged", model=manifest.name, version=manifest.version)
+
+    def _probation(self, release: Release) -> bool:
+        """Watch the new version; roll back and return False when it goes bad."""
+        name, version = release.manifest.name, release.manifest.version
+        stats = self.manager.stats.get(name)
+        errors_before = stats.errors if stats else 0
+        deadline = time.monotonic() + self.settings.probation_s
+        while not self.stop.wait(min(1.0, max(0.0, deadline - time.monotonic()))):
+            try:
+                errors = (stats.errors if stats else 0) - errors_before
+                if errors >= self.settings.probation_max_errors:
+                    raise UpdateRefused(f"{errors} inference errors during probation")
+                check_served(self.manager, release)
+            except EdgedError as exc:
+                self._roll_back(name, version, str(exc))
+                return False
+            if time.monotonic() >= deadline:
+                return True
+        return True  # stopping: what is active stays; the next start serves it
+
+    def _roll_back(self, name: str, version: str, reason: str) -> None:
+        try:
+            restored = self.store.rollback(name)
+        except EdgedError as exc:
+            log.error("updates: %s %s went bad (%s) and cannot roll back: %s", name, version, reason, exc)
+            self.reporter.event("update_failed", model=name, version=version,
+                                reason=f"{reason}; no rollback: {exc}")
+            return
+        self.manager.sync()
+        log.error("updates: %s %s rolled back to %s: %s", name, version, restored, reason)
+        self.reporter.event("update_rolled_back", model=name, version=version, to=restored, reason=reason)
+
+    def _prune(self, name: str) -> None:
+        """Keep `keep_versions` versions: the active one, the rollback target, the newest others."""
+        keep = {self.store.active(name), *self.store.history(name)[:1]}
+        versions = sorted(self.store.versions(name), key=version_key, reverse=True)
+        for version in versions:
+            if len(keep) >= self.settings.keep_versions:
+                break
+            keep.add(version)
+        for version in versions:
+            if version not in keep:
+                self.store.remove(name, version)
+                log.info("updates: removed %s %s (keeping %d versions)", name, version,
+                         self.settings.keep_versions)

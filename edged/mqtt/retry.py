@@ -1,0 +1,141 @@
+"""When to try a failed release again: backoff, and the events that cut the wait short.
+
+A release that failed for a reason that may pass (the registry did not answer, the disk
+was full, a write failed) is kept here, one per model, until it succeeds or a newer
+release (or a withdrawal) replaces it. It is tried again after a doubling, capped and
+jittered wait, so a fleet neither hammers a registry that is down nor retries in step;
+and at once when there is news that it may work now: the registry says it is online, it
+announces the release again, a chunk reply arrives, or the disk it was short of has room.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edged.config import UpdateSettings
+
+
+@dataclass
+class Pending:
+    """A release waiting to be tried again."""
+
+    name: str
+    version: str
+    topic: str
+    payload: bytes
+    reason: str
+    attempts: int
+    failed_at: float  # monotonic
+    due: float  # monotonic
+    disk: list[tuple[Path, int]] = field(default_factory=list)  # (directory, bytes needed) when short
+    free_at_failure: dict[Path, int] = field(default_factory=dict)
+
+    def describe(self) -> dict:
+        return {"version": self.version, "attempts": self.attempts, "reason": self.reason,
+                "retry_in_s": round(max(0.0, self.due - time.monotonic()), 1),
+                "waiting_for_disk": bool(self.disk)}
+
+
+def free_bytes(directory: Path) -> int:
+    """Free bytes where `directory` is (or would be: its nearest existing parent)."""
+    path = directory
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+class RetryBook:
+    """The releases waiting for another try; used by the update agent's thread only."""
+
+    def __init__(self, settings: UpdateSettings, rng: random.Random | None = None) -> None:
+        self.settings = settings
+        self._pending: dict[str, Pending] = {}
+        self._rng = rng or random.Random()  # noqa: S311 (jitter, not secrets)
+        self._disk_checked = 0.0
+
+    def __iter__(self) -> Iterator[Pending]:
+        return iter(list(self._pending.values()))
+
+    def get(self, name: str) -> Pending | None:
+        return self._pending.get(name)
+
+    def delay(self, attempts: int) -> float:
+        """min * 2^(attempts - 1), capped at max, then shortened by up to `retry_jitter`."""
+        low, high = self.settings.retry_min_s, max(self.settings.retry_min_s, self.settings.retry_max_s)
+        base = min(high, low * 2 ** min(attempts - 1, 60))
+        return base * (1 - self.settings.retry_jitter * self._rng.random())
+
+    def failed(self, name: str, version: str, topic: str, payload: bytes, reason: str,
+               disk: list[tuple[Path, int]] | None = None) -> Pending:
+        """Record a failed try of this release; a different release of `name` starts the count again."""
+        previous = self._pending.get(name)
+        attempts = previous.attempts + 1 if previous and previous.payload == payload else 1
+        now = time.monotonic()
+        pending = Pending(name, version, topic, payload, reason, attempts, now, now + self.delay(attempts),
+                          list(disk or []))
+        pending.free_at_failure = {path: free_bytes(path) for path, _ in pending.disk}
+        self._pending[name] = pending
+        return pending
+
+    def forget(self, name: str) -> Pending | None:
+        return self._pending.pop(name, None)
+
+    def hurry(self, name: str | None = None, *, including_disk: bool = False) -> int:
+        """Make `name` (or every pending release) due now; returns how many. A release short
+        of disk is left to the disk check unless `including_disk`."""
+        now, count = time.monotonic(), 0
+        for pending in self._pending.values():
+            if (name is None or pending.name == name) and (including_disk or not pending.disk):
+                pending.due = min(pending.due, now)
+                count += 1
+        return count
+
+    def heard_since(self, moment: float) -> int:
+        """A chunk reply arrived at `moment`: the registry answers, so releases that failed
+        before it are due now."""
+        now, count = time.monotonic(), 0
+        for pending in self._pending.values():
+            if not pending.disk and pending.failed_at < moment and pending.due > now:
+                pending.due = now
+                count += 1
+        return count
+
+    def check_disk(self) -> None:
+        """Every `disk_poll_s`: a release short of disk is due once each directory has the
+        room it needs and more room than right after the failure (so a disk that is simply
+        too small waits for the backoff, not for every poll)."""
+        now = time.monotonic()
+        if now - self._disk_checked < self.settings.disk_poll_s:
+            return
+        self._disk_checked = now
+        for pending in self._pending.values():
+            if not pending.disk or pending.due <= now:
+                continue
+            try:
+                free = {path: free_bytes(path) for path, _ in pending.disk}
+            except OSError:
+                continue
+            if all(free[path] >= need and free[path] > pending.free_at_failure.get(path, 0)
+                   for path, need in pending.disk):
+                pending.due = now
+
+    def due(self) -> list[Pending]:
+        """The releases to try now, oldest failure first."""
+        self.check_disk()
+        now = time.monotonic()
+        return sorted((p for p in self._pending.values() if p.due <= now), key=lambda p: p.failed_at)
+
+    def wait_s(self) -> float | None:
+        """How long the agent may sleep before something here could be due (None: no limit)."""
+        if not self._pending:
+            return None
+        now = time.monotonic()
+        wait = min(p.due for p in self._pending.values()) - now
+        if any(p.disk for p in self._pending.values()):
+            wait = min(wait, self.settings.disk_poll_s)
+        return max(0.05, wait)
