@@ -478,6 +478,14 @@ class MqttSettings(_Section):
             "A hint only: the broker's ACL is the real gate."
         ),
     )
+    reply_topic_prefix: str = Field(
+        default="{topic_prefix}/replies/", max_length=256, pattern=r"^[^#+$/\x00][^#+\x00]*/$",
+        description=(
+            "Command replies go only to response topics under this prefix (ending in '/'; "
+            "{topic_prefix} is replaced) or to the device's own .../replies; a command naming any "
+            "other response topic is refused, not run, and answered on .../replies."
+        ),
+    )
 
     @field_validator("device_id")
     @classmethod

@@ -16,6 +16,7 @@ import numpy as np
 
 from edged import strict_json
 from edged.errors import InvalidInput
+from edged.untrusted_json import parse_json
 
 HEADER_LENGTH = "inference-header-content-length"
 MAX_RANK = 16
@@ -49,15 +50,6 @@ class InferRequest:
     binary_default: bool = False
     parameters: dict[str, Any] = field(default_factory=dict)
     all_binary: bool = False  # every input came as binary data
-
-
-def parse_json(data: bytes | memoryview, what: str = "request") -> Any:
-    try:
-        return json.loads(bytes(data))
-    except RecursionError:
-        raise InvalidInput(f"{what} JSON is nested too deeply") from None
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidInput(f"{what} is not valid JSON: {exc}") from None
 
 
 def _expect(value: Any, kind: type | tuple[type, ...], where: str) -> Any:

@@ -5,6 +5,13 @@ runs; whatever is wrong with it becomes an error reply (`{"ok": false, "error":
 ...}`), never an exception in the daemon. Replies go to the MQTT v5 response topic
 with the correlation data echoed; MQTT 3.1.1 senders put `response_topic` and `id`
 in the JSON instead; with neither, the reply goes to `edged/devices/{id}/replies`.
+A response topic is where the device publishes on the sender's word, so only topics
+under `reply_topic_prefix` (the operators' reply namespace, `edged/replies/` by
+default) or the device's own `.../replies` are used: a command naming any other is
+refused, not run, and its error goes to `.../replies` instead.
+
+The JSON is parsed by `edged.untrusted_json`, as the socket API's is: a document
+nested past its limit is an error reply, never a `RecursionError` in the worker.
 
 QoS 1 may deliver a command twice: a command seen again (same correlation data or
 `id`) gets the first reply again and is not run a second time, so a repeated
@@ -35,6 +42,7 @@ from edged.health import Health
 from edged.models.manager import ModelManager
 from edged.mqtt.link import MqttLink
 from edged.pipelines.group import Pipelines
+from edged.untrusted_json import parse_json
 
 log = logging.getLogger(__name__)
 MAX_COMMAND_BYTES = 64 << 10
@@ -97,7 +105,11 @@ class Commands:
         self.pipelines = pipelines
         self.reload_config = reload_config
         self.allowed_senders = set(allowed_senders)
-        self.counts = {"received": 0, "failed": 0, "repeated": 0, "refused_busy": 0}
+        self.counts = {"received": 0, "failed": 0, "repeated": 0, "refused_busy": 0, "refused_topic": 0}
+        settings, topics = link.settings, link.topics
+        self.own_replies = f"{topics.device}/replies"
+        self.reply_prefix = settings.reply_topic_prefix.replace("{topic_prefix}", topics.prefix)
+        health.sections["commands"] = lambda: dict(self.counts)
         self._replies: collections.OrderedDict[bytes, dict] = collections.OrderedDict()
         self._queue: queue.Queue[mqtt.MQTTMessage | None] = queue.Queue(maxsize=16)
         self._thread = threading.Thread(target=self._work, name="mqtt-commands", daemon=True)
@@ -138,10 +150,14 @@ class Commands:
             return
         command: Any = None
         try:
+            self._check_topic(_response_topic(message, None))  # before parsing: no reply goes there
             command = self._parse(message)
+            self._check_topic(_response_topic(message, command))
             reply = {"ok": True, "command": command.command, "result": self._run(command)}
         except (CommandError, EdgedError) as exc:
             self.counts["failed"] += 1
+            if isinstance(exc, ForbiddenTopic):
+                self.counts["refused_topic"] += 1
             reply = {"ok": False, "error": str(exc).splitlines()[0]}
             if command is not None:
                 reply["command"] = command.command
@@ -162,10 +178,7 @@ class Commands:
             sender = _user_property(message, "sender")
             if sender not in self.allowed_senders:
                 raise CommandError(f"sender {sender!r} may not send commands to this device")
-        try:
-            document = json.loads(message.payload)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise CommandError(f"not JSON: {exc}") from None
+        document = parse_json(message.payload, "command")
         try:
             return COMMAND.validate_python(document)
         except ValidationError as exc:
@@ -212,13 +225,21 @@ class Commands:
         return {"model": name, "version": version, "backend": served.selection.backend}
 
     # --- replying -----------------------------------------------------------------------
+    def _allowed(self, topic: str) -> bool:
+        return "#" not in topic and "+" not in topic and (
+            topic == self.own_replies or (topic.startswith(self.reply_prefix) and topic != self.reply_prefix))
+
+    def _check_topic(self, topic: str | None) -> None:
+        if topic is not None and not self._allowed(topic):
+            raise ForbiddenTopic(f"response topic {topic[:200]!r} refused: replies go only under "
+                                 f"{self.reply_prefix!r} or to {self.own_replies!r}; command not run")
+
     def _reply(self, message: mqtt.MQTTMessage, command: Any, reply: dict) -> None:
+        """Publish `reply` on the response topic if it is allowed, else on the device's own."""
         properties = getattr(message, "properties", None)
-        topic = getattr(properties, "ResponseTopic", None) or (command.response_topic if command else None) \
-            or f"{self.link.topics.device}/replies"
-        if "#" in topic or "+" in topic:
-            log.warning("command reply not sent: response topic %r has wildcards", topic)
-            return
+        topic = _response_topic(message, command) or self.own_replies
+        if not self._allowed(topic):  # refused in _handle already; a busy or repeated one lands here
+            topic = self.own_replies
         out = None
         correlation = getattr(properties, "CorrelationData", None)
         if correlation is not None and self.link.settings.protocol == "5":
@@ -231,14 +252,25 @@ class CommandError(EdgedError):
     """A command that cannot be run; the message is the reply's error."""
 
 
+class ForbiddenTopic(CommandError):
+    """A response topic outside the reply namespace: the command is not run."""
+
+
+def _response_topic(message: mqtt.MQTTMessage, command: Any) -> str | None:
+    """The MQTT v5 response topic, else the one in the command's JSON (MQTT 3.1.1)."""
+    topic = getattr(getattr(message, "properties", None), "ResponseTopic", None)
+    return topic or (command.response_topic if command is not None else None)
+
+
 def _key(message: mqtt.MQTTMessage) -> bytes | None:
     """What identifies a command across QoS 1 redeliveries: correlation data, else the JSON `id`."""
     correlation = getattr(getattr(message, "properties", None), "CorrelationData", None)
     if correlation:
         return b"c:" + bytes(correlation)
     try:
-        document = json.loads(message.payload) if len(message.payload) <= MAX_COMMAND_BYTES else None
-    except (ValueError, UnicodeDecodeError):
+        small = len(message.payload) <= MAX_COMMAND_BYTES
+        document = parse_json(message.payload, "command") if small else None
+    except EdgedError:  # the parse in _handle says what is wrong
         return None
     if isinstance(document, dict) and isinstance(document.get("id"), str | int):
         return b"i:" + json.dumps(document["id"]).encode()

@@ -274,7 +274,7 @@ def test_request_id_may_be_a_number() -> None:
 # --- malformed documents ---------------------------------------------------------------
 @pytest.mark.parametrize("body", [b'{"inputs": [', b"{'inputs': []}", b"", b"\xff\xfe\x00", b"{} extra"])
 def test_malformed_json_is_refused(body: bytes) -> None:
-    assert refused(body).startswith("request is not valid JSON")
+    assert refused(body).startswith("request is not JSON")
 
 
 @pytest.mark.parametrize("depth", [100_000, 5_000])
@@ -407,7 +407,7 @@ def test_header_length_must_be_positive(header_length: int) -> None:
 
 def test_header_length_that_cuts_the_json_short() -> None:
     body, header_length = body_of(binary_doc(16, [4]), b"\0" * 16)
-    assert refused(body, header_length - 1).startswith("request is not valid JSON")
+    assert refused(body, header_length - 1).startswith("request is not JSON")
 
 
 def test_leftover_binary_bytes_are_refused() -> None:
@@ -524,7 +524,7 @@ def test_request_id_must_be_text_or_a_number() -> None:
 
 def test_parse_json_names_what_it_parses() -> None:
     assert parse_json(b'{"a": [1]}') == {"a": [1]}
-    with pytest.raises(InvalidInput, match="response is not valid JSON"):
+    with pytest.raises(InvalidInput, match="response is not JSON"):
         parse_json(b"{", "response")
     with pytest.raises(InvalidInput, match="response JSON is nested too deeply"):
         parse_json(b"[" * 100_000, "response")

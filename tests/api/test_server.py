@@ -146,7 +146,7 @@ BAD_REQUESTS = [
     ("tiny", _tensor(shape=[1, -4]), 400, "non-negative"),
     ("tiny", {"inputs": []}, 400, "1 to 256 tensors"),
     ("tiny", [1, 2], 400, "request must be an object"),
-    ("tiny", b"{not json", 400, "not valid JSON"),
+    ("tiny", b"{not json", 400, "is not JSON"),
     ("tiny", b"[" * 200_000 + b"]" * 200_000, 400, "nested too deeply"),
     ("nosuch", _tensor(), 404, "model 'nosuch' not found"),
 ]
