@@ -126,11 +126,14 @@ def build_source(settings: SourceSettings, name: str = "", mqtt: SharedPort | No
     """The source `settings.kind` names; `name` (the pipeline's) labels its log lines;
     `mqtt` (the daemon's link, when it has one) feeds `kind = "mqtt"`."""
     from edged.pipelines.sources.camera import CameraSource
+    from edged.pipelines.sources.fifo import FifoSource
     from edged.pipelines.sources.iio import IioSource
     from edged.pipelines.sources.images import ImageFolderSource
     from edged.pipelines.sources.mqtt_topic import MqttTopicSource
-    from edged.pipelines.sources.sensors import LINE_SOURCES
+    from edged.pipelines.sources.sensors import FollowedFileSource, LineSource, SerialSource, StdinSource
 
+    line_sources: dict[str, type[LineSource]] = {
+        "serial": SerialSource, "fifo": FifoSource, "file": FollowedFileSource, "stdin": StdinSource}
     if settings.kind == "mqtt":
         if mqtt is None:
             raise ValueError("a source of kind = 'mqtt' needs mqtt.enabled (and a daemon restarted with it)")
@@ -139,6 +142,6 @@ def build_source(settings: SourceSettings, name: str = "", mqtt: SharedPort | No
         return ImageFolderSource(settings)
     if settings.kind == "iio":
         return IioSource(settings, name)
-    if settings.kind in LINE_SOURCES:
-        return LINE_SOURCES[settings.kind](settings, name)
+    if settings.kind in line_sources:
+        return line_sources[settings.kind](settings, name)
     return CameraSource(settings)

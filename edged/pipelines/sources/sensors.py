@@ -1,4 +1,4 @@
-"""Sensor samples as text lines from a serial port, a FIFO, a followed file or stdin.
+"""Sensor samples as text lines from a serial port, a followed file or stdin (a FIFO: `fifo.py`).
 
 Each source turns its bytes into lines, each line into a sample (`LineParser`),
 and samples into windows (`SampleWindow`) that go to the newest-item mailbox
@@ -9,13 +9,11 @@ like a camera; a malformed line is counted and skipped, never fatal.
 from __future__ import annotations
 
 import abc
-import functools
 import logging
 import os
 import select
 import stat
 import termios
-from collections.abc import Callable
 
 import numpy as np
 
@@ -117,18 +115,12 @@ class LineSource(SampleSource):
         """The writer is done: what is left is a last line without its newline."""
         self._consume(b"\n")
 
-    def _read_fd(self, fd: int, current: Callable[[], bool] | None = None) -> str:
-        """Read until the input ends ("eof"), fails ("lost") or we stop ("stopped").
-
-        `current`, asked whenever nothing came for a while, says whether `fd` is still the
-        input (a FIFO deleted and made again is a new one); when not, that counts as its end.
-        """
+    def _read_fd(self, fd: int) -> str:
+        """Read until the input ends ("eof"), fails ("lost") or we stop ("stopped")."""
         poller = select.poll()
         poller.register(fd, select.POLLIN | select.POLLPRI)
         while not self._stop.is_set():
             if not poller.poll(WAIT_S * 1000):
-                if current is not None and not current():
-                    return "eof"
                 continue
             try:
                 chunk = os.read(fd, 65536)
@@ -186,31 +178,6 @@ class SerialSource(LineSource):
         return fd
 
 
-class FifoSource(LineSource):
-    """A named pipe; when its writer closes, it is opened again for the next writer."""
-
-    def _run(self) -> None:
-        path = str(self.settings.uri)
-        while not self._stop.is_set():
-            try:
-                if not stat.S_ISFIFO(os.stat(path).st_mode):
-                    raise OSError(0, "not a FIFO")
-                # Non-blocking, so opening does not wait for a writer (nor hold up a stop).
-                fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-            except OSError as exc:
-                if not self._lost(f"cannot open {path}: {exc.strerror}"):
-                    break
-                continue
-            self._connected()
-            try:
-                outcome = self._read_fd(fd, functools.partial(_same_file, path, fd))
-            finally:
-                os.close(fd)
-            if outcome == "stopped":
-                break
-            self._end_of_input()
-
-
 class FollowedFileSource(LineSource):
     """A file followed like `tail -F`: appended lines are read; truncation and rotation survived."""
 
@@ -244,7 +211,7 @@ class FollowedFileSource(LineSource):
             if chunk:
                 self._consume(chunk)
                 continue
-            if not _same_file(path, fd):
+            if not same_file(path, fd):
                 self._end_of_input()  # rotated away and read to its end: on to the new file
                 return
             if os.stat(path).st_size < os.lseek(fd, 0, os.SEEK_CUR):
@@ -278,15 +245,10 @@ class StdinSource(LineSource):
             self.state = "finished"
 
 
-def _same_file(path: str, fd: int) -> bool:
+def same_file(path: str, fd: int) -> bool:
     """Does `path` still name the file open as `fd`?"""
     try:
         named, opened = os.stat(path), os.fstat(fd)
     except OSError:
         return False
     return (named.st_ino, named.st_dev) == (opened.st_ino, opened.st_dev)
-
-
-LINE_SOURCES: dict[str, type[LineSource]] = {
-    "serial": SerialSource, "fifo": FifoSource, "file": FollowedFileSource, "stdin": StdinSource,
-}
