@@ -71,11 +71,10 @@ class WarmPool(Generic[T]):
     1.3 ms per face inference when requests alternate between two interpreters).
 
     A runtime that raised is never lent again: `borrow` drops it and builds a fresh one
-    with `build`. After an inference error an OpenVINO CPU infer request can answer the
-    next call with its previous outputs instead of raising (measured with a Reshape given
-    an impossible shape), and a LiteRT interpreter keeps appending old errors to new ones.
-    A slot whose rebuild fails stays empty (`None`) and is built again when next lent, so
-    a failed rebuild never shrinks the pool.
+    with `build`, as what a runtime keeps after an error is unknown (a LiteRT interpreter
+    that raised adds its old errors to every later one; OpenVINO's state is shared wider,
+    see `OpenVINOModel`). A slot whose rebuild fails stays empty (`None`) and is built
+    again when next lent, so a failed rebuild never shrinks the pool.
     """
 
     def __init__(self, items: list[T], build: Callable[[], T]) -> None:

@@ -6,16 +6,19 @@ otherwise run bf16 and quietly give different numbers than f32.
 
 from __future__ import annotations
 
+import logging
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import openvino as ov
 
-from edged.backends.base import Backend, LoadedModel, LoadOptions, TensorSpec, WarmPool, first_line
+from edged.backends.base import Backend, LoadedModel, LoadOptions, TensorSpec, first_line
 from edged.errors import BackendError
 
 PRECISIONS = frozenset({"f32", "bf16", "f16"})  # OpenVINO's own names for them
+log = logging.getLogger(__name__)
 _core_lock = threading.Lock()
 _core: ov.Core | None = None
 
@@ -40,37 +43,63 @@ def _spec(port: ov.Output, index: int, prefix: str) -> TensorSpec:
 
 
 class OpenVINOModel(LoadedModel):
+    """One compiled model and one infer request, used by one caller at a time.
+
+    The CPU plugin runs every infer request of a compiled model on one graph per stream,
+    and that graph keeps state between inferences: after an error, a data-dependent node
+    (a Reshape whose shape is an input) answers the next identical call with the shape of
+    the last good one, whichever infer request makes it (measured on OpenVINO 2026.4; a
+    new infer request does not help, a new compiled model does). So an inference holds
+    the model's lock, and an error compiles the model afresh (from the compiled-model
+    cache: ~50 ms for the face model) before the lock is released: no call ever runs on a
+    graph that failed. With the default LATENCY hint there is one stream, so OpenVINO ran
+    one inference at a time anyway; with THROUGHPUT, streams no longer run in parallel.
+    """
+
     backend = "openvino"
 
-    def __init__(self, compiled: ov.CompiledModel, workers: int) -> None:
-        self._compiled = compiled
-        self.inputs = [_spec(p, i, "input") for i, p in enumerate(compiled.inputs)]
-        self.outputs = [_spec(p, i, "output") for i, p in enumerate(compiled.outputs)]
-        self.precision = compiled.get_property("INFERENCE_PRECISION_HINT").to_string()
-        optimal = int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
-        self.num_requests = max(optimal, workers)
-        # Each caller thread borrows one infer request; the pool bounds concurrency.
-        build = compiled.create_infer_request
-        self._requests = WarmPool([build() for _ in range(self.num_requests)], build)
+    def __init__(self, compile_model: Callable[[], ov.CompiledModel]) -> None:
+        self._compile_model = compile_model
+        self._compiled: ov.CompiledModel | None = compile_model()
+        self._request: ov.InferRequest | None = self._compiled.create_infer_request()
+        self._lock = threading.Lock()
+        self.inputs = [_spec(p, i, "input") for i, p in enumerate(self._compiled.inputs)]
+        self.outputs = [_spec(p, i, "output") for i, p in enumerate(self._compiled.outputs)]
+        self.precision = self._compiled.get_property("INFERENCE_PRECISION_HINT").to_string()
         self._input_index = {spec.name: i for i, spec in enumerate(self.inputs)}
         self._output_names = list(enumerate(spec.name for spec in self.outputs))
 
     def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         # The tensor API directly: OpenVINO's generic `infer(dict)` dispatch costs more
         # Python time than this small model's whole inference.
-        # A request that raised is replaced, never reused: see WarmPool.
-        with self._requests.borrow() as request:
-            for name, array in inputs.items():
-                # Zero-copy where the array may be shared; OpenVINO refuses read-only memory.
-                tensor = ov.Tensor(array, shared_memory=array.flags.writeable)
-                request.set_input_tensor(self._input_index[name], tensor)
-            request.infer()
-            # Copies: the request's own output memory is reused by its next inference.
-            return {name: request.get_output_tensor(i).data.copy() for i, name in self._output_names}
+        with self._lock:
+            if self._request is None:  # the rebuild after the last error failed: again
+                self._rebuild()
+            request = self._request
+            try:
+                for name, array in inputs.items():
+                    # Zero-copy where the array may be shared; OpenVINO refuses read-only memory.
+                    tensor = ov.Tensor(array, shared_memory=array.flags.writeable)
+                    request.set_input_tensor(self._input_index[name], tensor)
+                request.infer()
+                # Copies: the request's own output memory is reused by its next inference.
+                return {name: request.get_output_tensor(i).data.copy() for i, name in self._output_names}
+            except BaseException:
+                self._compiled = self._request = None  # never run on that graph again
+                try:
+                    self._rebuild()
+                except Exception:
+                    log.warning("cannot compile the model again after an error; retried on the next call",
+                                exc_info=True)
+                raise
+
+    def _rebuild(self) -> None:
+        self._compiled = self._compile_model()
+        self._request = self._compiled.create_infer_request()
 
     def close(self) -> None:
-        self._requests.drain()
-        del self._compiled
+        with self._lock:
+            self._compiled = self._request = None
 
 
 class OpenVINOBackend(Backend):
@@ -89,10 +118,12 @@ class OpenVINOBackend(Backend):
         if options.cache_dir is not None:
             options.cache_dir.mkdir(parents=True, exist_ok=True)
             config["CACHE_DIR"] = str(options.cache_dir)
+
+        def compile_model() -> ov.CompiledModel:
+            # From the path, so that a compile after an error finds the cache entry.
+            return core.compile_model(str(path), "CPU", config)
+
         try:
-            model = core.read_model(str(path))
-            compiled = core.compile_model(model, "CPU", config)
+            return OpenVINOModel(compile_model)
         except RuntimeError as exc:
             raise BackendError(f"openvino cannot load {path.name}: {first_line(exc)}") from exc
-        return OpenVINOModel(compiled, options.workers)
-
