@@ -10,7 +10,12 @@ after a reconnect or a restart it is simply sent again (QoS 1 may deliver a
 message twice; events carry a sequence number for that).
 
 A retained `status` says `online` on every connect, and the Last Will says
-`offline` for us when the connection dies; a clean stop says it itself.
+`offline` for us when the connection dies; a clean stop says it itself. The Will is
+written before each attempt and carries `connected_at` (when that connection was made)
+but no `time`: when the broker publishes it is not something the device can know.
+
+A full disk under the outbox is the outbox's business (edged/mqtt/outbox.py): acks never
+raise here, and what the outbox says about its file shows in the health document.
 """
 
 from __future__ import annotations
@@ -61,6 +66,7 @@ class MqttLink:
         self._attempt = 0
         self._inflight: dict[int, int] = {}  # paho mid -> outbox id; touched by the sender thread only
         self._acked: collections.deque[int] = collections.deque()  # mids paho saw acknowledged
+        self._send_error = ""  # the sender's last failure, logged once
         self._cursor = 0  # highest outbox id handed to paho
         self._wake = threading.Event()
         self._stopping = threading.Event()
@@ -70,8 +76,8 @@ class MqttLink:
     # --- set-up -------------------------------------------------------------------------
     def _build_client(self) -> mqtt.Client:
         client = build_client(self.settings, self.settings.device_id)
-        client.will_set(self.topics.status, self._status_payload("offline", "connection lost"),
-                        qos=1, retain=True)
+        client.on_pre_connect = self._set_will
+        self._set_will(client, None)
         client.max_inflight_messages_set(WINDOW)
         client.max_queued_messages_set(0)  # the outbox is the bounded queue
         client.on_connect = self._on_connect
@@ -80,6 +86,12 @@ class MqttLink:
         client.on_publish = self._on_publish
         client.on_message = self._on_message
         return client
+
+    def _set_will(self, client: mqtt.Client, userdata: object) -> None:
+        """Before each attempt (paho's thread): the Will names the connection it belongs to."""
+        will = {"state": "offline", "device": self.settings.device_id, "reason": "connection lost",
+                "connected_at": round(time.time(), 3)}
+        client.will_set(self.topics.status, _json(will), qos=1, retain=True)
 
     def subscribe(self, topic_filter: str, handler: MessageHandler) -> None:
         """Call `handler` (on paho's thread: keep it quick) for every message on `topic_filter`,
@@ -119,6 +131,10 @@ class MqttLink:
         self.client.disconnect()  # a clean disconnect: the broker discards the Last Will
         self.client.loop_stop()
         self.connected.clear()
+        try:  # the PUBACKs that came after the sender's last round: not sent again next run
+            self._apply_acks()
+        except OutboxError as exc:
+            log.error("MQTT: could not record the last acknowledgements: %s", exc)
 
     # --- publishing ---------------------------------------------------------------------
     def put(self, kind: str, topic: str, document: dict | bytes, *, retain: bool = False,
@@ -145,18 +161,29 @@ class MqttLink:
             self._wake.clear()
             try:
                 self._send_some()
-            except Exception:  # a broken outbox must not end the sender; the next wake retries
-                log.exception("MQTT: sending from the outbox failed")
+            except Exception as exc:  # a broken outbox must not end the sender; the next wake retries
+                problem = f"MQTT: sending from the outbox failed: {exc}"
+                if problem != self._send_error:  # one line (and traceback) per new problem
+                    log.error("%s", problem, exc_info=not isinstance(exc, OutboxError))
+                self._send_error = problem
                 self._stopping.wait(1.0)
+            else:
+                if self._send_error:
+                    log.info("MQTT: sending from the outbox works again")
+                self._send_error = ""
 
-    def _send_some(self) -> None:
+    def _apply_acks(self) -> None:
         acked = []
         while self._acked:
             outbox_id = self._inflight.pop(self._acked.popleft(), None)
             if outbox_id is not None:
                 acked.append(outbox_id)
         if acked:
-            self.outbox.ack(*acked)
+            self.outbox.ack(*acked)  # never fails for a full disk: the outbox keeps what it cannot write
+
+    def _send_some(self) -> None:
+        self._apply_acks()
+        self.outbox.recover()  # a full disk is looked at again even while nothing is sent
         if not self.connected.is_set():
             return
         room = WINDOW - len(self._inflight)
@@ -277,7 +304,8 @@ class MqttLink:
             "last_error": self.last_error,
             "outbox": {"backlog": self.outbox.backlog(), "by_kind": self.outbox.backlog_by_kind(),
                        "bytes": self.outbox.backlog_bytes(), "dropped": self.outbox.dropped(),
-                       "in_flight": len(self._inflight), "refused": self.put_failures},
+                       "in_flight": len(self._inflight), "refused": self.put_failures,
+                       **self.outbox.condition()},
         }
 
 
