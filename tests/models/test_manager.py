@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from edged.config import load_settings
-from edged.errors import ModelNotFound, ModelUnavailable
+from edged.errors import BackendError, ModelNotFound, ModelUnavailable
 from edged.models.manager import ModelManager
-from tests.conftest import build_tiny_ir, ir_files
+from tests.conftest import build_tiny_ir, ir_files, wait_until
 
 X = np.array([[1, 2, -3, 0.5]], np.float32)
 
@@ -94,7 +94,10 @@ def test_hot_swap_fails_no_request(sample_store, tmp_path):
 
 
 def test_a_failing_backend_hands_the_model_to_the_next(sample_store, tmp_path):
-    manager = make_manager(sample_store, tmp_path, fallback_after_errors=2, fallback_retry_s=0.5)
+    """A runtime that fails on every input, the probe's too, is the backend's fault. No real
+    runtime can be made to do that on demand (a model that fails on some inputs is the
+    inputs' fault: see the reshape tests below), so this one fault is injected."""
+    manager = make_manager(sample_store, tmp_path, fallback_after_errors=2, fallback_retry_s=3600)
     try:
         served = manager.get("face")
         first = served.selection.backend
@@ -105,18 +108,18 @@ def test_a_failing_backend_hands_the_model_to_the_next(sample_store, tmp_path):
         served.loaded.infer = broken_infer
         x = {"input": np.zeros((1, 128, 128, 3), np.float32)}
         for _ in range(2):
-            with pytest.raises(Exception, match="device lost"):
+            with pytest.raises(BackendError, match=r"inference failed: device lost$"):
                 manager.infer("face", x)
-        deadline = time.monotonic() + 10
-        while manager.get("face") is served and time.monotonic() < deadline:
-            time.sleep(0.02)
-        moved = manager.get("face")
+        wait_until(lambda: manager.get("face") is not served, timeout=30, what="the fallback")
+        moved = manager.get("face")  # described before it is served: no reader sees less
         assert moved.selection.backend != first
-        assert moved.selection.reason.startswith(f"fallback from {first} after 2 errors (device lost)")
+        assert moved.selection.reason == f"fallback from {first} after 2 errors (device lost)"
         assert manager.infer("face", x).outputs["regressors"].shape == (1, 896, 16)
         assert manager.stats["face"].errors == 2
-        # Later the faster backend is probed again.
-        time.sleep(0.6)
+        # When the retry time comes, the faster backend is probed again.
+        manager.sync()
+        assert manager.get("face") is moved
+        moved.retry_at = time.monotonic()
         manager.sync()
         again = manager.get("face")
         assert again is not moved and again.retry_at is None
