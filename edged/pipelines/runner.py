@@ -32,13 +32,14 @@ import numpy as np
 
 from edged.backends.base import TensorSpec
 from edged.config import PipelineSettings
-from edged.errors import EdgedError
+from edged.errors import EdgedError, ModelNotFound
 from edged.metrics import Histogram
 from edged.models.manager import ModelManager, ServedModel
 from edged.pipelines.decoders import Decoder, build_decoder
 from edged.pipelines.mqtt_port import SharedPort
+from edged.pipelines.opencv import as_bgr, setup_opencv
 from edged.pipelines.preprocess import Placement, Preprocessing, image_to_tensor, window_to_tensor
-from edged.pipelines.quality import QualityMonitor, SensorQualityMonitor
+from edged.pipelines.quality import InputQuality
 from edged.pipelines.sinks import Sink, build_sinks
 from edged.pipelines.sinks.stream import EventHub
 from edged.pipelines.sources import Frame, Window, build_source
@@ -46,9 +47,6 @@ from edged.pipelines.sources import Frame, Window, build_source
 log = logging.getLogger(__name__)
 STAGES = ("preprocess", "infer", "decode", "sinks")
 RAW_VALUES_MAX = 64  # raw results show an output's values up to this many, else only its shape
-# Picture quality is looked at up to 10 times a second, not on every frame: it judges
-# seconds (frozen, black, saturated) and its thumbnail reads every pixel of the frame.
-PICTURE_CHECK_S = 0.1
 
 
 @dataclass
@@ -71,31 +69,6 @@ class _Item:
     outputs: dict[str, np.ndarray] = field(default_factory=dict)
 
 
-def as_bgr(image: np.ndarray) -> np.ndarray:
-    """Grey, grey-with-one-channel and BGRA frames become the BGR the rest expects."""
-    import cv2
-
-    if image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 1):
-        return cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
-    if image.ndim == 3 and image.shape[2] == 4:
-        return cv2.cvtColor(image, cv2.COLOR_BGRA2BGR)
-    return image
-
-
-def _opencv_on_calling_threads() -> None:
-    """OpenCV runs each call on the thread that makes it, without its own worker pool.
-
-    A pipeline's OpenCV calls (colour conversion, resizing a frame) take tens of
-    microseconds, too little to share out; OpenCV's pool workers then spin waiting
-    for work on the cores the model runs on (measured on 2 cores: 0.4 ms of CPU per
-    frame, 240 yields, and a slower inference). Process-wide; video decoding by
-    FFmpeg keeps its own threads.
-    """
-    import cv2
-
-    cv2.setNumThreads(1)
-
-
 class Pipeline:
     def __init__(self, name: str, settings: PipelineSettings, manager: ModelManager,
                  mqtt: SharedPort | None = None) -> None:
@@ -106,8 +79,7 @@ class Pipeline:
         self.events = EventHub()  # the socket's event stream; costs nothing without subscribers
         self.outputs = build_sinks(settings.sinks, name, mqtt)  # the configured sinks
         self.sinks: list[Sink] = [*self.outputs, self.events]
-        self.quality = (SensorQualityMonitor(settings.quality) if settings.source.is_sensor
-                        else QualityMonitor(settings.quality))
+        self.quality = InputQuality(settings.quality, settings.source.is_sensor, name, self._log_fields)
         self.stages = {stage: Histogram() for stage in STAGES}
         self.processed = 0
         self.errors = 0
@@ -124,7 +96,6 @@ class Pipeline:
         self._doing = "feed"  # what the worker does now, to name a failure
         self.source.frames.on_put = self._frame_arrived
         self._completed = 0  # frames through the sinks, or given up on after an error
-        self._quality_due = 0.0  # monotonic time of the next picture quality check
         self._lock = threading.Lock()
         self._view: _ModelView | None = None
         self._stop = threading.Event()
@@ -135,7 +106,7 @@ class Pipeline:
         self._stop.clear()
         self.started_at = time.monotonic()
         if not self.settings.source.is_sensor:
-            _opencv_on_calling_threads()
+            setup_opencv()
         self.source.start()
         for stage in (self._infer, self._work):
             thread = threading.Thread(target=self._supervise, args=(stage,), daemon=True,
@@ -180,9 +151,9 @@ class Pipeline:
                     with self._lock:
                         self.restarts += 1
                     doing = self._doing if stage == self._work else stage.__name__.strip("_")
-                    self._note_error(f"{doing} failed: {type(exc).__name__}: {exc}")
-                    if failures == 1:
-                        log.exception("pipeline %s: unexpected error", self.name, extra=self._log_fields)
+                    # A traceback once per kind of failure: one that comes back with every
+                    # frame (failures never reach 2 between good steps) must not flood the log.
+                    self._note_error(f"{doing} failed: {type(exc).__name__}: {exc}", exc_info=True)
                 if failures >= 3 and self._stop.wait(min(0.1 * 2 ** (failures - 3), 30.0)):
                     return
 
@@ -238,21 +209,9 @@ class Pipeline:
 
     # --- the steps --------------------------------------------------------------------
     def _feed(self, frame: Frame | Window) -> _Item:
-        was = self.quality.reason
-        now = time.monotonic()
-        if isinstance(frame, Window):  # from a sensor source, so self.quality watches sensors
-            self.quality.check(frame.data, frame.samples, now)
-        else:
+        if isinstance(frame, Frame):
             frame.image = as_bgr(frame.image)
-            if now >= self._quality_due:  # a picture's quality is judged over seconds
-                self._quality_due = now + PICTURE_CHECK_S
-                self.quality.check(frame.image, now)
-        if self.quality.reason != was:
-            if self.quality.reason:
-                log.warning("pipeline %s degraded: %s", self.name, self.quality.reason,
-                            extra=self._log_fields)
-            else:
-                log.info("pipeline %s: input recovered", self.name, extra=self._log_fields)
+        self.quality.see(frame, self.source.reconnects, time.monotonic())
         view = self._model_view()
         start = time.perf_counter()
         if isinstance(frame, Window):
@@ -302,36 +261,51 @@ class Pipeline:
         """Journal fields for this pipeline's log lines."""
         return {"PIPELINE": self.name, "MODEL": self.settings.model}
 
+    def _missing_model(self) -> str:
+        """Why the model cannot serve this pipeline (not in the store, failed to load), or ''."""
+        model = self.settings.model
+        try:
+            self.manager.get(model)
+        except ModelNotFound as exc:
+            return str(exc)
+        except EdgedError as exc:  # unavailable: still loading (no failure) or failed to load
+            return f"model {model!r} cannot be served: {exc}" if model in self.manager.failures else ""
+        return ""
+
     def _done_with_one(self) -> None:
         with self._lock:
             self._completed += 1
 
-    def _note_error(self, message: str) -> None:
+    def _note_error(self, message: str, exc_info: bool = False) -> None:
         with self._lock:
             self.errors += 1
         if message != self.last_error:
-            log.warning("pipeline %s: %s", self.name, message, extra=self._log_fields)
+            log.warning("pipeline %s: %s", self.name, message, exc_info=exc_info, extra=self._log_fields)
         self.last_error = message
 
     # --- reporting ----------------------------------------------------------------------
     def status(self) -> dict:
         elapsed = max(time.monotonic() - self.started_at, 1e-9)
         source = self.source
-        state = source.state
-        if state == "running" and self.quality.reason:
+        state, last_error = source.state, self.last_error or source.last_error
+        # What keeps the results from being trusted (the input) or kept (a sink that fails).
+        degraded = "; ".join(p for p in (self.quality.reason, *(s.problem for s in self.outputs)) if p)
+        if missing := self._missing_model():
+            state, last_error = "failed", missing  # nothing can be inferred until it is served
+        elif state == "running" and degraded:
             state = "degraded"
         elif state == "finished" and not self.finished:
             state = "running"  # the last frames are still going through
         return {
             "model": self.settings.model,
             "state": state,
-            "degraded_reason": self.quality.reason,
+            "degraded_reason": degraded,
             "source_fps": round(source.frames.received / elapsed, 2),
             "processed_fps": round(self.processed / elapsed, 2),
             "frames": source.frames.received, "processed": self.processed,
             "dropped": source.frames.dropped, "errors": self.errors, "restarts": self.restarts,
             "reconnects": source.reconnects,
-            "last_error": self.last_error or source.last_error,
+            "last_error": last_error,
             "latency": {stage: hist.summary_ms() for stage, hist in self.stages.items()},
             "sinks": [sink.details() for sink in self.outputs],
             **source.details(),

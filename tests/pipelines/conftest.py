@@ -62,3 +62,14 @@ def run_pipeline(window_manager: ModelManager, tmp_path: Path) -> Callable:
 
     return run
 
+
+
+@pytest.fixture
+def face_manager(sample_store: ModelStore, tmp_path: Path) -> Iterator[ModelManager]:
+    """A model manager serving the sample store (face, selfie, tiny), for picture pipelines."""
+    settings = load_settings(None, store={"path": str(sample_store.root)},
+                             backends={"openvino_cache_dir": str(tmp_path / "ov-cache"), "probe_runs": 2})
+    manager = ModelManager(sample_store, settings)
+    manager.load_all()
+    yield manager
+    manager.close()

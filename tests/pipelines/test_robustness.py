@@ -10,7 +10,7 @@ import numpy as np
 from edged.config import PipelineSettings, SinkSettings, SourceSettings, load_settings
 from edged.models.manager import ModelManager
 from edged.pipelines.group import Pipelines
-from edged.pipelines.runner import as_bgr
+from edged.pipelines.opencv import as_bgr
 from edged.pipelines.sinks.jsonl import JsonlSink
 from edged.pipelines.sources.camera import CameraSource
 from tests.pipelines.test_pipeline_e2e import write_moving_face_video

@@ -18,6 +18,7 @@ class Sink(Protocol):
 
 class ConfiguredSink(Sink, Protocol):
     kind: str
+    problem: str  # why it fails now (the pipeline is then `degraded`), or ''
 
     def details(self) -> dict:
         """Its counters, for the pipeline's status."""
@@ -39,7 +40,7 @@ def build_sinks(settings: list[SinkSettings], pipeline: str,
                                      "with it)")
                 sinks.append(MqttSink(sink, pipeline, mqtt))
             else:
-                sinks.append(JsonlSink(sink))
+                sinks.append(JsonlSink(sink, pipeline))
     except BaseException:
         for built in sinks:  # no file left open by a pipeline that does not start
             built.close()

@@ -102,6 +102,7 @@ class MqttSink:
         self.unchanged = 0  # left out: like the last one published (on_change)
         self.failed = 0
         self.last_error = ""
+        self.problem = ""  # why publishing fails now, for the pipeline's status; '' while it works
 
     def write(self, result: dict) -> None:
         now = time.monotonic()
@@ -117,13 +118,17 @@ class MqttSink:
         except Exception as exc:  # whatever it is, the pipeline goes on
             self.failed += 1
             message = f"{type(exc).__name__}: {exc}"
-            if message != self.last_error:
+            if message != self.last_error or not self.problem:
                 log.warning("pipeline %s: publishing a result failed: %s", self.pipeline, message)
             self.last_error = message
+            self.problem = f"mqtt sink failing: {message}"
             return
         if self.changes is not None:
             self.changes.published(result, now)
         self.published += 1
+        if self.problem:
+            log.info("pipeline %s: publishing results again", self.pipeline)
+            self.problem = ""
 
     def details(self) -> dict:
         return {"kind": self.kind, "published": self.published, "rate_limited": self.rate_limited,
