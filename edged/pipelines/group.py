@@ -116,3 +116,5 @@ class Pipelines:
         self.running[name] = pipeline
         log.info("pipeline %s: %s -> %s", name, settings.source.uri or settings.source.kind, settings.model,
                  extra={"PIPELINE": name, "MODEL": settings.model})
+        if missing := pipeline.missing_model():  # it runs, `failed`, until the model is served
+            log.error("pipeline %s: %s", name, missing, extra={"PIPELINE": name, "MODEL": settings.model})

@@ -6,11 +6,6 @@ import os
 
 import numpy as np
 
-# Quiet from OpenCV's first import on, unless the user asked for its messages
-# (`OPENCV_LOG_LEVEL=INFO edged run` shows them again).
-USER_LOG_LEVEL = os.environ.get("OPENCV_LOG_LEVEL")
-os.environ.setdefault("OPENCV_LOG_LEVEL", "SILENT")
-
 
 def as_bgr(image: np.ndarray) -> np.ndarray:
     """Grey, grey-with-one-channel and BGRA frames become the BGR the rest expects."""
@@ -35,10 +30,10 @@ def setup_opencv() -> None:
     stderr, outside edged's log format and levels, once per attempt while a camera is
     away. The sources report the same problems in edged's own lines ("cannot open ...",
     "stopped delivering frames"), once per change. Process-wide; `OPENCV_LOG_LEVEL`,
-    when set, wins.
+    when set, wins. (Not set here: the environment is the user's, and children inherit it.)
     """
     import cv2
 
     cv2.setNumThreads(1)
-    if USER_LOG_LEVEL is None:
+    if "OPENCV_LOG_LEVEL" not in os.environ:  # `OPENCV_LOG_LEVEL=INFO edged run` shows them again
         cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)

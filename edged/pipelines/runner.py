@@ -261,7 +261,7 @@ class Pipeline:
         """Journal fields for this pipeline's log lines."""
         return {"PIPELINE": self.name, "MODEL": self.settings.model}
 
-    def _missing_model(self) -> str:
+    def missing_model(self) -> str:
         """Why the model cannot serve this pipeline (not in the store, failed to load), or ''."""
         model = self.settings.model
         try:
@@ -290,7 +290,7 @@ class Pipeline:
         state, last_error = source.state, self.last_error or source.last_error
         # What keeps the results from being trusted (the input) or kept (a sink that fails).
         degraded = "; ".join(p for p in (self.quality.reason, *(s.problem for s in self.outputs)) if p)
-        if missing := self._missing_model():
+        if missing := self.missing_model():
             state, last_error = "failed", missing  # nothing can be inferred until it is served
         elif state == "running" and degraded:
             state = "degraded"
