@@ -20,9 +20,14 @@ import errno
 import logging
 import os
 import sqlite3
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import TypeVar
+
+from edged.errors import OutboxError
 
 log = logging.getLogger("edged.mqtt.outbox")
 
@@ -46,6 +51,11 @@ BUMP = "INSERT INTO meta VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = v
 RAISE = "INSERT INTO meta VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = max(value, excluded.value)"
 DELETE = "DELETE FROM messages WHERE id IN (SELECT value FROM json_each(?)) RETURNING kind, size"
 RESERVE_BYTES = 1 << 20  # room for ~900 one-page WAL frames: thousands of acks
+_T = TypeVar("_T")
+
+
+class Unwritable(Exception):
+    """SQLite could not write (SQLITE_FULL, SQLITE_IOERR): handled as a full disk."""
 
 
 class NotAnOutbox(sqlite3.DatabaseError):
@@ -177,3 +187,66 @@ class Reserve:
 
     def held(self) -> bool:
         return self.path.exists()
+
+
+class OutboxFile:
+    """The outbox's file as its queue logic sees it: one connection behind one lock, the
+    totals read at open, and a corrupt file replaced while running by one that carries on."""
+
+    def __init__(self, path: Path, synchronous: str) -> None:
+        self.path, self.synchronous = Path(path), synchronous
+        self._lock = threading.Lock()
+        self._db: sqlite3.Connection | None = None
+        try:
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self._adopt(*open_file(self.path, self.synchronous))
+        except (OSError, sqlite3.Error) as exc:
+            raise OutboxError(f"{self.path}: cannot open the outbox: {exc}") from None
+
+    def _adopt(self, db: sqlite3.Connection, contents: Contents) -> None:
+        self._db = db
+        self._count, self._bytes, self._dropped = contents.count, contents.nbytes, contents.dropped
+        self._last_id, self._sequences = contents.last_id, contents.sequences
+
+    def _locked(self, op: Callable[[sqlite3.Connection], _T], retry: bool = True) -> _T:
+        with self._lock:
+            try:
+                return self._run(op, retry)
+            except Unwritable as exc:
+                raise OutboxError(f"{self.path}: {exc}") from None
+
+    def _run(self, op: Callable[[sqlite3.Connection], _T], retry: bool = True) -> _T:
+        """Run `op` (the lock held); after corruption, once more on a fresh file."""
+        if self._db is None:
+            raise OutboxError(f"{self.path}: the outbox is closed")
+        try:
+            return op(self._db)
+        except BaseException as exc:
+            if self._db.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.execute("ROLLBACK")
+            if not isinstance(exc, sqlite3.Error):
+                raise
+            if is_unwritable(exc):
+                raise Unwritable(str(exc)) from None
+            if not (retry and is_corrupt(exc)):
+                raise OutboxError(f"{self.path}: {exc}") from None
+            self._start_over(str(exc))
+        return self._run(op, retry=False)
+
+    def _start_over(self, reason: str) -> None:
+        """Corruption while running: a new file where ids, sequences and drop counts go on from
+        where they were (the link pages by id, consumers order by sequence)."""
+        assert self._db is not None
+        self._db.close()
+        self._db = None
+        last_id, dropped, sequences = self._last_id, self._dropped, self._sequences
+        try:
+            db, _ = open_file(self.path, self.synchronous, reason)
+            db.execute("INSERT INTO sqlite_sequence VALUES ('messages', ?)", (last_id,))
+            counters = [(f"dropped.{k}", n) for k, n in dropped.items()]
+            db.executemany(BUMP, counters + [(f"seq.{k}", n) for k, n in sequences.items()])
+        except (OSError, sqlite3.Error) as exc:
+            raise OutboxError(f"{self.path}: cannot start a new outbox: {exc}") from None
+        self._db, self._last_id, self._dropped, self._sequences = db, last_id, dropped, sequences
+        self._count, self._bytes = dict.fromkeys(KINDS, 0), dict.fromkeys(KINDS, 0)

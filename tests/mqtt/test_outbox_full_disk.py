@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from edged.mqtt import outbox as outbox_module
+from edged.mqtt import outbox_full
 from edged.mqtt.outbox import KINDS, Outbox
 from tests.conftest import wait_until
 
@@ -21,7 +21,7 @@ RESULTS = "edged/devices/d1/results/cam"
 
 @pytest.fixture(autouse=True)
 def quick_retries(monkeypatch):
-    monkeypatch.setattr(outbox_module, "RETRY_S", 0.05)  # look at the disk again sooner
+    monkeypatch.setattr(outbox_full, "RETRY_S", 0.05)  # look at the disk again sooner
 
 
 def event(box: Outbox) -> bytes:
