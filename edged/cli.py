@@ -201,11 +201,11 @@ def cmd_pipelines(args: argparse.Namespace) -> int:
             detail = p.get("last_error", "") if args.action == "status" else ""
             print(f"{name:16} {p['state']:12} {p['model']:12} {p['source']}  {detail}".rstrip())
             continue
-        infer = p["latency"]["infer"]
+        p50 = p["latency"]["infer"]["p50_ms"]
         reason = p.get("degraded_reason") or p.get("last_error") or ""
         print(f"{name:16} {p['state']:12} {p['model']:12} source {p['source_fps']:6.1f} fps  "
               f"processed {p['processed_fps']:6.1f} fps  dropped {p['dropped']:<6} "
-              f"infer p50 {infer['p50_ms']} ms  {reason}")
+              f"infer p50 {'-' if p50 is None else f'{p50:g}'} ms  {reason}")
     return 0
 
 

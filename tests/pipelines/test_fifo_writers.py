@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
+import sys
 
 from edged.config import SourceSettings
 from tests.pipelines.sensor_support import wait_for
@@ -57,6 +59,10 @@ def test_the_daemon_shows_a_fifo_without_a_writer_as_reconnecting(start_daemon, 
             status = client.pipelines()["vibration"]
             return status["state"], status["last_error"]
 
+        wait_for(lambda: state() == ("reconnecting", NO_WRITER), what=daemon.output)
+        # Side fix (b): nothing inferred yet, so no latency: `-`, not "None".
+        shown = subprocess.run([sys.executable, "-m", "edged", "pipelines", "status", "--socket",
+                                str(daemon.socket)], capture_output=True, text=True, check=True).stdout
         writer = open_writer(fifo)
         wait_for(lambda: state() == ("running", ""), what=daemon.output)
         os.write(writer, b"1,1\n2,2\n3,3\n4,4\n")
@@ -68,3 +74,4 @@ def test_the_daemon_shows_a_fifo_without_a_writer_as_reconnecting(start_daemon, 
         os.close(writer)
         wait_for(lambda: state() == ("reconnecting", NO_WRITER), what=daemon.output)
     assert daemon.output().count(f"{NO_WRITER}; waiting for one") == 3  # at start and after each writer
+    assert "infer p50 - ms" in shown and "None" not in shown and NO_WRITER in shown
