@@ -36,6 +36,9 @@ from edged.mqtt.outbox_full import FullDisk
 from edged.mqtt.outbox_memory import Row
 
 __all__ = ["KINDS", "Outbox", "OutgoingMessage"]
+# One more than the stored value, or than the one given out while it could not be stored.
+_NEXT = ("INSERT INTO meta VALUES (?, ?) ON CONFLICT (key) "
+         "DO UPDATE SET value = max(value + 1, excluded.value) RETURNING value")
 log = logging.getLogger(__name__)
 MAX_TOPIC_BYTES = 65535
 MEMORY_MESSAGES = 10_000  # messages held in memory while the disk is full ...
@@ -148,22 +151,24 @@ class Outbox(FullDisk):
                         "health first, events last", self.path, self.max_messages, self.max_bytes)
 
     def next_sequence(self, name: str = "events") -> int:
-        """The next number of a persistent counter (1, 2, ...), monotonic across restarts."""
+        """The next number of a persistent counter (1, 2, ...), monotonic across restarts. Written
+        on a full disk too (one page, rewritten in place: the reserve has room for it), so a number
+        an event already went out with is not given again after a restart."""
         def bump(db: sqlite3.Connection) -> int:
             # fetchall(): the autocommit transaction ends with the statement
-            [(value,)] = db.execute(f"{sql.BUMP} RETURNING value", (f"seq.{name}", 1)).fetchall()
+            [(value,)] = db.execute(_NEXT, (f"seq.{name}", self._sequences.get(name, 0) + 1)).fetchall()
             self._sequences[name] = value
+            self._unsaved_sequences.discard(name)
             return value
 
         with self._lock:
             self._maybe_recover()
-            if not self._full:
-                try:
-                    return self._run(bump)
-                except Unwritable as exc:
-                    self._become_full(str(exc))
+            try:
+                return self._run(bump)
+            except Unwritable as exc:
+                self._become_full(str(exc))
             value = self._sequences[name] = self._sequences.get(name, 0) + 1
-            self._unsaved_sequences.add(name)  # written with the messages that carry it
+            self._unsaved_sequences.add(name)  # written once the disk takes it
             return value
 
     # --- the link thread ---------------------------------------------------

@@ -43,10 +43,15 @@ def test_status_is_retained_online_and_the_last_will_says_offline(
     late = mqtt_subscriber(broker, f"{TOPICS}/status")  # a newcomer gets the retained status
     assert late.wait_for(timeout=10).retain and late.messages()[-1].json()["state"] == "online"
 
+    before_connect = document["time"]  # the online status: sent after the connection was made
     daemon.proc.send_signal(signal.SIGKILL)
     daemon.proc.wait()
-    will = watcher.wait_for(lambda m: m.json()["state"] == "offline", timeout=20)
-    assert will.json()["reason"] == "connection lost"
+    will = watcher.wait_for(lambda m: m.json()["state"] == "offline", timeout=20).json()
+    assert will["reason"] == "connection lost" and will["device"] == DEVICE
+    # No `time`: the device cannot know when the broker will publish it. `connected_at` says
+    # which connection was lost: the one made just before the online status above.
+    assert "time" not in will and will["connected_at"] <= before_connect
+    assert will["connected_at"] >= document["started_at"]
 
 
 def test_a_clean_stop_says_offline_itself(start_daemon, broker, mqtt_subscriber, tiny_store, tmp_path):
