@@ -85,11 +85,14 @@ class RetryBook:
     def forget(self, name: str) -> Pending | None:
         return self._pending.pop(name, None)
 
-    def hurry(self, name: str | None = None, *, including_disk: bool = False) -> int:
-        """Make `name` (or every pending release) due now; returns how many. A release short
-        of disk is left to the disk check unless `including_disk`."""
+    def hurry(self, name: str | None = None, *, since: float, including_disk: bool = False) -> int:
+        """Make `name` (or every pending release) due now if it failed before `since` (when
+        the news came); returns how many. A release short of disk is left to the disk check
+        unless `including_disk`."""
         now, count = time.monotonic(), 0
         for pending in self._pending.values():
+            if pending.failed_at >= since:  # news from before the failure says nothing new
+                continue
             if (name is None or pending.name == name) and (including_disk or not pending.disk):
                 pending.due = min(pending.due, now)
                 count += 1

@@ -145,7 +145,8 @@ class Transfer:
         in_flight: dict[bytes, tuple[int, float]] = {}  # correlation -> (index, sent at)
         attempts: dict[int, int] = {}
         not_before: dict[int, float] = {}  # a refused chunk waits before it is asked again
-        saved_at = time.monotonic()
+        saved_at = heard_at = time.monotonic()
+        silence = self.timeout_s * (self.retries + 1)  # every chunk timing out: the registry is gone
         while waiting or in_flight:
             if stop.is_set():
                 raise TransferError("stopped")
@@ -153,8 +154,13 @@ class Transfer:
                 in_flight.clear()
                 waiting = sorted(set(range(-(-size // chunk))) - have, reverse=True)
                 self.link.connected.wait(1.0)
+                heard_at = time.monotonic()
                 continue
             now = time.monotonic()
+            if in_flight and now - heard_at > silence:
+                index = min(i for i, _ in in_flight.values())
+                raise TransferError(f"chunk {index}: no reply from the registry for {now - heard_at:.0f} s "
+                                    f"({self.retries + 1} chunk timeouts of {self.timeout_s:g} s)")
             while waiting and len(in_flight) < self.window and not_before.get(waiting[-1], 0) <= now:
                 index = waiting.pop()
                 correlation = secrets.token_bytes(12)
@@ -165,6 +171,7 @@ class Transfer:
             except queue.Empty:
                 reply = None
             if reply is not None and reply.correlation in in_flight:
+                heard_at = time.monotonic()
                 index, _sent = in_flight.pop(reply.correlation)
                 problem = self._check(reply, index * chunk, min(chunk, size - index * chunk))
                 if problem is None:

@@ -88,7 +88,7 @@ class UpdateAgent:
             self.topics.append(f"{prefix}/registry/groups/{settings.group}/models/+")
         self.status_topic = f"{prefix}/registry/status"
         self._seen: dict[bytes, None] = {}  # releases handled (by signature), oldest first
-        self._queue: queue.Queue[tuple[str, bytes] | None] = queue.Queue(maxsize=256)
+        self._queue: queue.Queue[tuple[str, bytes, float] | None] = queue.Queue(maxsize=256)
         self._thread = threading.Thread(target=self._work, name="mqtt-updates", daemon=True)
 
     def start(self) -> None:
@@ -110,7 +110,7 @@ class UpdateAgent:
 
     def _receive(self, message: mqtt.MQTTMessage) -> None:
         try:
-            self._queue.put_nowait((message.topic, bytes(message.payload)))
+            self._queue.put_nowait((message.topic, bytes(message.payload), time.monotonic()))
         except queue.Full:
             log.warning("updates: too many releases waiting; %s dropped (it is retained: it comes back "
                         "on the next connect)", message.topic)
@@ -120,23 +120,23 @@ class UpdateAgent:
             try:
                 item = self._queue.get(timeout=self.retries.wait_s())
             except queue.Empty:
-                item = ("", b"")  # time for a retry
+                item = ("", b"", 0.0)  # time for a retry
             if item is None:
                 return
-            topic, payload = item
+            topic, payload, received_at = item
             try:
                 if topic == self.status_topic:
-                    self._registry_status(payload)
+                    self._registry_status(payload, received_at)
                 elif topic:
-                    self.handle(topic, payload)
+                    self.handle(topic, payload, received_at)
                 self._retry_due()
             except Exception:  # a bug must not end the agent; the next release is tried
                 log.exception("updates: handling %s failed", topic or "a retry")
 
-    def _registry_status(self, payload: bytes) -> None:
+    def _registry_status(self, payload: bytes, received_at: float) -> None:
         """The registry says it is online (it came back, or we reconnected): try now what
-        failed while it was away."""
-        if b'"online"' in payload and (count := self.retries.hurry()):
+        failed before it said so."""
+        if b'"online"' in payload and (count := self.retries.hurry(since=received_at)):
             log.info("updates: the registry is online; trying %d waiting release(s) now", count)
 
     def _retry_due(self) -> None:
@@ -150,7 +150,7 @@ class UpdateAgent:
             self._attempt(pending.topic, pending.payload)
 
     # --- one release ----------------------------------------------------------------------
-    def handle(self, topic: str, payload: bytes) -> None:
+    def handle(self, topic: str, payload: bytes, received_at: float | None = None) -> None:
         name, _group = self._topic_parts(topic)
         if not payload:
             log.info("updates: the release of %s was withdrawn", name)
@@ -158,9 +158,10 @@ class UpdateAgent:
             self._give_up(name)
             return
         key = hashlib.sha256(payload).digest()
-        if key in self._seen:  # a repeat; if it is waiting for a retry, the registry is back
+        if key in self._seen:  # a repeat; sent after it failed, it says the registry is back
             pending = self.retries.get(name)
-            if pending is not None and pending.payload == payload and self.retries.hurry(name):
+            since = time.monotonic() if received_at is None else received_at
+            if pending is not None and pending.payload == payload and self.retries.hurry(name, since=since):
                 log.info("updates: %s %s announced again; trying it now", name, pending.version)
             return
         self._seen[key] = None

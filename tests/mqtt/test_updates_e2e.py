@@ -21,12 +21,12 @@ EVENTS = f"edged/devices/{DEVICE}/events"
 WIDTH = 2048  # a 2048 x 2048 float32 matrix: a 16 MB model, slow enough in 8 KiB chunks
 
 
-def build_matmul_ir(directory: Path, seed: int) -> Path:
+def build_matmul_ir(directory: Path, seed: int, width: int = WIDTH) -> Path:
     import openvino as ov
     from openvino import opset13 as ops
 
-    weights = np.random.default_rng(seed).standard_normal((WIDTH, WIDTH), dtype=np.float32) / WIDTH
-    x = ops.parameter([1, WIDTH], np.float32, name="x")
+    weights = np.random.default_rng(seed).standard_normal((width, width), dtype=np.float32) / width
+    x = ops.parameter([1, width], np.float32, name="x")
     y = ops.matmul(x, ops.constant(weights), False, False)
     y.output(0).get_tensor().set_names({"y"})
     directory.mkdir(parents=True, exist_ok=True)
@@ -66,6 +66,11 @@ class Registry:
             self.server.wait(timeout=20)
         self.log.close()
 
+    def kill(self) -> None:
+        """SIGKILL `serve`: the registry is gone at once (the broker sends its Last Will)."""
+        self.server.kill()
+        self.server.wait()
+
 
 @pytest.fixture
 def registry(tmp_path, start_broker):
@@ -94,10 +99,10 @@ def device_config(registry: Registry, workdir: Path, **updates: object) -> dict:
     }
 
 
-def publish_v2(registry: Registry, tmp_path: Path) -> int:
+def publish_v2(registry: Registry, tmp_path: Path, width: int = WIDTH) -> int:
     """Publish version 2 with a self-test; returns its size in bytes."""
-    xml = build_matmul_ir(tmp_path / "v2", seed=2)
-    np.save(tmp_path / "input.npy", np.ones((1, WIDTH), np.float32))
+    xml = build_matmul_ir(tmp_path / "v2", seed=2, width=width)
+    np.save(tmp_path / "input.npy", np.ones((1, width), np.float32))
     files = ir_files(xml)
     registry.run("publish", "wide", *map(str, files), "--version", "2",
                  "--selftest", str(tmp_path / "input.npy"))

@@ -1,0 +1,193 @@
+"""Model updates under real faults (issue 10): a disk that fills up (a real tmpfs), a
+registry process that dies and comes back, the daemon killed with SIGKILL while it copies
+a version into the store. Real `edged-registry serve`, real `edged run`, real Mosquitto.
+
+The retry backoff is set far longer than any wait here (`retry_min_s`), so an update that
+completes after a fault was retried because of the event that should trigger it (the
+registry back, the disk freed), not because a timer ran out.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edged.models.store import STAGING_PREFIX, ModelStore
+from tests.conftest import ir_files, wait_until
+from tests.mqtt.test_updates_e2e import (
+    EVENTS,
+    WIDTH,
+    Registry,
+    build_matmul_ir,
+    device_config,
+    progress,
+    publish_v2,
+    wide_output,
+)
+
+NEVER_BY_TIMER = {"retry_min_s": 3600, "retry_max_s": 3600}  # only a trigger can retry in a test's time
+MB = 1 << 20
+
+
+@pytest.fixture
+def registry(tmp_path, start_broker):
+    registry = Registry(tmp_path, start_broker(persistence=True))
+    registry.serve()
+    yield registry
+    registry.stop()
+
+
+def wide_store_at(root: Path, tmp_path: Path, width: int = WIDTH) -> ModelStore:
+    store = ModelStore(root)
+    store.add("wide", ir_files(build_matmul_ir(tmp_path / "v1", seed=1, width=width)), "1")
+    store.activate("wide", "1")
+    return store
+
+
+def kinds(events) -> list[str]:
+    return [m.json()["kind"] for m in events.messages() if m.json()["kind"].startswith("update_")]
+
+
+def leftovers(downloads: Path, store: ModelStore) -> list[str]:
+    """Anything an update left behind: download files, hard-link dirs, store staging dirs."""
+    found = [p.name for p in downloads.iterdir() if p.name != ".filler"] if downloads.is_dir() else []
+    model_dir = store.root / "wide"
+    found += [p.name for p in model_dir.iterdir() if p.name.startswith(STAGING_PREFIX)]
+    return found
+
+
+def wait_event(events, kind: str, daemon, registry, timeout: float = 120) -> dict:
+    try:
+        return events.wait_for(lambda m: m.json()["kind"] == kind, timeout=timeout).json()
+    except AssertionError as exc:
+        logs = f"daemon:\n{daemon.output()[-4000:]}\nregistry:\n{registry.output()[-2000:]}"
+        raise AssertionError(f"{exc} ({kind}); events {kinds(events)}\n{logs}") from None
+
+
+# --- case 1: the disk fills up during the download, or during the copy into the store ------
+@pytest.mark.parametrize("full", ["downloads", "store"])
+def test_a_disk_that_fills_up_fails_the_update_cleanly_and_it_completes_once_space_is_freed(
+        full, small_disk, start_daemon, registry, mqtt_subscriber, tmp_path):
+    disk = small_disk(tmp_path / "disk", 112)
+    downloads = disk.path / "downloads" if full == "downloads" else tmp_path / "downloads"
+    store = wide_store_at(disk.path / "store" if full == "store" else tmp_path / "store", tmp_path)
+    events = mqtt_subscriber(registry.broker, EVENTS, keep_session=True)
+    config = device_config(registry, tmp_path, chunk_bytes=32 << 10, window=1, disk_poll_s=0.2,
+                           download_dir=str(downloads), **NEVER_BY_TIMER)
+    daemon = start_daemon(store.root, config)
+    before = wide_output(daemon)
+    size = publish_v2(registry, tmp_path)
+    wait_until(lambda: progress(downloads) > -(-size // (32 << 10)) // 10, 120, "a tenth of the download")
+    disk.fill()  # ENOSPC from here on: the next chunk written, or the store's copy
+
+    failed = wait_event(events, "update_failed", daemon, registry)
+    assert "No space left on device" in failed["reason"] and failed["waiting_for_disk"], failed
+    assert "Traceback" not in daemon.output()  # one line, not a stack
+    assert leftovers(downloads, store) == []  # no .part, .progress, .file, .stage-*, .staging-*
+    assert store.versions("wide") == ["1"] and wide_output(daemon) == before  # version 1 serves on
+
+    disk.free()
+    kept = wait_event(events, "update_kept", daemon, registry)
+    assert kept["version"] == "2" and store.active("wide") == "2" and wide_output(daemon) != before
+    store.verify("wide", "2")
+    assert leftovers(downloads, store) == []
+    assert kinds(events).count("update_failed") == 1
+
+
+def test_a_release_refused_for_lack_of_disk_is_installed_once_space_is_freed(
+        small_disk, start_daemon, registry, mqtt_subscriber, tmp_path):
+    disk = small_disk(tmp_path / "disk", 96)
+    downloads = disk.path / "downloads"
+    store = wide_store_at(tmp_path / "store", tmp_path)
+    events = mqtt_subscriber(registry.broker, EVENTS, keep_session=True)
+    config = device_config(registry, tmp_path, disk_poll_s=0.2, download_dir=str(downloads),
+                           **NEVER_BY_TIMER)
+    daemon = start_daemon(store.root, config)
+    disk.fill()
+    publish_v2(registry, tmp_path)
+    refused = wait_event(events, "update_refused", daemon, registry)
+    assert "not enough disk" in refused["reason"] and refused["waiting_for_disk"], refused
+    with daemon.client() as client:
+        assert client.status()["updates"]["retrying"]["wide"]["waiting_for_disk"]
+    disk.free()
+    wait_event(events, "update_kept", daemon, registry)
+    assert store.active("wide") == "2" and leftovers(downloads, store) == []
+
+
+# --- case 3: the registry is gone for longer than the chunk retries, then comes back -------
+def test_an_update_that_failed_while_the_registry_was_down_completes_when_it_returns(
+        start_daemon, registry, mqtt_subscriber, tmp_path, record_property):
+    store = wide_store_at(tmp_path / "store", tmp_path)
+    events = mqtt_subscriber(registry.broker, EVENTS, keep_session=True)
+    status = mqtt_subscriber(registry.broker, "edged/registry/status")
+    config = device_config(registry, tmp_path, chunk_bytes=8 << 10, window=1, chunk_timeout_s=0.5,
+                           chunk_retries=2, **NEVER_BY_TIMER)
+    daemon = start_daemon(store.root, config)
+    size = publish_v2(registry, tmp_path)
+    downloads = tmp_path / "downloads"
+    wait_until(lambda: progress(downloads) > 0, 120, "the download to start")
+    registry.kill()  # gone mid-download, no goodbye: the broker publishes its Last Will
+
+    failed = wait_event(events, "update_failed", daemon, registry)
+    assert "no reply" in failed["reason"] and not failed["waiting_for_disk"], failed
+    assert "Traceback" not in daemon.output()
+    on_disk = progress(downloads)  # kept: the retry resumes rather than starting over
+    assert 0 < on_disk < -(-size // (8 << 10))
+
+    returned = time.monotonic()
+    registry.serve()
+    online = status.wait_for(lambda m: m.payload and m.json()["state"] == "online"
+                             and m.received_at > returned, timeout=60)
+    kept = wait_event(events, "update_kept", daemon, registry)
+    done = events.wait_for(lambda m: m.json()["kind"] == "update_kept").received_at
+    retried = events.wait_for(lambda m: m.json()["kind"] == "update_started"
+                              and m.received_at > returned).received_at
+    assert kept["version"] == "2" and store.active("wide") == "2"
+    assert kinds(events).count("update_failed") == 1
+    with daemon.client() as client:
+        assert client.status()["updates"]["retrying"] == {}
+    record_property("registry_return_to_kept_s", round(done - returned, 3))
+    print(f"\nregistry return -> online {online.received_at - returned:.3f} s, -> retry started "
+          f"{retried - returned:.3f} s, -> update kept {done - returned:.3f} s")
+
+
+# --- case 4: kill -9 while a version is copied into the store -------------------------------
+def test_kill_9_during_the_copy_into_the_store_leaves_nothing_behind_after_the_restart(
+        start_daemon, registry, mqtt_subscriber, tmp_path):
+    width = 4096  # a 64 MiB model: its copy into the store (hash, write, fsync) takes long enough to catch
+    store = wide_store_at(tmp_path / "store", tmp_path, width)
+    events = mqtt_subscriber(registry.broker, EVENTS, keep_session=True)
+    config = device_config(registry, tmp_path, max_model_bytes=256 * MB, **NEVER_BY_TIMER)
+    downloads = tmp_path / "downloads"
+    daemon = start_daemon(store.root, config)
+    publish_v2(registry, tmp_path, width)
+
+    def copying() -> list[Path]:
+        return [p for p in downloads.glob(".stage-*") if any(p.iterdir())] if downloads.is_dir() else []
+
+    deadline = time.monotonic() + 180
+    while not (scratch := copying()):  # poll tightly: the copy lasts a fraction of a second
+        assert time.monotonic() < deadline and daemon.proc.poll() is None, "the copy never started"
+        assert "update_staged" not in kinds(events), "missed the copy"
+        time.sleep(0.001)
+    daemon.proc.send_signal(signal.SIGKILL)
+    daemon.proc.wait()
+    assert scratch[0].is_dir() and "update_staged" not in kinds(events)  # killed mid-copy
+    linked = [p for p in scratch[0].iterdir() if p.stat().st_nlink > 1]  # hard links to the download
+    assert linked
+
+    restarted = start_daemon(store.root, config)
+    assert not scratch[0].exists()  # cleared at start, before the update goes on
+    wait_event(events, "update_kept", restarted, registry)
+    assert store.active("wide") == "2"
+    store.verify("wide", "2")
+    assert leftovers(downloads, store) == []
+    with restarted.client() as client:
+        out = client.infer("wide", {"x": np.ones((1, width), np.float32)})["y"]
+    assert out.shape == (1, width)
+    assert json.loads((store.root / "wide" / ".active.json").read_text())["version"] == "2"
