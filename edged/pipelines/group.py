@@ -98,6 +98,12 @@ class Pipelines:
             result[name] = {**pipeline.status(), "source": source.uri or source.kind}
         return result
 
+    def counts(self) -> tuple[int, int]:
+        """(running, failed) for the daemon's status line; a pipeline whose model is not
+        served is started but counts as failed."""
+        states = [info["state"] for info in self.status().values()]
+        return sum(state not in ("stopped", "failed") for state in states), states.count("failed")
+
     def _known(self, name: str) -> PipelineSettings:
         if name not in self.settings:
             raise PipelineNotFound(f"no pipeline {name!r} in the configuration")

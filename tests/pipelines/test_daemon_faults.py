@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import signal
 
+from edged.config import PipelineSettings, SourceSettings
+from edged.pipelines.group import Pipelines
 from tests.pipelines.sensor_support import wait_for
 from tests.pipelines.test_quality_log import noise, show
 
@@ -48,3 +50,20 @@ def test_opencv_keeps_its_own_warnings_to_itself(start_daemon, tiny_store, monke
     with loud.client() as client:
         wait_for(lambda: client.pipelines()["usb"]["reconnects"] >= 1, what=loud.output)
     wait_for(lambda: "[ WARN" in loud.output(), what=loud.output)
+
+
+def test_a_pipeline_started_onto_a_missing_model_counts_as_failed(face_manager, tmp_path, caplog):
+    folder = tmp_path / "camera"
+    show(folder, [noise(seed) for seed in range(6)])
+    source = SourceSettings(kind="images", uri=str(folder), loop=True)
+    pipelines = Pipelines({"door": PipelineSettings(model="face", source=source),
+                           "yard": PipelineSettings(model="nope", source=source)}, face_manager)
+    pipelines.start_enabled()
+    try:
+        wait_for(lambda: pipelines.status()["door"]["processed"] > 0, what=pipelines.status)
+        status, counts = pipelines.status(), pipelines.counts()
+    finally:
+        pipelines.stop_all()
+    assert status["yard"]["state"] == "failed" and status["yard"]["last_error"] == "model 'nope' not found"
+    assert counts == (1, 1)
+    assert "pipeline yard: model 'nope' not found" in caplog.text
