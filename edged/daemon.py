@@ -11,7 +11,6 @@ watchdog allows the loop to be away.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import os
 import select
@@ -20,45 +19,18 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
-from typing import IO
 
 from edged import __version__, systemd
 from edged.api.routes import Api
 from edged.api.server import ApiServer, check_socket_path
 from edged.config import ConfigError, Settings
-from edged.errors import EdgedError
 from edged.health import Health
+from edged.instance_lock import hold_lock, hold_socket_lock
 from edged.models.manager import ModelManager
 from edged.models.store import ModelStore
 from edged.pipelines.group import Pipelines
 
 log = logging.getLogger("edged")
-
-
-class InUse(EdgedError):
-    """Another edged holds the socket or the store."""
-
-
-def hold_lock(path: Path, message: str) -> IO[str]:
-    """flock `path` for as long as the file stays open; the kernel drops it when the process ends.
-
-    `message` (with `{pid}`, the holder's) is the error when another process holds it.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    file = path.open("a+")
-    try:
-        fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        file.seek(0)
-        holder = file.read().strip() or "unknown"
-        file.close()
-        raise InUse(message.format(pid=holder)) from None
-    file.seek(0)
-    file.truncate()
-    file.write(f"{os.getpid()}\n")
-    file.flush()
-    return file
 
 
 class Daemon:
@@ -72,8 +44,7 @@ class Daemon:
         self.locks = []
         if listener is None:
             path = settings.socket.path
-            self.locks.append(hold_lock(path.with_name(path.name + ".lock"),
-                                        f"another process is serving on {path} (edged, pid {{pid}})"))
+            self.locks.append(hold_socket_lock(path))  # says so when its holder's socket is gone
             check_socket_path(path)  # what is wrong with the socket's path is said first
         self.locks.append(hold_lock(settings.store.path / ".lock",
                                     f"another process is using the model store {settings.store.path} "
@@ -135,6 +106,7 @@ class Daemon:
             while b"T" not in pending:
                 if b"H" in pending:
                     self._reload_on_signal()
+                self.server.check_path()  # a socket deleted under us is bound again, or not ready
                 self.watchdog.tick()
                 self._tell_systemd()
                 pending = self._read_signals(self.watchdog.tick_s)
@@ -226,6 +198,8 @@ class Daemon:
                          + (f", {failures} failed" if failures else ""))
         if self.mqtt is not None:
             parts.append("MQTT connected" if self.mqtt.link.connected.is_set() else "MQTT not connected")
+        if self.api.socket_problem:
+            parts.append(f"socket unreachable: {self.server.path}")
         if self.restart_needed:
             parts.append(f"restart needed for: {', '.join(self.restart_needed)}")
         if stuck := self.watchdog.stuck_for():

@@ -56,6 +56,9 @@ class Api:
         self.health = health or Health(manager, manager.store.root)
         self.health.sections["pipelines"] = lambda: self.pipelines.status() if self.pipelines else {}
         self.health.sections["api"] = self.api_status
+        # The document's `ready` is the readiness clients see: models loaded and the socket
+        # reachable at its path (a transport's fact, so it comes from here, not from health.py).
+        self.health.sections["ready"] = self.reachable_and_ready  # type: ignore[assignment]
         self.started = self.health.started
         self.socket_rule = Rule.build(
             settings.socket.allowed_users, settings.socket.allowed_groups, "socket"
@@ -74,6 +77,7 @@ class Api:
         self.startup_done = threading.Event()
         self.startup_done.set()
         self.stopping = threading.Event()
+        self.socket_problem: str | None = None  # set by the server while its path cannot be reached
         self._lock = threading.Lock()
         self._infer_route = re.compile(_MODEL + r"/infer")
         self.routes: list[tuple[str, re.Pattern[str], Callable[..., Response]]] = [
@@ -164,7 +168,7 @@ class Api:
         return json_response(200, {"live": True})
 
     def ready(self, request: Request, peer: Peer) -> Response:
-        ready = self.manager.ready() and self.startup_done.is_set()
+        ready = self.reachable_and_ready() and self.startup_done.is_set()
         return json_response(200 if ready else 503, {"ready": ready})
 
     def server_metadata(self, request: Request, peer: Peer) -> Response:
@@ -264,9 +268,13 @@ class Api:
     def status_document(self) -> dict:
         return self.health.document()
 
+    def reachable_and_ready(self) -> bool:
+        """Every active model loaded or failed, and the socket's path leads to us."""
+        return self.manager.ready() and self.socket_problem is None
+
     def api_status(self) -> dict:
         """This transport's own section of the health document."""
-        return {"pending": self.pending, **self.counters}
+        return {"pending": self.pending, "socket_problem": self.socket_problem, **self.counters}
 
     def metrics(self, request: Request, peer: Peer) -> Response:
         text = PrometheusText()

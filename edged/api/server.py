@@ -9,10 +9,7 @@ deadline. Past `max_connections`, new connections get 503 and are closed.
 from __future__ import annotations
 
 import contextlib
-import errno
-import grp
 import logging
-import os
 import socket
 import threading
 import time
@@ -21,83 +18,18 @@ from pathlib import Path
 from edged.api.access import Peer
 from edged.api.http import ClientGone, Connection, HTTPError, Response
 from edged.api.routes import Api, error_response
-from edged.config import ConfigError, SocketSettings
-from edged.errors import EdgedError
+from edged.api.unix_socket import (
+    SOCKET_MODE,
+    PathWatch,
+    SocketInUse,
+    bind_unix_socket,
+    check_socket_path,
+    resolve_group,
+)
+from edged.config import SocketSettings
 
 log = logging.getLogger(__name__)
-SOCKET_MODE = 0o660
 SOCKET_BUFFER = 1 << 20
-
-
-class SocketInUse(EdgedError):
-    """Another process answers on the socket path."""
-
-
-def resolve_group(group: str | None) -> int:
-    """The gid for `socket.group` (-1 to leave the group alone)."""
-    if not group:
-        return -1
-    try:
-        return int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
-    except KeyError:
-        raise ConfigError(f"socket.group: no such group {group!r}") from None
-
-
-def check_socket_path(path: Path) -> bool:
-    """Refuse a path that is not a socket, or that another process answers on.
-
-    True when a stale socket (nobody listening) is there, to be replaced.
-    """
-    if not (path.exists() or path.is_symlink()):
-        return False
-    if not path.is_socket() or path.is_symlink():
-        raise SocketInUse(f"{path} exists and is not a socket; refusing to replace it")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(2.0)
-    try:
-        probe.connect(str(path))
-    except ConnectionRefusedError:
-        return True
-    except TimeoutError:
-        raise SocketInUse(f"a process holds {path} but does not answer; stop it first") from None
-    except OSError as exc:
-        if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT):
-            raise
-        return exc.errno == errno.ECONNREFUSED
-    else:
-        raise SocketInUse(f"another process is serving on {path}")
-    finally:
-        probe.close()
-
-
-def bind_unix_socket(path: Path, group: str | None, mode: int = SOCKET_MODE) -> socket.socket:
-    """Bind `path` with its final mode and group already set, replacing only a stale socket.
-
-    The socket is bound under a temporary name, given its mode and group, and
-    renamed into place, so there is never a moment when it is reachable with
-    looser permissions.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if check_socket_path(path):
-        log.info("replacing stale socket %s", path)
-    gid = resolve_group(group)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}")
-    with contextlib.suppress(FileNotFoundError):
-        temporary.unlink()
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        listener.bind(str(temporary))
-        os.chmod(temporary, mode)
-        if gid != -1:
-            os.chown(temporary, -1, gid)
-        os.rename(temporary, path)
-    except BaseException:
-        listener.close()
-        with contextlib.suppress(FileNotFoundError):
-            temporary.unlink()
-        raise
-    listener.listen(128)
-    return listener
 
 
 class ApiServer:
@@ -112,6 +44,8 @@ class ApiServer:
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
+        self.watch: PathWatch | None = None  # the path, checked by check_path()
+        self._next: socket.socket | None = None  # bound again at the path, for the accept loop
 
     @property
     def path(self) -> Path:
@@ -125,13 +59,44 @@ class ApiServer:
     def start(self) -> None:
         if self.listener is None:
             self.listener = bind_unix_socket(self.settings.path, self.settings.group)
+        if isinstance(self.listener.getsockname(), str) and self.listener.getsockname():  # not abstract
+            self.watch = PathWatch(self.path, self.settings.group, self.inherited)
         self.listener.settimeout(0.25)
         self._thread = threading.Thread(target=self._accept_loop, name="api-accept", daemon=True)
         self._thread.start()
 
+    def check_path(self) -> None:
+        """Notice the socket's path deleted or replaced (within a second, from the daemon's
+        loop), bind it again when it is ours, and keep readiness true to what clients see."""
+        if self.watch is None or self._stopping.is_set():
+            return
+        listener = self.watch.check()
+        self.api.socket_problem = self.watch.problem
+        if listener is not None:
+            listener.settimeout(0.25)
+            with self._lock:
+                unused, self._next = self._next, listener
+            if unused is not None:  # bound again twice before the accept loop took the first
+                unused.close()
+
+    def _take_next(self) -> None:
+        """On the accept thread: serve the listener bound again; answer what waits on the old one."""
+        with self._lock:
+            if self._next is None:  # stop() took it meanwhile
+                return
+            old, self.listener, self._next = self.listener, self._next, None
+        assert old is not None
+        old.setblocking(False)
+        with contextlib.suppress(OSError):
+            while True:
+                self._take(old.accept()[0])
+        old.close()
+
     def _accept_loop(self) -> None:
         assert self.listener is not None
         while True:
+            if self._next is not None:
+                self._take_next()
             draining = self._stopping.is_set()
             if draining and self.inherited:
                 return  # what waits in the backlog is for the next edged systemd starts
@@ -148,25 +113,29 @@ class ApiServer:
                 continue
             if draining:
                 log.debug("answering a connection made before the socket was removed")
-            try:
-                # Room for a whole camera frame per syscall instead of a dozen small wake-ups.
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
-            except OSError:
-                sock.close()
-                continue
-            with self._lock:
-                full = len(self._connections) >= self.settings.max_connections
-                if not full:
-                    self._connections[sock] = None
-            if full:
-                self.api.count("refused_connections")
-                self._refuse(sock)
-                continue
-            thread = threading.Thread(target=self._serve, args=(sock,), name="api-conn", daemon=True)
-            with self._lock:
-                self._threads.add(thread)
-            thread.start()
+            self._take(sock)
+
+    def _take(self, sock: socket.socket) -> None:
+        """Serve one accepted connection on its own thread, or refuse it past the cap."""
+        try:
+            # Room for a whole camera frame per syscall instead of a dozen small wake-ups.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
+        except OSError:
+            sock.close()
+            return
+        with self._lock:
+            full = len(self._connections) >= self.settings.max_connections
+            if not full:
+                self._connections[sock] = None
+        if full:
+            self.api.count("refused_connections")
+            self._refuse(sock)
+            return
+        thread = threading.Thread(target=self._serve, args=(sock,), name="api-conn", daemon=True)
+        with self._lock:
+            self._threads.add(thread)
+        thread.start()
 
     def _refuse(self, sock: socket.socket) -> None:
         try:
@@ -240,13 +209,18 @@ class ApiServer:
         closing an idle keep-alive connection; clients retry on a new one). A new
         connection still gets its first request answered.
         """
-        if not self.inherited:
+        if not self.inherited and (self.watch is None or self.watch.owns_path()):  # not another's
             with contextlib.suppress(FileNotFoundError):
                 self.settings.path.unlink()
         self._stopping.set()
         self.api.stopping.set()  # ends event streams
-        if self.listener is not None and not self.inherited:
-            self.listener.setblocking(False)  # the accept loop drains the backlog, then ends
+        with self._lock:
+            unused, self._next = self._next, None  # bound again just now, never served
+            listener = self.listener
+        if unused is not None:
+            unused.close()
+        if listener is not None and not self.inherited:
+            listener.setblocking(False)  # the accept loop drains the backlog, then ends
         deadline = time.monotonic() + timeout
         if self._thread is not None:
             self._thread.join(timeout=max(0.0, deadline - time.monotonic()))
@@ -267,4 +241,5 @@ class ApiServer:
             self.listener.close()
 
 
-__all__ = ["ApiServer", "Response", "SocketInUse", "bind_unix_socket", "check_socket_path"]
+__all__ = ["SOCKET_MODE", "ApiServer", "Response", "SocketInUse", "bind_unix_socket", "check_socket_path",
+           "resolve_group"]
