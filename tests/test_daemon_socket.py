@@ -6,6 +6,7 @@ from __future__ import annotations
 import grp
 import os
 import stat
+import sys
 import time
 from pathlib import Path
 
@@ -14,7 +15,8 @@ import pytest
 
 from edged.client import Client
 from tests.conftest import wait_until
-from tests.test_systemd import Notifications, listening_socket, start_activated
+from tests.mqtt.test_daemon_link import TOPICS, mqtt_config
+from tests.test_systemd import ACTIVATE, Notifications, listening_socket, start_notified
 
 X = np.array([[1, 2, -3, 0.5]], np.float32)
 HELD = {"idle_timeout_s": 600}  # a connection made before the deletion stays open to ask on
@@ -97,12 +99,21 @@ def test_a_path_taken_by_another_file_is_not_ready_and_a_second_edged_says_why(
     assert daemon.stop() == 0
 
 
-def test_an_activated_socket_deleted_is_not_ready_everywhere(start_daemon, tiny_store, notify, short_dir):
+def test_an_activated_socket_deleted_is_not_ready_everywhere(start_daemon, tiny_store, notify, short_dir,
+                                                            broker, mqtt_subscriber, tmp_path):
+    """Socket activation: the daemon cannot bind systemd's socket again, so it says it is not ready
+    on every surface: /v2/health/ready, the health document, MQTT health, the STATUS= line."""
     path = short_dir / "api.sock"
     listener = listening_socket(path)
+    mqtt = mqtt_config(broker, tmp_path, health_interval_s=1)
+    health = mqtt_subscriber(broker, f"{TOPICS}/health")
     try:
-        daemon = start_activated(start_daemon, tiny_store.root, listener, notify, path)
+        daemon = start_notified(
+            start_daemon, notify, tiny_store.root, {"socket": {"path": str(path), **HELD}, **mqtt},
+            {"LISTEN_FDS": "1", "LISTEN_FDNAMES": "edged.socket"},
+            launcher=[sys.executable, "-c", ACTIVATE, str(listener.fileno())], pass_fds=(listener.fileno(),))
         notify.wait_for("READY=1")
+        health.wait_for(lambda m: m.json()["ready"] is True, timeout=20)
         with Client(path) as held:
             assert held.ready()
             mark = notify.mark()
@@ -114,6 +125,9 @@ def test_an_activated_socket_deleted_is_not_ready_everywhere(start_daemon, tiny_
             notify.wait_for("STATUS=", after=mark)
             said = notify.lines(mark)
             assert any(f"socket unreachable: {path}" in line for line in said), said
+            health.clear()
+            reported = health.wait_for(timeout=20).json()  # the next health report over MQTT
+            assert reported["ready"] is False and "socket activation" in reported["api"]["socket_problem"]
         logged = lines(daemon, "cannot be bound again")
         assert len(logged) == 1 and "ERROR" in logged[0], logged
         assert "systemctl restart edged.socket edged" in logged[0]
