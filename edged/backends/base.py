@@ -117,8 +117,10 @@ class WarmPool(Generic[T]):
     def _rebuild(self) -> T | None:
         try:
             return self._build()
-        except Exception:
-            log.warning("cannot rebuild a runtime after an error; retried when next lent", exc_info=True)
+        except Exception as exc:
+            log.warning("cannot rebuild a runtime after an error (%s); tried again when lent",
+                        first_line(exc))
+            log.debug("the rebuild error in full:\n%s", exc)
             return None
 
     def drain(self) -> list[T]:

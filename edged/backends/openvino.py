@@ -88,9 +88,10 @@ class OpenVINOModel(LoadedModel):
                 self._compiled = self._request = None  # never run on that graph again
                 try:
                     self._rebuild()
-                except Exception:
-                    log.warning("cannot compile the model again after an error; retried on the next call",
-                                exc_info=True)
+                except Exception as exc:
+                    log.warning("cannot compile the model again after an error (%s); tried again next call",
+                                first_line(exc))
+                    log.debug("the compile error in full:\n%s", exc)
                 raise
 
     def _rebuild(self) -> None:

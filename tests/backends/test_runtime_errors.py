@@ -11,7 +11,7 @@ import pytest
 from edged.backends import get_backend
 from edged.backends.base import LoadOptions, WarmPool
 from edged.backends.faults import run_checked
-from edged.errors import InputRejected
+from edged.errors import BackendError, InputRejected
 from tests.backends.reshape_models import (
     BAD_ROWS,
     build_reshape_onnx,
@@ -76,13 +76,34 @@ def test_a_rejected_input_gets_one_clear_line_every_time(reshape_model):
                                   expected(2))
 
 
+def test_a_runtime_that_cannot_be_rebuilt_is_the_backends_fault(tmp_path):
+    """OpenVINO compiles afresh from the model's file after an error; with the file gone
+    (a real fault), nothing runs, the probe neither: a BackendError, for every input, until
+    the file is back. (A LiteRT interpreter is rebuilt from bytes in memory: it cannot fail so.)"""
+    path = build_reshape_onnx(tmp_path / "model")
+    model = get_backend("openvino").load(path, "onnx", LoadOptions(cache_dir=tmp_path / "cache"))
+    away = path.rename(tmp_path / "away.onnx")
+    try:
+        for rows in (BAD_ROWS, 3):
+            with pytest.raises(BackendError) as info:
+                run_checked(model, reshape_inputs(rows), "reshape 1")
+            assert "Could not open the file" in str(info.value) and "\n" not in str(info.value)
+        away.rename(path)
+        np.testing.assert_array_equal(run_checked(model, reshape_inputs(3), "reshape 1")["y"], expected(3))
+        with pytest.raises(InputRejected):
+            run_checked(model, reshape_inputs(BAD_ROWS), "reshape 1")
+    finally:
+        model.close()
+
+
 def test_good_and_bad_callers_never_cross_outputs(tmp_path):
-    model = get_backend("openvino").load(build_reshape_onnx(tmp_path), "onnx", LoadOptions(workers=2))
+    options = LoadOptions(workers=2, cache_dir=tmp_path / "cache")  # each error compiles afresh
+    model = get_backend("openvino").load(build_reshape_onnx(tmp_path), "onnx", options)
     wrong: list[str] = []
 
     def call(rows: int, scale: float) -> None:
         x = np.arange(12, dtype=np.float32).reshape(2, 6) * scale
-        for _ in range(150):
+        for _ in range(40):
             try:
                 out = model.infer(reshape_inputs(rows, x=x))["y"]
             except Exception:
