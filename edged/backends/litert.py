@@ -64,6 +64,7 @@ class LiteRTModel(LoadedModel):
         first = _Instance(content, threads)
         self.inputs = _specs(first.input_details)
         self.outputs = _specs(first.output_details)
+
         def build() -> _Instance:
             return _Instance(content, threads)
 
