@@ -69,8 +69,8 @@ def test_black_frames_are_logged_once_per_change_of_kind(face_manager, tmp_path,
     assert status["degraded_reason"] == "" and status["errors"] == 0
     lines = quality_lines(caplog)
     assert [level for level, _ in lines] == ["WARNING", "WARNING", "INFO"], lines
-    assert lines[0][1].startswith("degraded: black frames for 0 s")
-    assert lines[1][1].startswith("degraded: frozen picture for 2 s; black frames for 2 s")
+    assert lines[0][1].startswith("degraded: black frames for ")
+    assert lines[1][1].startswith("degraded: frozen picture for ") and "; black frames for " in lines[1][1]
     assert lines[2][1] == "input recovered"
 
 
