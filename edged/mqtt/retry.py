@@ -10,6 +10,7 @@ announces the release again, a chunk reply arrives, or the disk it was short of 
 
 from __future__ import annotations
 
+import os
 import random
 import shutil
 import time
@@ -33,6 +34,7 @@ class Pending:
     failed_at: float  # monotonic
     due: float  # monotonic
     disk: list[tuple[Path, int]] = field(default_factory=list)  # (directory, bytes needed) when short
+    silent: bool = False  # the registry did not answer: a reply arriving later says it is back
     free_at_failure: dict[Path, int] = field(default_factory=dict)
 
     def describe(self) -> dict:
@@ -41,12 +43,26 @@ class Pending:
                 "waiting_for_disk": bool(self.disk)}
 
 
-def free_bytes(directory: Path) -> int:
-    """Free bytes where `directory` is (or would be: its nearest existing parent)."""
-    path = directory
+DISK_MARGIN = 64 << 20  # left free beyond what an update needs
+
+
+def _existing(path: Path) -> Path:
     while not path.exists() and path != path.parent:
         path = path.parent
-    return shutil.disk_usage(path).free
+    return path
+
+
+def space_needed(downloads: Path, store: Path, total: int) -> list[tuple[Path, int]]:
+    """Room for a download of `total` bytes and for the store's copy of it: on one disk, or
+    each on its own."""
+    if os.stat(_existing(downloads)).st_dev == os.stat(_existing(store)).st_dev:
+        return [(downloads, 2 * total + DISK_MARGIN)]
+    return [(downloads, total + DISK_MARGIN), (store, total + DISK_MARGIN)]
+
+
+def free_bytes(directory: Path) -> int:
+    """Free bytes where `directory` is (or would be: its nearest existing parent)."""
+    return shutil.disk_usage(_existing(directory)).free
 
 
 class RetryBook:
@@ -71,13 +87,13 @@ class RetryBook:
         return base * (1 - self.settings.retry_jitter * self._rng.random())
 
     def failed(self, name: str, version: str, topic: str, payload: bytes, reason: str,
-               disk: list[tuple[Path, int]] | None = None) -> Pending:
+               disk: list[tuple[Path, int]] | None = None, silent: bool = False) -> Pending:
         """Record a failed try of this release; a different release of `name` starts the count again."""
         previous = self._pending.get(name)
         attempts = previous.attempts + 1 if previous and previous.payload == payload else 1
         now = time.monotonic()
         pending = Pending(name, version, topic, payload, reason, attempts, now, now + self.delay(attempts),
-                          list(disk or []))
+                          list(disk or []), silent)
         pending.free_at_failure = {path: free_bytes(path) for path, _ in pending.disk}
         self._pending[name] = pending
         return pending
@@ -99,19 +115,21 @@ class RetryBook:
         return count
 
     def heard_since(self, moment: float) -> int:
-        """A chunk reply arrived at `moment`: the registry answers, so releases that failed
-        before it are due now."""
+        """A chunk reply arrived at `moment`: the registry answers again, so releases that
+        failed for its silence before then are due now. (Not those it answered badly: the
+        late replies of that very download would retry it in a loop.)"""
         now, count = time.monotonic(), 0
         for pending in self._pending.values():
-            if not pending.disk and pending.failed_at < moment and pending.due > now:
+            if pending.silent and pending.failed_at < moment and pending.due > now:
                 pending.due = now
                 count += 1
         return count
 
     def check_disk(self) -> None:
-        """Every `disk_poll_s`: a release short of disk is due once each directory has the
-        room it needs and more room than right after the failure (so a disk that is simply
-        too small waits for the backoff, not for every poll)."""
+        """Every `disk_poll_s`: a release short of disk is due once every directory has the
+        room it needs, if one of them lacked it right after the failure. (When none did, the
+        disk filled up and emptied again by itself: the backoff decides, so a disk that is
+        simply too small is not retried at every poll.)"""
         now = time.monotonic()
         if now - self._disk_checked < self.settings.disk_poll_s:
             return
@@ -119,13 +137,13 @@ class RetryBook:
         for pending in self._pending.values():
             if not pending.disk or pending.due <= now:
                 continue
+            if all(pending.free_at_failure.get(path, 0) >= need for path, need in pending.disk):
+                continue
             try:
-                free = {path: free_bytes(path) for path, _ in pending.disk}
+                if all(free_bytes(path) >= need for path, need in pending.disk):
+                    pending.due = now
             except OSError:
                 continue
-            if all(free[path] >= need and free[path] > pending.free_at_failure.get(path, 0)
-                   for path, need in pending.disk):
-                pending.due = now
 
     def due(self) -> list[Pending]:
         """The releases to try now, oldest failure first."""

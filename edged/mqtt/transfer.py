@@ -17,7 +17,6 @@ merely timed out keeps its chunks, for the next try to resume.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -35,6 +34,7 @@ from paho.mqtt.properties import Properties
 
 from edged.errors import EdgedError
 from edged.models.manifest import sha256_of
+from edged.mqtt.download_hash import InOrderHash
 from edged.mqtt.link import MqttLink
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,10 @@ SCRATCH_PREFIX = ".stage-"  # the update agent's hard-link directories (and temp
 
 class TransferError(EdgedError):
     """A file could not be fetched; the message says why, in one line."""
+
+
+class RegistrySilent(TransferError):
+    """No reply came: the registry is away (a reply arriving later says it is back)."""
 
 
 @dataclass
@@ -139,7 +143,7 @@ class Transfer:
     def _pull(self, fd: int, sha256: str, size: int, chunk: int, missing: list[int], have: set[int],
               progress_path: Path, stop: threading.Event) -> str:
         """Fetch the missing chunks into `fd`; the sha256 of the whole file, hashed as it grows."""
-        hashing = _InOrderHash(fd, size, chunk, hold=2 * self.window)
+        hashing = InOrderHash(fd, size, chunk, hold=2 * self.window)
         hashing.advance(have)  # chunks a previous run left on disk
         waiting = list(reversed(missing))  # pop() from the end: lowest index first
         in_flight: dict[bytes, tuple[int, float]] = {}  # correlation -> (index, sent at)
@@ -159,7 +163,7 @@ class Transfer:
             now = time.monotonic()
             if in_flight and now - heard_at > silence:
                 index = min(i for i, _ in in_flight.values())
-                raise TransferError(f"chunk {index}: no reply from the registry for {now - heard_at:.0f} s "
+                raise RegistrySilent(f"chunk {index}: no reply from the registry for {now - heard_at:.0f} s "
                                     f"({self.retries + 1} chunk timeouts of {self.timeout_s:g} s)")
             while waiting and len(in_flight) < self.window and not_before.get(waiting[-1], 0) <= now:
                 index = waiting.pop()
@@ -186,7 +190,8 @@ class Transfer:
             for correlation, (index, sent) in list(in_flight.items()):
                 if now - sent > self.timeout_s:
                     del in_flight[correlation]
-                    self._retry(index, attempts, waiting, f"no reply within {self.timeout_s:g} s")
+                    self._retry(index, attempts, waiting, f"no reply within {self.timeout_s:g} s",
+                                silent=True)
             if now - saved_at > PROGRESS_EVERY_S:
                 os.fsync(fd)
                 self._save_progress(progress_path, size, chunk, have)
@@ -194,11 +199,13 @@ class Transfer:
         self._save_progress(progress_path, size, chunk, have)
         return hashing.hexdigest()
 
-    def _retry(self, index: int, attempts: dict[int, int], waiting: list[int], problem: str) -> None:
+    def _retry(self, index: int, attempts: dict[int, int], waiting: list[int], problem: str,
+               silent: bool = False) -> None:
         attempts[index] = attempts.get(index, 0) + 1
         self.chunks_retried += 1
         if attempts[index] > self.retries:
-            raise TransferError(f"chunk {index}: {problem} ({attempts[index]} tries)")
+            error = RegistrySilent if silent else TransferError
+            raise error(f"chunk {index}: {problem} ({attempts[index]} tries)")
         log.debug("chunk %d again: %s", index, problem)
         waiting.insert(0, index)  # after the chunks not yet asked for
 
@@ -270,38 +277,3 @@ class Transfer:
                     shutil.rmtree(path, ignore_errors=True)
                     found.append(path)
         return found
-
-
-class _InOrderHash:
-    """sha256 of a file whose chunks arrive out of order, computed while they arrive, so a
-    finished download needs no second read. A chunk that comes early is held in memory (at
-    most `hold` of them; beyond that it is read back from the file when its turn comes)."""
-
-    def __init__(self, fd: int, size: int, chunk: int, hold: int) -> None:
-        self._fd, self._size, self._chunk, self._hold = fd, size, chunk, hold
-        self._hash = hashlib.sha256()
-        self._next = 0  # the first chunk not yet hashed
-        self._held: dict[int, bytes] = {}
-
-    def received(self, index: int, data: bytes, have: set[int]) -> None:
-        if index > self._next and len(self._held) < self._hold:
-            self._held[index] = data
-        elif index == self._next:
-            self._hash.update(data)
-            self._next += 1
-        self.advance(have)
-
-    def advance(self, have: set[int]) -> None:
-        while self._next in have:
-            offset = self._next * self._chunk
-            data = self._held.pop(self._next, None)
-            if data is None:
-                data = os.pread(self._fd, min(self._chunk, self._size - offset), offset)
-            self._hash.update(data)
-            self._next += 1
-
-    def hexdigest(self) -> str:
-        count = -(-self._size // self._chunk)
-        if self._next < count:  # cannot happen once every chunk is in `have`; never trust it
-            raise TransferError(f"hashed {self._next} of {count} chunks")
-        return self._hash.hexdigest()

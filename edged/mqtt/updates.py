@@ -20,7 +20,6 @@ from __future__ import annotations
 import errno
 import hashlib
 import logging
-import os
 import queue
 import threading
 import time
@@ -36,15 +35,14 @@ from edged.models.store import version_key
 from edged.mqtt.checks import UpdateRefused
 from edged.mqtt.install import Installer
 from edged.mqtt.reports import Reporter
-from edged.mqtt.retry import RetryBook, free_bytes
-from edged.mqtt.transfer import Transfer
+from edged.mqtt.retry import RetryBook, free_bytes, space_needed
+from edged.mqtt.transfer import RegistrySilent, Transfer
 from edged.signing import Release, key_id, load_public_key, verify_envelope
 
 __all__ = ["NotEnoughDisk", "UpdateAgent", "UpdateRefused", "describe"]
 log = logging.getLogger(__name__)
 MAX_RELEASE_BYTES = 1 << 20
 REMEMBERED = 1024
-DISK_MARGIN = 64 << 20
 DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 
@@ -211,7 +209,8 @@ class UpdateAgent:
     def _failed(self, kind: str, name: str, version: str | None, topic: str, payload: bytes,
                 exc: BaseException, disk: list[tuple[Path, int]] | None) -> None:
         reason = str(exc) if isinstance(exc, EdgedError) else f"{exc.strerror or exc}: {exc.filename}"
-        pending = self.retries.failed(name, version or "?", topic, payload, reason, disk=disk)
+        pending = self.retries.failed(name, version or "?", topic, payload, reason, disk=disk,
+                                      silent=isinstance(exc, RegistrySilent))
         self._sweep()  # what a release this one replaced had downloaded
         retry_in = round(pending.due - time.monotonic(), 1)
         when = f"again in {retry_in:g} s" + (" or once the disk has room" if disk else
@@ -243,6 +242,10 @@ class UpdateAgent:
             keep.update(f.sha256 for f in release.manifest.files)
         for digest in self.transfer.sweep(keep):
             log.info("updates: removed the download of %s (no release waits for it)", digest[:12])
+
+    def _space_needed(self, release: Release) -> list[tuple[Path, int]]:
+        total = sum(f.size for f in release.manifest.files)
+        return space_needed(self.settings.download_dir, self.store.root, total)
 
     def _topic_parts(self, topic: str) -> tuple[str, str | None]:
         parts = topic.split("/")
@@ -283,19 +286,6 @@ class UpdateAgent:
             raise NotEnoughDisk(f"cannot check the disk: {exc.strerror or exc}: {exc.filename}", []) from exc
         return release
 
-    def _space_needed(self, release: Release) -> list[tuple[Path, int]]:
-        """Room for the download and for the store's copy (both on one disk, or each on its own)."""
-        total = sum(f.size for f in release.manifest.files)
-        downloads, store = self.settings.download_dir, self.store.root
-
-        def device(path: Path) -> int:
-            while not path.exists() and path != path.parent:
-                path = path.parent
-            return os.stat(path).st_dev
-
-        if device(downloads) == device(store):
-            return [(downloads, 2 * total + DISK_MARGIN)]
-        return [(downloads, total + DISK_MARGIN), (store, total + DISK_MARGIN)]
 
 def describe(agent: UpdateAgent | None) -> dict[str, Any]:
     """The agent's section of the health document."""

@@ -38,10 +38,15 @@ def test_a_repeated_failure_counts_up_and_a_different_release_starts_again():
 def test_news_from_after_the_failure_makes_it_due_news_from_before_does_not():
     retries = book(retry_min_s=3600)
     before = time.monotonic()
-    pending = retries.failed("face", "2", "t", b"r", "no reply")
+    pending = retries.failed("face", "2", "t", b"r", "no reply", silent=True)
+    answered_badly = retries.failed("pose", "2", "t", b"p", "truncated chunk")
     assert retries.hurry(since=before) == 0 and retries.due() == []  # sent before it failed
     assert retries.heard_since(before) == 0
+    # A reply says the registry is back: for the release it did not answer, not for the one
+    # whose download's late replies these may be (that would retry it in a loop).
     assert retries.heard_since(time.monotonic()) == 1 and retries.due() == [pending]
+    assert answered_badly not in retries.due()
+    retries.forget("pose")
     pending = retries.failed("face", "2", "t", b"r", "no reply")
     assert retries.hurry("other", since=time.monotonic()) == 0
     assert retries.hurry("face", since=time.monotonic()) == 1 and retries.due() == [pending]
@@ -58,3 +63,13 @@ def test_a_release_short_of_disk_is_due_once_the_disk_has_room(small_disk, tmp_p
     disk.free()
     time.sleep(0.02)
     assert retries.due() == [pending]
+
+
+def test_a_disk_that_had_room_right_after_the_failure_is_left_to_the_backoff(small_disk, tmp_path):
+    """ENOSPC, but the space came back by itself before the failure was recorded: polling
+    the disk would retry a disk that is simply too small at every poll."""
+    disk = small_disk(tmp_path / "disk", 8)
+    retries = book(retry_min_s=3600, disk_poll_s=0.01)
+    retries.failed("face", "2", "t", b"r", "No space left on device", disk=[(disk.path, 4 << 20)])
+    time.sleep(0.02)
+    assert retries.due() == []

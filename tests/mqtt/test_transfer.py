@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from edged.mqtt.transfer import TransferError, _InOrderHash
+from edged.errors import EdgedError
+from edged.mqtt.download_hash import InOrderHash
 
 CHUNK = 1000
 
@@ -31,7 +32,7 @@ def test_any_arrival_order_gives_the_file_hash(tmp_path: Path, size: int, hold: 
         for index in on_disk:
             os.pwrite(fd, data[index * CHUNK:(index + 1) * CHUNK], index * CHUNK)
             have.add(index)
-        hashing = _InOrderHash(fd, size, CHUNK, hold=hold)
+        hashing = InOrderHash(fd, size, CHUNK, hold=hold)
         hashing.advance(have)
         order = [i for i in range(count) if i not in on_disk]
         random.Random(7).shuffle(order)
@@ -49,9 +50,9 @@ def test_a_digest_before_every_chunk_is_hashed_is_refused(tmp_path: Path):
     fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT, 0o600)
     try:
         os.ftruncate(fd, 3 * CHUNK)
-        hashing = _InOrderHash(fd, 3 * CHUNK, CHUNK, hold=4)
+        hashing = InOrderHash(fd, 3 * CHUNK, CHUNK, hold=4)
         hashing.received(1, bytes(CHUNK), {1})
-        with pytest.raises(TransferError, match="hashed 0 of 3 chunks"):
+        with pytest.raises(EdgedError, match="hashed 0 of 3 chunks"):
             hashing.hexdigest()
     finally:
         os.close(fd)
