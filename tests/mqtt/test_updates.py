@@ -136,9 +136,13 @@ def test_a_truncated_chunk_fails_the_update_and_nothing_changes(
         daemon = start_daemon(tiny_store.root, device_config(broker, tmp_path, key))
         sign_and_retain(broker, tiny_release(truncating, tmp_path, "2", 3.0), key)
         failed = events.wait_for(lambda m: m.json()["kind"] == "update_failed", timeout=60).json()
-        assert "truncated chunk" in failed["reason"]
+        assert "truncated chunk" in failed["reason"] and failed["attempt"] == 1
         with daemon.client() as client:
-            assert client.status()["models"]["tiny"]["version"] == "1"
+            status = client.status()
+        assert status["models"]["tiny"]["version"] == "1"
+        # Waiting for its backoff: the late replies of that download do not retry it at once.
+        assert status["updates"]["retrying"]["tiny"]["attempts"] == 1
+        assert [m.json()["kind"] for m in events.messages()].count("update_failed") == 1
     finally:
         truncating.close()
 
