@@ -25,7 +25,7 @@ from edged.api.routes import Api
 from edged.api.server import ApiServer, check_socket_path
 from edged.config import ConfigError, Settings
 from edged.health import Health
-from edged.instance_lock import hold_lock, hold_socket_lock
+from edged.instance_lock import InstanceLock
 from edged.models.manager import ModelManager
 from edged.models.store import ModelStore
 from edged.pipelines.group import Pipelines
@@ -41,14 +41,14 @@ class Daemon:
         # Before anything touches the socket, the store or the outbox. An activated socket is
         # systemd's, handed to one process: it needs no lock of ours (and its directory may be
         # read-only to us).
-        self.locks = []
+        self.locks: list[InstanceLock] = []
         if listener is None:
             path = settings.socket.path
-            self.locks.append(hold_socket_lock(path))  # says so when its holder's socket is gone
+            self.locks.append(InstanceLock.for_socket(path))  # says so when its holder's socket is gone
             check_socket_path(path)  # what is wrong with the socket's path is said first
-        self.locks.append(hold_lock(settings.store.path / ".lock",
-                                    f"another process is using the model store {settings.store.path} "
-                                    "(edged, pid {pid})"))
+        self.locks.append(InstanceLock(settings.store.path / ".lock",
+                                       f"another process is using the model store {settings.store.path} "
+                                       "(edged, pid {pid})"))
         self.store = ModelStore(settings.store.path)
         self.manager = ModelManager(self.store, settings)
         self.health = Health(self.manager, self.store.root)
@@ -107,6 +107,8 @@ class Daemon:
                 if b"H" in pending:
                     self._reload_on_signal()
                 self.server.check_path()  # a socket deleted under us is bound again, or not ready
+                for lock in self.locks:  # and a lock file deleted with it is taken again
+                    lock.check()
                 self.watchdog.tick()
                 self._tell_systemd()
                 pending = self._read_signals(self.watchdog.tick_s)

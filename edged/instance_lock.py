@@ -3,12 +3,15 @@
 The kernel drops a `flock` when its process ends, even after `kill -9`, so a lock is
 never stale. A held socket lock is checked against the socket itself: when its
 holder's socket is gone from the path (deleted under it), the error says so, rather
-than claiming that another process serves where nothing answers.
+than claiming that another process serves where nothing answers. A lock file deleted
+under the daemon (the cleaner that takes a socket takes its lock too) is taken again
+by `InstanceLock.check()`, or a second edged would find a free lock at the path.
 """
 
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import socket
 from pathlib import Path
@@ -16,6 +19,8 @@ from typing import IO
 
 from edged.errors import EdgedError
 
+log = logging.getLogger(__name__)
+SOCKET_LOCK = "another process is serving on {path} (edged, pid {{pid}})"
 
 class InUse(EdgedError):
     """Another edged holds the socket or the store."""
@@ -49,8 +54,7 @@ def hold_lock(path: Path, message: str) -> IO[str]:
 def hold_socket_lock(path: Path) -> IO[str]:
     """The lock beside the socket `path`; refused with what is wrong when another edged holds it."""
     try:
-        return hold_lock(path.with_name(path.name + ".lock"),
-                         f"another process is serving on {path} (edged, pid {{pid}})")
+        return hold_lock(path.with_name(path.name + ".lock"), SOCKET_LOCK.format(path=path))
     except InUse as exc:
         why = unreachable(path)
         if why is None:
@@ -75,3 +79,42 @@ def unreachable(path: Path) -> str | None:
     finally:
         probe.close()
     return None
+
+
+class InstanceLock:
+    """A lock held for the daemon's life, and the check that its file is still at its path."""
+
+    def __init__(self, path: Path, message: str, file: IO[str] | None = None) -> None:
+        self.path = path
+        self.message = message
+        self.file = file or hold_lock(path, message)
+        self._problem: str | None = None
+
+    @classmethod
+    def for_socket(cls, socket_path: Path) -> InstanceLock:
+        return cls(socket_path.with_name(socket_path.name + ".lock"), SOCKET_LOCK.format(path=socket_path),
+                   hold_socket_lock(socket_path))
+
+    def check(self) -> None:
+        """Take the lock again on a new file when ours was deleted from its path."""
+        held = os.fstat(self.file.fileno())
+        try:
+            found = self.path.lstat()
+            if (found.st_dev, found.st_ino) == (held.st_dev, held.st_ino):
+                return
+        except FileNotFoundError:
+            pass
+        try:
+            new = hold_lock(self.path, self.message)
+        except (InUse, OSError) as exc:
+            if str(exc) != self._problem:  # once per distinct problem
+                log.error("lock file %s was deleted and cannot be taken again: %s", self.path, exc)
+                self._problem = str(exc)
+            return
+        self.file.close()
+        self.file = new
+        self._problem = None
+        log.warning("lock file %s was deleted under the daemon; took it again", self.path)
+
+    def close(self) -> None:
+        self.file.close()

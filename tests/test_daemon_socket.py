@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import grp
 import os
+import socket
 import stat
 import sys
 import time
@@ -48,9 +49,12 @@ def back(path: Path, old_inode: int) -> bool:
 def test_a_deleted_socket_is_bound_again_with_its_mode_and_group(start_daemon, tiny_store):
     daemon = start_daemon(tiny_store.root, {"socket": {"group": GROUP.gr_name}})
     path = daemon.socket
+    lock = path.with_name(path.name + ".lock")
     for round_ in (1, 2):  # and again: each deletion is noticed
         before = path.lstat()
         os.unlink(path)
+        if round_ == 2:  # a cleaner that takes the socket takes its lock file too
+            os.unlink(lock)
         wait_until(lambda b=before: back(path, b.st_ino), what="the socket bound again")
         after = path.lstat()
         assert stat.S_IMODE(after.st_mode) == 0o660 and after.st_gid == GROUP.gr_gid
@@ -62,6 +66,11 @@ def test_a_deleted_socket_is_bound_again_with_its_mode_and_group(start_daemon, t
         rebound = lines(daemon, f"socket {path} was deleted under the daemon")
         assert len(rebound) == round_, daemon.output()
         assert "WARNING" in rebound[-1] and "bound it again (mode 660, group " in rebound[-1]
+    wait_until(lambda: lock.exists() and lock.read_text() == f"{daemon.proc.pid}\n", what="the lock again")
+    assert len(lines(daemon, f"lock file {lock} was deleted under the daemon; took it again")) == 1
+    second = start_daemon(tiny_store.root, {"socket": {"path": str(path)}}, ready=False)
+    assert second.proc.wait(timeout=60) == 1  # still one edged per socket
+    assert f"another process is serving on {path} (edged, pid {daemon.proc.pid})" in second.output()
     assert "Traceback" not in daemon.output()
     assert daemon.stop() == 0
     assert not path.exists()  # removed at the stop, as before
@@ -136,3 +145,22 @@ def test_an_activated_socket_deleted_is_not_ready_everywhere(start_daemon, tiny_
     finally:
         listener.close()
 
+
+
+def test_a_socket_another_process_put_at_the_path_is_left_to_it(start_daemon, tiny_store, short_dir):
+    daemon = start_daemon(tiny_store.root, {"socket": HELD})
+    path = daemon.socket
+    theirs = listening_socket(short_dir / "theirs.sock")
+    try:
+        with Client(path) as held:
+            assert held.ready()  # connected before
+            os.replace(short_dir / "theirs.sock", path)  # another server now answers at the path
+            wait_until(lambda: lines(daemon, "cannot be bound again"), what="the problem logged")
+            assert "another process is serving on" in lines(daemon, "cannot be bound again")[0]
+            assert held.ready() is False
+        assert daemon.stop() == 0
+        assert path.is_socket()  # not removed at the stop: it is not the daemon's
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            probe.connect(str(path))  # still theirs
+    finally:
+        theirs.close()
