@@ -10,6 +10,7 @@ announces the release again, a chunk reply arrives, or the disk it was short of 
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import shutil
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edged.config import UpdateSettings
+from edged.mqtt.checks import UpdateRefused
 
 
 @dataclass
@@ -44,6 +46,24 @@ class Pending:
 
 
 DISK_MARGIN = 64 << 20  # left free beyond what an update needs
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+class NotEnoughDisk(UpdateRefused):
+    """Refused for now: the disk lacks room. Tried again once it has (`disk`: where, how much)."""
+
+    def __init__(self, message: str, disk: list[tuple[Path, int]]) -> None:
+        super().__init__(message)
+        self.disk = disk
+
+
+def disk_full(exc: BaseException | None) -> bool:
+    """Whether a full disk (or quota) is behind `exc`, however it was wrapped."""
+    while exc is not None:
+        if isinstance(exc, NotEnoughDisk) or (isinstance(exc, OSError) and exc.errno in DISK_ERRNOS):
+            return True
+        exc = exc.__cause__
+    return False
 
 
 def _existing(path: Path) -> Path:

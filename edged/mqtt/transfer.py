@@ -25,6 +25,7 @@ import secrets
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,8 +64,9 @@ class Transfer:
     """Fetches files by sha256; one fetch at a time (the update agent's thread)."""
 
     def __init__(self, link: MqttLink, directory: Path, *, chunk_bytes: int, window: int,
-                 timeout_s: float, retries: int) -> None:
+                 timeout_s: float, retries: int, on_reply: Callable[[], None] | None = None) -> None:
         self.link = link
+        self.on_reply = on_reply  # told (on paho's thread) that a chunk reply came
         self.directory = directory
         self.chunk_bytes = chunk_bytes
         self.window = window
@@ -87,6 +89,8 @@ class Transfer:
         if not correlation:
             return
         self.last_reply = time.monotonic()
+        if self.on_reply is not None:
+            self.on_reply()
         values = dict(getattr(properties, "UserProperty", None) or [])
         try:
             offset = int(values.get("offset", "-1"))

@@ -17,8 +17,8 @@ newer release replaces it. Releases are handled one at a time on the agent's own
 
 from __future__ import annotations
 
-import errno
 import hashlib
+import json
 import logging
 import queue
 import threading
@@ -35,7 +35,7 @@ from edged.models.store import version_key
 from edged.mqtt.checks import UpdateRefused
 from edged.mqtt.install import Installer
 from edged.mqtt.reports import Reporter
-from edged.mqtt.retry import RetryBook, free_bytes, space_needed
+from edged.mqtt.retry import NotEnoughDisk, RetryBook, disk_full, free_bytes, space_needed
 from edged.mqtt.transfer import RegistrySilent, Transfer
 from edged.signing import Release, key_id, load_public_key, verify_envelope
 
@@ -43,24 +43,6 @@ __all__ = ["NotEnoughDisk", "UpdateAgent", "UpdateRefused", "describe"]
 log = logging.getLogger(__name__)
 MAX_RELEASE_BYTES = 1 << 20
 REMEMBERED = 1024
-DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
-
-
-class NotEnoughDisk(UpdateRefused):
-    """Refused for now: the disk lacks room. Tried again once it has (`disk`: where, how much)."""
-
-    def __init__(self, message: str, disk: list[tuple[Path, int]]) -> None:
-        super().__init__(message)
-        self.disk = disk
-
-
-def disk_full(exc: BaseException | None) -> bool:
-    """Whether a full disk (or quota) is behind `exc`, however it was wrapped."""
-    while exc is not None:
-        if isinstance(exc, NotEnoughDisk) or (isinstance(exc, OSError) and exc.errno in DISK_ERRNOS):
-            return True
-        exc = exc.__cause__
-    return False
 
 
 class UpdateAgent:
@@ -76,7 +58,7 @@ class UpdateAgent:
             self.trusted[key_id(public)] = public
         self.transfer = Transfer(self.link, settings.download_dir, chunk_bytes=settings.chunk_bytes,
                                  window=settings.window, timeout_s=settings.chunk_timeout_s,
-                                 retries=settings.chunk_retries)
+                                 retries=settings.chunk_retries, on_reply=self._on_chunk_reply)
         self.retries = RetryBook(settings)
         self._stop = threading.Event()
         self.installer = Installer(settings, reporter, manager, self.transfer, self._stop)
@@ -87,6 +69,7 @@ class UpdateAgent:
         self.status_topic = f"{prefix}/registry/status"
         self._seen: dict[bytes, None] = {}  # releases handled (by signature), oldest first
         self._queue: queue.Queue[tuple[str, bytes, float] | None] = queue.Queue(maxsize=256)
+        self._wake_on_reply = threading.Event()  # idle, with a release waiting for the registry
         self._thread = threading.Thread(target=self._work, name="mqtt-updates", daemon=True)
 
     def start(self) -> None:
@@ -113,12 +96,25 @@ class UpdateAgent:
             log.warning("updates: too many releases waiting; %s dropped (it is retained: it comes back "
                         "on the next connect)", message.topic)
 
+    def _on_chunk_reply(self) -> None:
+        """paho's thread: a chunk reply while a release waits for the registry wakes the agent
+        (once: not for every chunk of a download)."""
+        if self._wake_on_reply.is_set():
+            self._wake_on_reply.clear()
+            try:
+                self._queue.put_nowait(("", b"", time.monotonic()))
+            except queue.Full:
+                pass
+
     def _work(self) -> None:
         while not self._stop.is_set():
+            if any(p.silent for p in self.retries):
+                self._wake_on_reply.set()
             try:
                 item = self._queue.get(timeout=self.retries.wait_s())
             except queue.Empty:
                 item = ("", b"", 0.0)  # time for a retry
+            self._wake_on_reply.clear()
             if item is None:
                 return
             topic, payload, received_at = item
@@ -134,7 +130,11 @@ class UpdateAgent:
     def _registry_status(self, payload: bytes, received_at: float) -> None:
         """The registry says it is online (it came back, or we reconnected): try now what
         failed before it said so."""
-        if b'"online"' in payload and (count := self.retries.hurry(since=received_at)):
+        try:
+            online = json.loads(payload).get("state") == "online"
+        except (ValueError, AttributeError):
+            online = False
+        if online and (count := self.retries.hurry(since=received_at)):
             log.info("updates: the registry is online; trying %d waiting release(s) now", count)
 
     def _retry_due(self) -> None:
