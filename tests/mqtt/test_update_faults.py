@@ -120,24 +120,29 @@ def test_a_release_refused_for_lack_of_disk_is_installed_once_space_is_freed(
 
 
 # --- case 3: the registry is gone for longer than the chunk retries, then comes back -------
-@pytest.mark.parametrize("gone", ["mid-download", "before-download"])
+@pytest.mark.parametrize("gone", ["mid-download", "before-download", "hung"])
 def test_an_update_that_failed_while_the_registry_was_down_completes_when_it_returns(
         gone, start_daemon, registry, mqtt_subscriber, tmp_path, record_property):
     """mid-download: small chunks, one at a time, the registry killed once some are on disk
     (the retry resumes them). before-download: the default chunk size and window, the
     registry killed before the release is published (`publish` retains it by itself), so
-    not one chunk arrives: the issue's "chunk 0: no reply"."""
+    not one chunk arrives: the issue's "chunk 0: no reply". hung: the registry stopped with
+    SIGSTOP mid-download and continued with SIGCONT: it never left the broker, so it neither
+    says online nor announces again; its late chunk replies are the news that it is back."""
     store = wide_store_at(tmp_path / "store", tmp_path)
     events = mqtt_subscriber(registry.broker, EVENTS, keep_session=True)
     status = mqtt_subscriber(registry.broker, "edged/registry/status")
-    slow = {"chunk_bytes": 8 << 10, "window": 1} if gone == "mid-download" else {}
+    slow = {"chunk_bytes": 8 << 10, "window": 1} if gone != "before-download" else {}
     config = device_config(registry, tmp_path, chunk_timeout_s=0.5, chunk_retries=2, **slow, **NEVER_BY_TIMER)
     daemon = start_daemon(store.root, config)
     downloads = tmp_path / "downloads"
-    if gone == "mid-download":
+    if gone != "before-download":
         size = publish_v2(registry, tmp_path)
         wait_until(lambda: progress(downloads) > 0, 120, "the download to start")
-        registry.kill()  # gone mid-download, no goodbye: the broker publishes its Last Will
+        if gone == "hung":
+            registry.server.send_signal(signal.SIGSTOP)
+        else:
+            registry.kill()  # gone mid-download, no goodbye: the broker publishes its Last Will
     else:
         registry.kill()
         publish_v2(registry, tmp_path)
@@ -145,16 +150,19 @@ def test_an_update_that_failed_while_the_registry_was_down_completes_when_it_ret
     failed = wait_event(events, "update_failed", daemon, registry)
     assert "no reply" in failed["reason"] and not failed["waiting_for_disk"], failed
     assert "Traceback" not in daemon.output()
-    if gone == "mid-download":
+    if gone != "before-download":
         on_disk = progress(downloads)  # kept: the retry resumes rather than starting over
         assert 0 < on_disk < -(-size // (8 << 10))
     else:
         assert failed["reason"].startswith("chunk 0: no reply"), failed
 
     returned = time.monotonic()
-    registry.serve()
-    online = status.wait_for(lambda m: m.payload and m.json()["state"] == "online"
-                             and m.received_at > returned, timeout=60)
+    if gone == "hung":
+        registry.server.send_signal(signal.SIGCONT)
+    else:
+        registry.serve()
+        online = status.wait_for(lambda m: m.payload and m.json()["state"] == "online"
+                                 and m.received_at > returned, timeout=60)
     kept = wait_event(events, "update_kept", daemon, registry)
     assert kept["version"] == "2" and store.active("wide") == "2"
     assert kinds(events).count("update_failed") == 1
@@ -164,8 +172,11 @@ def test_an_update_that_failed_while_the_registry_was_down_completes_when_it_ret
                                 ).received_at - returned
           for kind in ("update_started", "update_downloaded", "update_activated", "update_kept")}
     record_property("registry_return_to_kept_s", round(at["update_kept"], 3))
-    print(f"\n{gone}: from the registry's restart: online {online.received_at - returned:.3f} s, "
+    said = "" if gone == "hung" else f"online {online.received_at - returned:.3f} s, "
+    print(f"\n{gone}: from the registry's return: {said}"
           + ", ".join(f"{kind} {t:.3f} s" for kind, t in at.items()))
+    if gone == "hung":  # it never went away from the broker: nothing else said it was back
+        assert not [m for m in status.messages() if m.received_at > returned]
 
 
 # --- case 4: kill -9 while a version is copied into the store -------------------------------

@@ -62,6 +62,7 @@ class Registry:
 
     def stop(self) -> None:
         if self.server is not None and self.server.poll() is None:
+            self.server.send_signal(signal.SIGCONT)  # a test may have stopped it
             self.server.terminate()
             self.server.wait(timeout=20)
         self.log.close()
