@@ -27,6 +27,9 @@ from edged.mqtt.outbox_memory import Held, Row
 
 log = logging.getLogger("edged.mqtt.outbox")
 RETRY_S = 1.0  # how often a full disk is looked at again
+IMPORTANT = ("event", "state")  # what is written into room made by dropping health and results
+EVICT_BATCH = 256 << 10  # bytes of health and results dropped per transaction on a full disk
+PAGE = 1024  # the file's page size (a new file's): a row costs its bytes and about a page more
 
 
 class FullDisk(OutboxFile):
@@ -119,13 +122,27 @@ class FullDisk(OutboxFile):
                 return
             self._reserve.release()
             return
-        important = self._memory.bytes_of(("state", "event"))
-        if important:
+        # No room on the disk: events and states go only into pages freed inside the file (by
+        # dropping old health and results, a bounded batch at a time so that each deletion fits
+        # in the WAL), never where the file would grow into the room left for acks.
+        while True:
+            held = self._memory.by_kind()
+            want = self._memory.bytes_of(IMPORTANT) + PAGE * sum(held[k] for k in IMPORTANT)
+            if not want:
+                return
             try:
-                self._run(functools.partial(self._make_room, 2 * important + (16 << 10)))
+                room = self._run(_free_pages)
+                if room < want:
+                    before = room
+                    self._run(functools.partial(self._make_room, min(want - room, EVICT_BATCH)))
+                    room = self._run(_free_pages)
+                    if room <= before:
+                        return  # nothing left to drop: the rest waits in memory
+                self._run(_checkpoint)  # the WAL starts over: the writes below reuse its space
             except Unwritable:
                 return
-            self._write_back(("event", "state"))
+            if self._write_back(IMPORTANT, budget=room) or self._memory.by_kind() == held:
+                return  # all written, or none could be: try again in RETRY_S
 
     def _make_room(self, need: int, db: sqlite3.Connection) -> None:
         """Drop the oldest health reports, then results, on disk: their pages take events."""
@@ -141,10 +158,11 @@ class FullDisk(OutboxFile):
         for victim, (n, b) in dropped.items():
             self._count[victim], self._bytes[victim] = self._count[victim] - n, self._bytes[victim] - b
         self._count_drops({victim: n for victim, (n, _) in dropped.items()})
-        db.execute("PRAGMA wal_checkpoint(RESTART)").fetchall()  # the next commits reuse the WAL
+        _checkpoint(db)
 
-    def _write_back(self, kinds: tuple[str, ...]) -> bool:
-        """Write the acks, counters and (of `kinds`) messages kept in memory; True once all are."""
+    def _write_back(self, kinds: tuple[str, ...], budget: int | None = None) -> bool:
+        """Write the acks, counters and the messages of `kinds` kept in memory (those that fit
+        in `budget` bytes of free pages, if given); True once all are."""
         def save(db: sqlite3.Connection) -> None:
             db.execute("BEGIN IMMEDIATE")
             if self._doomed:
@@ -162,6 +180,13 @@ class FullDisk(OutboxFile):
                 for msg_id in self._memory.ids(kind):
                     row = self._unhold(msg_id)
                     assert row is not None
+                    if budget is not None:
+                        budget -= row[-1] + PAGE
+                        if budget < 0:
+                            self._memory.put_back(msg_id, row)
+                            self._count[row[0]] += 1
+                            self._bytes[row[0]] += row[-1]
+                            return False
                     try:
                         self._run(functools.partial(self._put, msg_id=msg_id, row=row, replace=False))
                     except Unwritable:
@@ -171,7 +196,7 @@ class FullDisk(OutboxFile):
                         raise
         except Unwritable:
             return False
-        return not self._memory
+        return True
 
     def _evict(self, db: sqlite3.Connection, victim: str, need_n: int, need_b: int) -> tuple[int, int]:
         """Delete the oldest messages of one kind, at least `need_n` of them and `need_b` bytes
@@ -223,3 +248,15 @@ class FullDisk(OutboxFile):
         """Look at a full disk again (the link calls this at least once a second)."""
         with self._lock:
             self._maybe_recover()
+
+
+def _checkpoint(db: sqlite3.Connection) -> None:
+    """Copy the WAL into the database and start it over: the next commits reuse its space."""
+    db.execute("PRAGMA wal_checkpoint(RESTART)").fetchall()
+
+
+def _free_pages(db: sqlite3.Connection) -> int:
+    """Bytes of the pages inside the file that nothing uses: room that does not grow it."""
+    [(pages,)] = db.execute("PRAGMA freelist_count").fetchall()
+    [(size,)] = db.execute("PRAGMA page_size").fetchall()
+    return int(pages) * int(size)

@@ -24,8 +24,8 @@ def quick_retries(monkeypatch):
     monkeypatch.setattr(outbox_full, "RETRY_S", 0.05)  # look at the disk again sooner
 
 
-def event(box: Outbox) -> bytes:
-    return json.dumps({"seq": box.next_sequence(), "kind": "model_loaded"}).encode()
+def event(box: Outbox, detail: str = "") -> bytes:
+    return json.dumps({"seq": box.next_sequence(), "kind": "model_failed", "error": detail}).encode()
 
 
 def fill_until_unwritable(box: Outbox, disk, limit: int = 20_000) -> int:
@@ -47,22 +47,22 @@ def outbox_lines(caplog) -> list[tuple[int, str]]:
 
 
 def test_events_are_kept_and_health_and_results_make_room_on_a_full_disk(small_disk, tmp_path: Path, caplog):
-    disk = small_disk(tmp_path / "disk", 4)
+    disk = small_disk(tmp_path / "disk", 8)
     box = Outbox(disk.path / "outbox.db")
     try:
-        for _ in range(300):  # what a broker outage leaves behind
+        for _ in range(1500):  # what a broker outage leaves behind
             box.put("health", HEALTH, b"h" * 900)
             box.put("result", RESULTS, b"r" * 900)
         with caplog.at_level(logging.INFO, logger="edged.mqtt.outbox"):
             fill_until_unwritable(box, disk)
             condition = box.condition()
             assert condition["problem"] == "database or disk is full" and condition["since"] > 0
-            for _ in range(200):  # a model swapped back and forth on the full disk, health going on
-                box.put("event", EVENTS, event(box))
+            for _ in range(1000):  # more than the reserve gave back: health and results must go
+                box.put("event", EVENTS, event(box, "x" * 2000))
                 box.put("health", HEALTH, b"h" * 900)
             wait_until(lambda: box.recover() or box.condition()["in_memory"]["event"] == 0,
                        what="the events written to disk in room made by dropping health")
-            assert box.backlog_by_kind()["event"] == 200 and sequences(box) == list(range(1, 201))
+            assert box.backlog_by_kind()["event"] == 1000 and sequences(box) == list(range(1, 1001))
             dropped = box.dropped()
             assert dropped["event"] == 0 and dropped["state"] == 0 and dropped["health"] > 0
             assert box.condition()["writable"] is False
@@ -80,7 +80,7 @@ def test_events_are_kept_and_health_and_results_make_room_on_a_full_disk(small_d
     box = Outbox(disk.path / "outbox.db")  # all of it on disk
     try:
         assert box.backlog_by_kind() == backlog and box.dropped() == dropped
-        assert sequences(box) == list(range(1, 201)) and box.next_sequence() == 201
+        assert sequences(box) == list(range(1, 1001)) and box.next_sequence() == 1001
     finally:
         box.close()
 
