@@ -222,3 +222,23 @@ def test_the_activated_backend_is_the_tested_one_or_the_event_says_why(
     else:
         assert "tested_backend" not in activated
     assert store.active("face") == "2"
+
+
+def test_a_newer_release_replaces_one_waiting_for_a_retry_and_its_downloads_go(
+        start_daemon, broker, peer, mqtt_subscriber, tiny_store, tmp_path, key):
+    events = mqtt_subscriber(broker, EVENTS)
+    daemon = start_daemon(tiny_store.root, device_config(broker, tmp_path, key, retry_min_s=3600))
+    unserved = tiny_release(peer, tmp_path, "2", 3.0)
+    for entry in unserved["manifest"]["files"]:  # the registry lost its files: empty chunks
+        del peer.files[entry["sha256"]]
+    sign_and_retain(broker, unserved, key)
+    failed = events.wait_for(lambda m: m.json()["kind"] == "update_failed", timeout=60).json()
+    assert failed["version"] == "2" and failed["attempt"] == 1
+    with daemon.client() as client:
+        assert client.status()["updates"]["retrying"]["tiny"]["version"] == "2"
+    sign_and_retain(broker, tiny_release(peer, tmp_path, "3", 4.0), key)
+    kept = events.wait_for(lambda m: m.json()["kind"] == "update_kept", timeout=60).json()
+    assert kept["version"] == "3" and tiny_store.active("tiny") == "3"
+    with daemon.client() as client:
+        assert client.status()["updates"]["retrying"] == {}
+    assert list((tmp_path / "downloads").iterdir()) == []  # version 2's partial download too
