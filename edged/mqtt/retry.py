@@ -52,9 +52,10 @@ DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 class NotEnoughDisk(UpdateRefused):
     """Refused for now: the disk lacks room. Tried again once it has (`disk`: where, how much)."""
 
-    def __init__(self, message: str, disk: list[tuple[Path, int]]) -> None:
+    def __init__(self, message: str, disk: list[tuple[Path, int]], version: str | None = None) -> None:
         super().__init__(message)
         self.disk = disk
+        self.version = version
 
 
 def disk_full(exc: BaseException | None) -> bool:

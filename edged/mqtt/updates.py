@@ -174,7 +174,7 @@ class UpdateAgent:
         try:
             release = self._verify(name, group, payload)
         except NotEnoughDisk as exc:
-            self._failed("update_refused", name, None, topic, payload, exc, disk=exc.disk)
+            self._failed("update_refused", name, exc.version, topic, payload, exc, disk=exc.disk)
             return
         except UpdateRefused as exc:  # not for this device: a waiting release stays, unless it was this
             log.warning("updates: %s refused: %s", name, exc)
@@ -281,9 +281,10 @@ class UpdateAgent:
             for path, need in needed:
                 if (free := free_bytes(path)) < need:
                     raise NotEnoughDisk(f"not enough disk in {path}: {need} bytes needed, {free} free",
-                                        needed)
+                                        needed, manifest.version)
         except OSError as exc:
-            raise NotEnoughDisk(f"cannot check the disk: {exc.strerror or exc}: {exc.filename}", []) from exc
+            raise NotEnoughDisk(f"cannot check the disk: {exc.strerror or exc}: {exc.filename}", [],
+                                manifest.version) from exc
         return release
 
 

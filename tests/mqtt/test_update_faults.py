@@ -112,6 +112,7 @@ def test_a_release_refused_for_lack_of_disk_is_installed_once_space_is_freed(
     publish_v2(registry, tmp_path)
     refused = wait_event(events, "update_refused", daemon, registry)
     assert "not enough disk" in refused["reason"] and refused["waiting_for_disk"], refused
+    assert refused["version"] == "2" and "Traceback" not in daemon.output()
     with daemon.client() as client:
         assert client.status()["updates"]["retrying"]["wide"]["waiting_for_disk"]
     disk.free()
