@@ -203,27 +203,6 @@ def test_a_group_rollout_reaches_only_that_group(start_daemon, broker, peer, mqt
     assert daemons["plain-1"][1].active("tiny") == "1" and daemons["pilot-1"][1].active("tiny") == "2"
 
 
-def test_the_activated_backend_is_the_tested_one_or_the_event_says_why(
-        start_daemon, broker, peer, mqtt_subscriber, sample_models, tmp_path, key):
-    """`face` runs on both OpenVINO and LiteRT: with `backend = auto` the staged self-test and
-    the model manager each pick the faster by probing, so they may pick differently."""
-    store = ModelStore(tmp_path / "store")
-    store.add("face", [sample_models["face"]], "1")
-    store.activate("face", "1")
-    events = mqtt_subscriber(broker, EVENTS)
-    start_daemon(store.root, device_config(broker, tmp_path, key, models=["face"]))
-    release = release_for("face", "2", [peer.add_file(sample_models["face"])], model_format="tflite")
-    sign_and_retain(broker, release, key)
-    tested = events.wait_for(lambda m: m.json()["kind"] == "update_tested", timeout=60).json()
-    activated = events.wait_for(lambda m: m.json()["kind"] == "update_activated", timeout=60).json()
-    if activated["backend"] != tested["backend"]:
-        assert activated["tested_backend"] == tested["backend"], activated
-        assert f"chose {activated['backend']}" in activated["backend_reason"], activated
-    else:
-        assert "tested_backend" not in activated
-    assert store.active("face") == "2"
-
-
 def test_a_newer_release_replaces_one_waiting_for_a_retry_and_its_downloads_go(
         start_daemon, broker, peer, mqtt_subscriber, tiny_store, tmp_path, key):
     events = mqtt_subscriber(broker, EVENTS)
