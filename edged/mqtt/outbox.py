@@ -21,6 +21,7 @@ acks still get written, new messages wait in memory, bounded, and nothing is los
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sqlite3
@@ -233,8 +234,12 @@ class Outbox(FullDisk):
                 if self._full:  # a last try: acks and counters fit in the reserve
                     self._write_back(KINDS[::-1])
                 if self._memory:
+                    lost = {k: n for k, n in self._memory.by_kind().items() if n}
                     log.error("outbox %s: closing on a full disk: %d messages kept in memory are lost (%s)",
-                              self.path, len(self._memory), self._memory.by_kind())
+                              self.path, len(self._memory), lost)
+                    counters = [(f"dropped.{k}", n) for k, n in lost.items()]
+                    with contextlib.suppress(Unwritable, OutboxError):  # counted if the disk lets us
+                        self._run(lambda db: db.executemany(sql.BUMP, counters))
                 self._db.close()
                 self._db = None
         self._put_event.set()  # a waiting link thread wakes and finds it closed

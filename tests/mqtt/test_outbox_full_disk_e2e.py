@@ -75,6 +75,9 @@ def test_a_daemon_on_a_full_disk_loses_no_event_and_sends_nothing_twice(
     for log in (first_log, second.output()):
         assert "Traceback" not in log and "OutboxError" not in log
     assert first_log.count("cannot be written (database or disk is full)") == 1
+    # The second daemon took the reserve its predecessor gave back, so it may or may not have
+    # hit the full disk itself; if it did, one line each way.
+    assert second.output().count("can be written again") == second.output().count("cannot be written") <= 1
     print("\nFIGURES", json.dumps({
         "events": len(seqs), "kinds": [e["kind"] for e in events],
         "first_run_outbox_on_full_disk": full, "second_run_outbox_at_end": report,
