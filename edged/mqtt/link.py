@@ -67,6 +67,7 @@ class MqttLink:
         self._inflight: dict[int, int] = {}  # paho mid -> outbox id; touched by the sender thread only
         self._acked: collections.deque[int] = collections.deque()  # mids paho saw acknowledged
         self._send_error = ""  # the sender's last failure, logged once
+        self._to_ack: list[int] = []  # outbox ids acknowledged, not yet handed to the outbox
         self._cursor = 0  # highest outbox id handed to paho
         self._wake = threading.Event()
         self._stopping = threading.Event()
@@ -173,13 +174,15 @@ class MqttLink:
                 self._send_error = ""
 
     def _apply_acks(self) -> None:
-        acked = []
+        """Hand the outbox what the broker acknowledged; kept for the next round if it fails
+        (a full disk never makes it fail: the outbox keeps what it cannot write yet)."""
         while self._acked:
             outbox_id = self._inflight.pop(self._acked.popleft(), None)
             if outbox_id is not None:
-                acked.append(outbox_id)
-        if acked:
-            self.outbox.ack(*acked)  # never fails for a full disk: the outbox keeps what it cannot write
+                self._to_ack.append(outbox_id)
+        if self._to_ack:
+            self.outbox.ack(*self._to_ack)
+            self._to_ack.clear()
 
     def _send_some(self) -> None:
         self._apply_acks()
