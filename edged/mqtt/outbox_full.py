@@ -137,11 +137,15 @@ class FullDisk(OutboxFile):
                     self._run(functools.partial(self._make_room, min(want - room, EVICT_BATCH)))
                     room = self._run(_free_pages)
                     if room <= before:
-                        return  # nothing left to drop: the rest waits in memory
+                        log.debug("outbox %s: nothing left to drop for %d bytes", self.path, want)
+                        return  # the rest waits in memory
                 self._run(_checkpoint)  # the WAL starts over: the writes below reuse its space
-            except Unwritable:
+            except Unwritable as exc:
+                log.debug("outbox %s: no room made for %d bytes yet: %s", self.path, want, exc)
                 return
             if self._write_back(IMPORTANT, budget=room) or self._memory.by_kind() == held:
+                log.debug("outbox %s: %s in memory after writing into %d free bytes", self.path,
+                          self._memory.by_kind(), room)
                 return  # all written, or none could be: try again in RETRY_S
 
     def _make_room(self, need: int, db: sqlite3.Connection) -> None:
