@@ -129,7 +129,10 @@ class StoreSettings(_Section):
 class BackendSettings(_Section):
     workers: int = Field(
         default_factory=lambda: os.cpu_count() or 1, ge=1, le=256,
-        description="Concurrent inferences per model (OpenVINO infer requests, LiteRT interpreters).",
+        description=(
+            "Concurrent inferences per model on LiteRT (interpreters). OpenVINO runs one at a time "
+            "per model, recompiled after an error (its CPU graph keeps state across requests)."
+        ),
     )
     litert_threads: int = Field(default=1, ge=1, le=256, description="Threads per LiteRT interpreter.")
     openvino_performance_hint: Literal["LATENCY", "THROUGHPUT"] = Field(
@@ -526,18 +529,25 @@ class UpdateSettings(_Section):
     chunk_retries: int = Field(default=5, ge=0, le=100, description="Retries of a chunk before giving up.")
     retry_min_s: float = Field(
         default=30.0, gt=0, le=86400,
-        description="First wait before a failed or refused-for-disk release is tried again; doubles each time.",
+        description=(
+            "First wait before a failed release, or one refused for lack of disk, is tried again; "
+            "doubles each time."
+        ),
     )
     retry_max_s: float = Field(
         default=3600.0, gt=0, le=604800, description="Longest wait between tries of a failed release."
     )
     retry_jitter: float = Field(
         default=0.2, ge=0, le=1,
-        description="Each wait is shortened by up to this fraction at random, so a fleet does not retry at once.",
+        description=(
+            "Each wait is shortened by up to this fraction at random, so a fleet does not retry at once."
+        ),
     )
     disk_poll_s: float = Field(
         default=5.0, gt=0, le=3600,
-        description="How often free space is checked for a release waiting for disk; it is retried once freed.",
+        description=(
+            "How often free space is checked for a release waiting for disk; it is retried once freed."
+        ),
     )
     probation_s: float = Field(
         default=60.0, ge=0, le=86400,

@@ -195,8 +195,8 @@ class Daemon:
         if failed := sorted(self.manager.failures):
             parts.append(f"failed: {', '.join(failed)}")
         if configured := len(self.pipelines.settings):
-            failures = len(self.pipelines.failures)
-            parts.append(f"{len(self.pipelines.running)} of {configured} pipelines running"
+            running, failures = self.pipelines.counts()
+            parts.append(f"{running} of {configured} pipelines running"
                          + (f", {failures} failed" if failures else ""))
         if self.mqtt is not None:
             parts.append("MQTT connected" if self.mqtt.link.connected.is_set() else "MQTT not connected")

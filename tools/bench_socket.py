@@ -185,7 +185,7 @@ def compare(backend: str, face: Path, options: LoadOptions, daemon: Daemon, args
         with Client(daemon.socket) as client:
             lat = latency_ms({"raw": lambda: model.infer(inputs),
                               "socket": lambda: client.infer("face", inputs)}, args.requests)
-        threads = options.workers  # one caller per infer request / interpreter
+        threads = options.workers  # as many callers as the daemon's clients (LiteRT: one per interpreter)
         before = raw_throughput(model, threads, args.seconds / 2)
         sock = socket_throughput(daemon, args.seconds)
         after = raw_throughput(model, threads, args.seconds / 2)
