@@ -29,6 +29,8 @@ class Health:
         self.store_root = store_root
         self.started = time.time()
         self.sections: dict[str, Callable[[], dict[str, Any]]] = {}  # e.g. "pipelines", "api", "mqtt"
+        # What else readiness needs beyond loaded models (e.g. the API: its socket reachable).
+        self.ready_checks: list[Callable[[], bool]] = []
         self._cpu = CpuMeter()
 
     def document(self) -> dict[str, Any]:
@@ -36,7 +38,7 @@ class Health:
             "version": __version__,
             "started_at": round(self.started, 3),
             "uptime_s": round(time.time() - self.started, 3),
-            "ready": self.manager.ready(),
+            "ready": self.ready(),
             "models": self.manager.status(),
         }
         for name, section in list(self.sections.items()):
@@ -47,6 +49,9 @@ class Health:
                 document[name] = {"error": f"{type(exc).__name__}: {exc}"}
         document["system"] = self.system()
         return document
+
+    def ready(self) -> bool:
+        return self.manager.ready() and all(check() for check in self.ready_checks)
 
     def system(self) -> dict[str, Any]:
         return {

@@ -58,7 +58,7 @@ class Api:
         self.health.sections["api"] = self.api_status
         # The document's `ready` is the readiness clients see: models loaded and the socket
         # reachable at its path (a transport's fact, so it comes from here, not from health.py).
-        self.health.sections["ready"] = self.reachable_and_ready  # type: ignore[assignment]
+        self.health.ready_checks.append(lambda: self.socket_problem is None)
         self.started = self.health.started
         self.socket_rule = Rule.build(
             settings.socket.allowed_users, settings.socket.allowed_groups, "socket"
@@ -168,7 +168,7 @@ class Api:
         return json_response(200, {"live": True})
 
     def ready(self, request: Request, peer: Peer) -> Response:
-        ready = self.reachable_and_ready() and self.startup_done.is_set()
+        ready = self.health.ready() and self.startup_done.is_set()
         return json_response(200 if ready else 503, {"ready": ready})
 
     def server_metadata(self, request: Request, peer: Peer) -> Response:
@@ -267,10 +267,6 @@ class Api:
 
     def status_document(self) -> dict:
         return self.health.document()
-
-    def reachable_and_ready(self) -> bool:
-        """Every active model loaded or failed, and the socket's path leads to us."""
-        return self.manager.ready() and self.socket_problem is None
 
     def api_status(self) -> dict:
         """This transport's own section of the health document."""
