@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -96,6 +96,7 @@ class ModelManager:
         self.listeners: list[Listener] = []
         self._models: dict[str, ServedModel] = {}
         self._failed_version: dict[str, str] = {}
+        self._chosen: dict[tuple[str, str], Selection] = {}  # (name, version) -> tested backend
         self._pending: set[str] = set()
         self._first_load_done = False
         self._swap_lock = threading.RLock()
@@ -232,12 +233,20 @@ class ModelManager:
             ),
         }
 
+    def adopt_selection(self, name: str, version: str, selection: Selection) -> None:
+        """Serve `version`, once activated, on the backend a check already chose and tested
+        (an update's self-test), instead of probing again: what was tested is what serves."""
+        with self._swap_lock:
+            self._chosen = {key: s for key, s in self._chosen.items() if key[0] != name}
+            self._chosen[(name, version)] = selection
+
     def _load(self, name: str, version: str, reason: str, exclude: frozenset[str] = frozenset(),
               why_here: str | None = None) -> bool:
         """Load and swap in; `exclude` (a fallback) sets the retry time and `why_here` the
         reason shown, both before the swap, so no reader sees a half-described model."""
         settings = self.settings.model(name)
-        wanted = "auto" if exclude else settings.backend
+        chosen = None if exclude else self._chosen.pop((name, version), None)
+        wanted = "auto" if exclude else chosen.backend if chosen else settings.backend
         try:
             manifest = self.store.verify(name, version)
             path = self.store.version_dir(name, version) / manifest.entry
@@ -251,6 +260,9 @@ class ModelManager:
         except (OSError, ValueError, TypeError) as exc:  # whatever a damaged store throws
             self._fail(name, version, f"{type(exc).__name__}: {exc}")
             return False
+        if chosen is not None:  # the tested choice, its probe figures and its reason
+            selection = replace(chosen, precision=selection.precision,
+                                reason=f"{chosen.reason}, when its update was tested")
         selection.reason = why_here or selection.reason
         served = ServedModel(manifest, loaded, selection, settings)
         if exclude:

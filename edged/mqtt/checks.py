@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from edged.backends.selection import select
+from edged.backends.selection import Selection, select
 from edged.errors import EdgedError
 from edged.models.manager import ModelManager
 from edged.models.validation import validate_inputs
@@ -32,9 +32,9 @@ def self_test_data(manager: ModelManager, release: Release) -> tuple[np.ndarray,
     return inputs, expected
 
 
-def check_staged(manager: ModelManager, release: Release) -> str:
-    """Load the staged version on its own and run the self-test; the backend it ran on.
-    A failure removes the version."""
+def check_staged(manager: ModelManager, release: Release) -> Selection:
+    """Load the staged version on its own and run the self-test; the backend selection it
+    ran on (for the manager to adopt). A failure removes the version."""
     manifest = release.manifest
     store = manager.store
     settings = manager.settings.model(manifest.name)
@@ -54,7 +54,7 @@ def check_staged(manager: ModelManager, release: Release) -> str:
     except EdgedError as exc:
         store.remove(manifest.name, manifest.version)
         raise UpdateRefused(f"{manifest.version} failed its checks and was removed: {exc}") from None
-    return selection.backend
+    return selection
 
 
 def check_served(manager: ModelManager, release: Release) -> None:

@@ -3,9 +3,9 @@ the staged version, activate it, watch it through probation, roll back when it g
 prune old versions. The update agent (`updates.py`) decides what to install and when to
 try again; this does one install and raises when a step fails.
 
-The backend the self-test ran on is the one `update_activated` names: when the model
-manager's own selection serves the version on another backend, that backend is
-self-tested at once (a failure rolls back), and the event names both and says why.
+The backend the self-test ran on is the one that serves: the model manager adopts the
+staged check's selection instead of probing again, so `update_tested` and
+`update_activated` name the same backend.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 from edged.config import UpdateSettings
 from edged.errors import EdgedError
@@ -54,8 +53,9 @@ class Installer:
                                 seconds=round(time.monotonic() - started, 3))
             self._stage(release, paths)
         tested = check_staged(self.manager, release)
-        self.reporter.event("update_tested", model=name, version=version, backend=tested,
+        self.reporter.event("update_tested", model=name, version=version, backend=tested.backend,
                             selftest=release.selftest is not None)
+        self.manager.adopt_selection(name, version, tested)
         self.store.activate(name, version)
         self.manager.sync()
         served = self.manager.served().get(name)
@@ -63,20 +63,8 @@ class Installer:
             reason = self.manager.failures.get(name, "it did not load")
             self._roll_back(name, version, f"activation failed: {reason}")
             return
-        backend = served.selection.backend
-        agree: dict[str, Any] = {}
-        if backend != tested:  # the manager ran its own selection: test what it chose, now
-            try:
-                check_served(self.manager, release)
-            except EdgedError as exc:
-                self._roll_back(name, version, f"tested on {tested}, served on {backend}, which fails: {exc}")
-                return
-            checked = "the self-test then passed on it too" if release.selftest else "its files verify"
-            agree = {"tested_backend": tested,
-                     "backend_reason": f"tested on {tested}, but the model manager's own selection chose "
-                                       f"{backend} ({served.selection.reason}); {checked}"}
         self.reporter.event("update_activated", model=name, version=version, previous=previous,
-                            backend=backend, **agree)
+                            backend=served.selection.backend)
         for f in manifest.files:
             self.transfer.discard(f.sha256)
         if self._probation(release):
