@@ -23,6 +23,7 @@ from edged.backends.selection import Selection, select
 from edged.config import ModelSettings, Settings
 from edged.errors import BackendError, EdgedError, InputRejected, ModelNotFound, ModelUnavailable
 from edged.metrics import ModelStats
+from edged.models.attempts import Attempts
 from edged.models.manifest import Manifest
 from edged.models.store import ModelStore
 from edged.models.validation import validate_inputs
@@ -94,6 +95,8 @@ class ModelManager:
         self.failures: dict[str, str] = {}  # model name -> why it cannot be served
         self.stats: dict[str, ModelStats] = {}
         self.listeners: list[Listener] = []
+        # Loads recorded on disk: a backend that crashed the process is skipped after a restart.
+        self.attempts = Attempts(store, lambda data: self._emit("model_skipped", data))
         self._models: dict[str, ServedModel] = {}
         self._failed_version: dict[str, str] = {}
         self._chosen: dict[tuple[str, str], Selection] = {}  # (name, version) -> tested backend
@@ -247,12 +250,13 @@ class ModelManager:
         settings = self.settings.model(name)
         chosen = None if exclude else self._chosen.pop((name, version), None)
         wanted = "auto" if exclude else chosen.backend if chosen else settings.backend
+        options = self.load_options(settings)
         try:
             manifest = self.store.verify(name, version)
             path = self.store.version_dir(name, version) / manifest.entry
             loaded, selection = select(
-                path, manifest.format, wanted, self.load_options(settings),
-                self.settings.backends.probe_runs, exclude,
+                path, manifest.format, wanted, options, self.settings.backends.probe_runs, exclude,
+                self.attempts.guard(name, version, settings, options),
             )
         except EdgedError as exc:
             self._fail(name, version, str(exc))
@@ -338,6 +342,9 @@ class ModelManager:
             models[name] = {"state": "loading"}
         for name, reason in dict(self.failures).items():
             models.setdefault(name, {"state": "failed", "error": reason})
+        for name, why in self.attempts.skipped().items():
+            if name in models:
+                models[name]["skipped"] = why
         return models
 
     def close(self) -> None:
