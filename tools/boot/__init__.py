@@ -1,0 +1,1 @@
+"""Helpers of tools/boot_test.py: a cached Debian rootfs booted with systemd-nspawn."""
