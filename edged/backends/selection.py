@@ -148,7 +148,8 @@ def select(
             if candidate is not None:
                 candidate.close()
     if not loaded:
-        reasons = "; ".join(f"{n}: {p['error']}" for n, p in probes.items())
+        reasons = "; ".join(f"{n}{' skipped' if p.get('skipped') else ''}: {p['error']}"
+                            for n, p in probes.items())
         raise BackendError(f"no backend can run {path.name} ({reasons})")
     ranking = sorted(loaded, key=lambda n: probes[n]["p50_ms"])
     chosen = ranking[0]
