@@ -1,7 +1,8 @@
 """What the fleet sees of this device: health reports, events and the retained state.
 
 - health: the health document (edged/health.py) every `health_interval_s`, and on demand;
-- events: model loaded/failed/activated/rolled back, backend fallback, pipeline source
+- events: model loaded/failed/activated/rolled back, model skipped (a backend that
+  crashed the daemon in an earlier start), backend fallback, pipeline source
   lost/recovered, input degraded/recovered, config reloaded; each with a sequence
   number that keeps growing across restarts (kept in the outbox file), so a consumer
   can drop the duplicates QoS 1 allows;
