@@ -41,7 +41,7 @@ def depends_of(deb: Path) -> list[str]:
 
 def rootfs_tarball(cache: Path, packages: list[str], arch: str) -> tuple[Path, bool]:
     """The cached base rootfs for these packages, built when missing. Returns (path, built)."""
-    packages = sorted(set(packages))
+    packages = sorted(set(packages) | set(BASE_PACKAGES))
     key = hashlib.sha256(f"{SUITE} {arch} {MIRROR} {' '.join(packages)}".encode()).hexdigest()[:12]
     tarball = cache / f"{SUITE}-{arch}-{key}.tar.zst"
     if tarball.exists():
@@ -86,6 +86,13 @@ def _is_ns_init(pid: int) -> bool:
     return False
 
 
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
 class Container:
     """An nspawn container booted from a fresh copy of the tarball."""
 
@@ -116,7 +123,7 @@ class Container:
                 raise RuntimeError(f"systemd-nspawn exited with {self.proc.returncode}: see {self.console}")
             # nspawn's child is the container's PID 1 (its NSpid ends in 1).
             for pid in _children(self.proc.pid):
-                if _is_ns_init(pid):
+                if _is_ns_init(pid) and _comm(pid) == "systemd":  # exec'd, inside the rootfs
                     self.pid1 = pid
                     return
             time.sleep(0.1)
