@@ -154,6 +154,18 @@ class Attempts:
                          "runtime changed")
                 path.unlink(missing_ok=True)
 
+    def forget(self, model: str) -> int:
+        """Delete the crash records of `model` (for `edged models retry`); how many there were.
+        The next load of it tries every backend again."""
+        count = 0
+        for path, record in self._unlocked("*.json"):
+            if isinstance(record, dict) and record.get("model") == model:
+                path.unlink(missing_ok=True)
+                count += 1
+        with self._lock:
+            self._skipped.pop(model, None)
+        return count
+
     def _unlocked(self, pattern: str) -> Iterator[tuple[Path, object]]:
         """(path, parsed JSON or None) of each file matching `pattern` that no process holds."""
         try:

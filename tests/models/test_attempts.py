@@ -108,6 +108,16 @@ def test_a_process_that_died_in_a_load_makes_that_backend_skipped(tiny_store):
     assert records(tiny_store) == [path], "the crash record stays"
 
 
+def test_forget_clears_the_records_of_one_model(tiny_store):
+    crash_in_attempt(tiny_store)
+    attempts = Attempts(tiny_store, print)
+    assert attempts.forget("face") == 0
+    assert attempts.forget("tiny") == 1
+    assert records(tiny_store) == []
+    with attempts.guard("tiny", "1", ModelSettings(), OPTIONS)("openvino"):
+        pass
+
+
 @pytest.mark.parametrize("change", ["version", "model settings", "load options"])
 def test_a_new_version_or_config_is_tried_again(tiny_store, change):
     crash_in_attempt(tiny_store)
