@@ -196,8 +196,11 @@ class Daemon:
             parts.append(f"failed: {', '.join(failed)}")
         if configured := len(self.pipelines.settings):
             running, failures = self.pipelines.counts()
+            # A source played to its end (a video file, stdin at EOF): neither running nor failed.
+            finished = sum(info["state"] == "finished" for info in self.pipelines.status().values())
             parts.append(f"{running} of {configured} pipelines running"
-                         + (f", {failures} failed" if failures else ""))
+                         + (f", {failures} failed" if failures else "")
+                         + (f", {finished} finished" if finished else ""))
         if self.mqtt is not None:
             parts.append("MQTT connected" if self.mqtt.link.connected.is_set() else "MQTT not connected")
         if self.api.socket_problem:
@@ -287,5 +290,6 @@ class MqttParts:
 
 
 def configure_logging(level: str) -> None:
-    """Structured entries when stderr is the journal, plain lines on stderr otherwise."""
-    logging.basicConfig(level=level.upper(), handlers=[systemd.journald_handler()])
+    """Structured entries when stderr is the journal, plain lines on stderr otherwise
+    (the same set-up as edged-registry's, in systemd.py)."""
+    systemd.configure_logging(level, "edged")

@@ -201,14 +201,20 @@ class JournalHandler(logging.Handler):
             sys.stderr.write(fields["MESSAGE"] + "\n")
 
 
-def journald_handler() -> logging.Handler:
+def journald_handler(identifier: str = "edged") -> logging.Handler:
     """Structured journal entries when stderr is the journal, plain text lines on stderr otherwise."""
     # Without journald's socket, libsystemd drops entries without a word: keep to stderr then.
     if stderr_is_journal() and JOURNAL_SOCKET.exists():
-        return JournalHandler()
+        return JournalHandler(identifier)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(PLAIN_FORMAT))
     return handler
+
+
+def configure_logging(level: str, identifier: str = "edged") -> None:
+    """The root logger of `edged` and `edged-registry` alike, so that under systemd both
+    write journal entries (the journal adds the time) rather than lines with a time of their own."""
+    logging.basicConfig(level=level.upper(), handlers=[journald_handler(identifier)])
 
 
 # --- the watchdog ------------------------------------------------------------------

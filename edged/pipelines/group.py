@@ -100,9 +100,11 @@ class Pipelines:
 
     def counts(self) -> tuple[int, int]:
         """(running, failed) for the daemon's status line; a pipeline whose model is not
-        served is started but counts as failed."""
+        served is started but counts as failed, and one whose source reached its end
+        (`finished`: a video file, stdin at EOF) is neither."""
         states = [info["state"] for info in self.status().values()]
-        return sum(state not in ("stopped", "failed") for state in states), states.count("failed")
+        running = sum(state not in ("stopped", "failed", "finished") for state in states)
+        return running, states.count("failed")
 
     def _known(self, name: str) -> PipelineSettings:
         if name not in self.settings:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from pathlib import Path
 
 from edged import __version__
@@ -21,6 +20,7 @@ from edged.registry.publisher import Outcome, Publisher, newer_elsewhere, releas
 from edged.registry.server import serve
 from edged.registry.store import KEY_FILE, RegistryStore, Target
 from edged.signing import key_id, public_key_text
+from edged.systemd import configure_logging
 
 log = logging.getLogger("edged.registry")
 
@@ -32,8 +32,8 @@ def _settings(args: argparse.Namespace) -> RegistrySettings:
     level = settings.log_level
     if args.command != "serve" and level != "debug":
         level = "warning"
-    logging.basicConfig(level=level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # The daemon's set-up: journal entries under systemd (no time of their own), else lines.
+    configure_logging(level, "edged-registry")
     return settings
 
 

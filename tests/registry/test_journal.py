@@ -1,0 +1,91 @@
+"""`edged-registry serve` under systemd logs as the daemon does: journal entries with fields,
+no time of their own (the journal keeps it), nothing on stderr.
+
+No journald runs in the test container, so the test stands in for it with a real datagram
+socket at journald's own path, /run/systemd/journal/socket, in a mount namespace of the
+test's own (a tmpfs over /run/systemd that nothing else on the machine sees), and gives
+the registry a stderr that JOURNAL_STREAM names, as systemd does. libsystemd then sends
+the entries to that socket in journald's native protocol, which the test reads back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None,
+                                reason="mounts a tmpfs in a mount namespace: needs root and unshare")
+
+# Runs inside `unshare --mount`: journald's socket, then `serve` until it is online, then SIGTERM.
+STAND_IN = r'''
+import json, os, signal, socket, subprocess, sys, time
+config, stderr_path = sys.argv[1], sys.argv[2]
+subprocess.run(["mount", "-t", "tmpfs", "tmpfs", "/run/systemd"], check=True)
+os.mkdir("/run/systemd/journal")
+journal = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+journal.bind("/run/systemd/journal/socket")
+journal.settimeout(0.2)
+
+def parse(data):
+    """journald's native protocol: KEY=value lines, or KEY, a 64-bit length and the bytes."""
+    fields, i = {}, 0
+    while i < len(data):
+        end = data.index(b"\n", i)
+        line = data[i:end]
+        if b"=" in line:
+            key, value = line.split(b"=", 1)
+            i = end + 1
+        else:
+            size = int.from_bytes(data[end + 1:end + 9], "little")
+            key, value = line, data[end + 9:end + 9 + size]
+            i = end + 9 + size + 1
+        fields[key.decode()] = value.decode(errors="replace")
+    return fields
+
+entries = []
+def read_until(text, timeout):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(e.get("MESSAGE", "").startswith(text) for e in entries):
+            return
+        try:
+            entries.append(parse(journal.recv(65536)))
+        except TimeoutError:
+            pass
+
+with open(stderr_path, "wb") as err:
+    st = os.fstat(err.fileno())
+    env = dict(os.environ, JOURNAL_STREAM=f"{st.st_dev}:{st.st_ino}")
+    proc = subprocess.Popen([sys.executable, "-m", "edged.registry", "serve", "--config", config],
+                            stdout=err, stderr=err, env=env)
+read_until("online:", 30)
+proc.send_signal(signal.SIGTERM)
+proc.wait(timeout=30)
+read_until("stopped:", 5)
+print(json.dumps({"returncode": proc.returncode, "entries": entries}))
+'''
+
+
+def test_serve_under_systemd_logs_journal_entries_without_a_time_of_their_own(registry, tmp_path):
+    stderr = tmp_path / "stderr"
+    done = subprocess.run(["unshare", "--mount", "--propagation", "private", sys.executable, "-c", STAND_IN,
+                           str(registry.config), str(stderr)],
+                          capture_output=True, text=True, env=registry.env, cwd=registry.workdir, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    result = json.loads(done.stdout)
+    assert result["returncode"] == 0, stderr.read_text()
+    entries = result["entries"]
+    messages = [entry["MESSAGE"] for entry in entries]
+    online = next(e for e in entries if e["MESSAGE"].startswith("online: answering chunk requests"))
+    assert online["SYSLOG_IDENTIFIER"] == "edged-registry" and online["PRIORITY"] == "6"
+    assert online["LOGGER"].startswith("edged.registry")
+    assert any(message.startswith("stopped: served 0 chunks") for message in messages), messages
+    # The journal stamps each entry; a time in the message itself is the second one the boot test saw.
+    assert not [m for m in messages if re.match(r"\d{4}-\d\d-\d\d|\d\d:\d\d:\d\d", m)], messages
+    assert "online:" not in stderr.read_text()  # the entries went to the journal, not to stderr
