@@ -252,6 +252,12 @@ def cmd_models(args: argparse.Namespace) -> int:
     elif args.action == "remove":
         store.remove(args.name, args.version)
         print(f"removed {args.name} {args.version or '(all versions)'}")
+    elif args.action == "retry":
+        from edged.models.attempts import Attempts
+
+        count = Attempts(store, lambda _: None).forget(args.name)
+        print(f"{args.name}: {count} crash record{'' if count == 1 else 's'} deleted; every backend is "
+              "tried at its next load (restart edged)")
     return 0
 
 
@@ -311,11 +317,12 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--decoder", help="JSON file naming the output decoder, e.g. {\"type\": \"blazeface\"}")
     add.add_argument("--activate", action="store_true", help="activate it (default: only if none is)")
     for action, helptext in (("activate", "make a version active"), ("rollback", "go back one version"),
-                             ("remove", "remove a version, or the whole model")):
+                             ("remove", "remove a version, or the whole model"),
+                             ("retry", "forget that a backend crashed the daemon loading it")):
         p = actions.add_parser(action, help=helptext)
         common(p, store=True)
         p.add_argument("name")
-        if action != "rollback":
+        if action in ("activate", "remove"):
             p.add_argument("version", nargs="?" if action == "remove" else None)
     models.set_defaults(func=cmd_models)
     return parser

@@ -5,7 +5,6 @@ edged/backends/selection.py) aborts the daemon right before that backend loads a
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -100,8 +99,12 @@ def test_a_model_only_the_crashing_backend_reads_fails_until_the_config_changes(
     changed = config_for(tmp_path, models={"tiny": {"reject_non_finite": False}})
     crashes(start_daemon(tiny_store.root, changed, CRASH, ready=False))
 
-    # Deleting the records clears them: tried again (no switch now), and served.
-    shutil.rmtree(tiny_store.root / DIRECTORY)
+    # `edged models retry` forgets the records: tried again (no switch now), and served.
+    retry = subprocess.run([sys.executable, "-m", "edged", "models", "retry", "tiny", "--store",
+                            str(tiny_store.root)], capture_output=True, text=True, env=env, timeout=60)
+    assert retry.returncode == 0, retry.stderr
+    assert retry.stdout.startswith("tiny: 2 crash records deleted"), retry.stdout
+    assert not list((tiny_store.root / DIRECTORY).glob("*.json"))
     fourth = start_daemon(tiny_store.root, changed)
     tiny = model_status(fourth, "tiny")
     assert tiny["state"] == "ready" and tiny["backend"] == "openvino" and "skipped" not in tiny

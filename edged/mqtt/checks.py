@@ -41,8 +41,11 @@ def check_staged(manager: ModelManager, release: Release) -> Selection:
     directory = store.version_dir(manifest.name, manifest.version)
     try:
         store.verify(manifest.name, manifest.version)
+        options = manager.load_options(settings)  # a crash in this load is recorded as any other
         loaded, selection = select(directory / manifest.entry, manifest.format, settings.backend,
-                                   manager.load_options(settings), manager.settings.backends.probe_runs)
+                                   options, manager.settings.backends.probe_runs,
+                                   attempt=manager.attempts.guard(manifest.name, manifest.version,
+                                                                  settings, options))
         try:
             if release.selftest is not None:
                 inputs, expected = self_test_data(manager, release)
