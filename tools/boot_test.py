@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from boot.checks import Checks
 from boot.container import Container, depends_of, log, rootfs_tarball
 
 REPO = Path(__file__).resolve().parent.parent
@@ -34,6 +35,7 @@ CACHE = Path("/var/cache/edged-boot-test")
 SAMPLES = Path.home() / ".cache/edged/samples"
 SOCK = "/run/edged/edged.sock"
 CURL = f"curl -s -o /dev/null -w '%{{http_code}}' --max-time 60 --unix-socket {SOCK}"
+TOML = "/etc/edged/edged.toml"
 DEB_IN = "/srv/edged-boot/edged.deb"
 INPUT = "/srv/edged-boot/input.npy"
 # Writes a zeros tensor shaped as the model's first input (run by the package's python).
@@ -45,43 +47,6 @@ with Client({SOCK!r}) as client:
     spec = client.metadata("face")["inputs"][0]
 np.save({INPUT!r}, np.zeros([max(d, 1) for d in spec["shape"]], DATATYPES[spec["datatype"]]))
 """
-
-
-class Checks:
-    def __init__(self, box: Container) -> None:
-        self.box = box
-        self.counts = {"PASS": 0, "FAIL": 0, "NOT CHECKABLE": 0}
-
-    def report(self, status: str, name: str, detail: str) -> None:
-        self.counts[status] += 1
-        detail = " ".join(detail.split())
-        print(f"{status:<13} {name}: {detail[:400]}", flush=True)
-
-    def check(self, name: str, ok: bool, detail: str) -> bool:
-        self.report("PASS" if ok else "FAIL", name, detail)
-        return ok
-
-    # Helpers over the container.
-    def show(self, unit: str, *props: str) -> dict[str, str]:
-        out = self.box.out(f"systemctl show {unit} " + " ".join(f"-p {p}" for p in props))
-        return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
-
-    def wait(self, command: str, want: str, timeout: float) -> tuple[bool, str, float]:
-        """Runs command until its output is want; (ok, last output, seconds)."""
-        start = time.monotonic()
-        while True:
-            out = self.box.out(command)
-            if out == want or time.monotonic() - start > timeout:
-                return out == want, out, time.monotonic() - start
-            time.sleep(0.5)
-
-    def journal_since(self, cursor: str, *filters: str) -> str:
-        return self.box.out(f"journalctl -q --no-pager -o cat --after-cursor={shlex.quote(cursor)} "
-                            + " ".join(filters))
-
-    def cursor(self) -> str:
-        out = self.box.out("journalctl -q -n 0 --show-cursor --no-pager")
-        return out.rsplit("cursor: ", 1)[-1].strip()
 
 
 def check_boot(c: Checks) -> bool:
@@ -191,31 +156,62 @@ def check_journal_fields(c: Checks) -> bool:
                    + (f", e.g. {lines[-1]!r}" if lines else ""))
 
 
-def check_reload(c: Checks) -> bool:
+def check_reload(c: Checks) -> None:
+    """A change that applies at once, one that needs a restart, then a config that does not load."""
     pid = c.show("edged.service", "MainPID")["MainPID"]
-    cursor = c.cursor()
-    r = c.box.run("systemctl reload edged")
-    time.sleep(3)  # on systemd 252 the reload finishes after systemctl returns
+    c.box.run("cp /etc/edged/edged.toml /root/edged.toml.orig", check=True)
+    steps = (("[logging]\\nlevel = \"debug\"\\n[store]\\npoll_interval_s = 2.0", "config reloaded"),
+             ("[store", "config not reloaded"))
+    details, ok = [], True
+    for change, expect in steps:
+        cursor = c.cursor()
+        c.box.run(f"cp /root/edged.toml.orig {TOML} && printf '{change}\\n' >> {TOML}")
+        r = c.box.run("systemctl reload edged")
+        line, start = "", time.monotonic()
+        while not line and time.monotonic() - start < 15:  # systemd 252: the reload ends after systemctl
+            time.sleep(0.5)
+            line = next((x for x in c.journal_since(cursor, "-u edged").splitlines() if expect in x), "")
+        status = c.show("edged.service", "StatusText")["StatusText"]
+        ok = ok and r.returncode == 0 and bool(line)
+        line = line or f"has no {expect!r} line"
+        details.append(f"exit {r.returncode}, journal {line!r}, StatusText {status!r}")
+    needs = "restart needed for: store" in details[0]
+    c.box.run("cp /root/edged.toml.orig /etc/edged/edged.toml && systemctl reload edged")
     after = c.show("edged.service", "MainPID", "ActiveState")
-    logged = [line for line in c.journal_since(cursor, "-u edged").splitlines() if "reload" in line.lower()]
-    ok = r.returncode == 0 and after["MainPID"] == pid and after["ActiveState"] == "active"
-    return c.check("reload", ok,
-                   f"systemctl reload exit {r.returncode}, pid {pid} -> {after['MainPID']}, "
-                   f"{after['ActiveState']}; "
-                   f"journal: {logged[-1] if logged else 'no line mentions reload'}")
+    ok = ok and needs and after["MainPID"] == pid and after["ActiveState"] == "active"
+    c.check("reload", ok, f"pid {pid} -> {after['MainPID']} {after['ActiveState']}; "
+            f"[logging]+[store] changed: {details[0]}; broken toml: {details[1]}")
+
+
+def check_files(c: Checks) -> None:
+    paths = ("/usr/bin/edged /usr/bin/edged-registry /etc/edged/edged.toml /usr/share/doc/edged/service.md "
+             "/usr/share/doc/edged/README.md /usr/share/doc/edged/configuration.md.gz")
+    missing = c.box.out(f"for p in {paths}; do [ -e $p ] || echo $p; done").split()
+    pyc = c.box.out("find /opt/edged/lib -name '*.pyc' | wc -l")
+    groups = c.box.out("id -nG edged")
+    registry = c.box.out("id -nG edged-registry")
+    c.check("installed files and users", not missing and int(pyc or 0) > 0 and "video" in groups.split(),
+            f"missing: {missing or 'nothing'}; {pyc} .pyc compiled at install; edged in groups [{groups}], "
+            f"edged-registry in [{registry}]")
+
+
+def check_run_check(c: Checks) -> None:
+    r = c.box.run("runuser -u edged -- env STATE_DIRECTORY=/var/lib/edged CACHE_DIRECTORY=/var/cache/edged "
+                  "edged run --check", timeout=300)
+    c.check("edged run --check", r.returncode == 0, f"exit {r.returncode}: {r.stdout[-250:]}")
 
 
 def check_restart_socket(c: Checks) -> bool:
     inode = c.box.out(f"stat -c %i {SOCK}")
     pid = c.show("edged.service", "MainPID")["MainPID"]
-    r = c.box.run("systemctl restart edged")
+    # A client connecting during the restart waits in the backlog and is answered by the new daemon.
+    r = c.box.run(f"systemctl restart --no-block edged; sleep 0.2; {CURL} http://localhost/v2/models/face/ready")
     after = c.box.out(f"stat -c %i {SOCK}")
     props = c.show("edged.service", "MainPID", "ActiveState")
-    code = c.box.out(f"{CURL} http://localhost/v2/models/face/ready")
     return c.check("restart keeps the socket",
-                   r.returncode == 0 and inode == after and props["MainPID"] != pid and code == "200",
+                   inode == after and props["MainPID"] != pid and r.stdout == "200",
                    f"inode {inode} -> {after}, pid {pid} -> {props['MainPID']} {props['ActiveState']}, "
-                   f"face ready -> {code}")
+                   f"face ready asked during the restart -> {r.stdout}")
 
 
 def check_clean_stop(c: Checks) -> bool:
@@ -238,8 +234,9 @@ def check_security(c: Checks) -> None:
     out = c.box.out("systemd-analyze security --no-pager edged.service").splitlines()
     level = out[-1] if out else ""
     found = re.search(r"(\d+\.\d+) (\S+)", level)
+    registry = c.box.out("systemd-analyze security --no-pager edged-registry.service | tail -1")
     c.check("systemd-analyze security", bool(found) and float(found.group(1)) <= 1.5,
-            f"{level.strip()} (docs promise 1.5 OK)")
+            f"{level.strip()} (docs promise 1.5 OK); registry: {registry.strip()} (docs: 1.1)")
     pid = c.show("edged.service", "MainPID")["MainPID"]
     lines = c.box.out(f"cat /proc/{pid}/status").splitlines()
     status = dict(line.split(":", 1) for line in lines if ":" in line)
@@ -310,9 +307,9 @@ def run_checks(c: Checks, sample: Path) -> bool:
     if not (check_boot(c) and check_install(c)):
         log("console: " + c.box.console.read_text(errors="replace")[-2000:])
         return False
-    for step in (check_active, check_ready, check_inference, check_socket_activation, check_watchdog,
-                 check_journal_fields, check_reload, check_restart_socket, check_clean_stop, check_security,
-                 check_sandbox_writes, check_group_access):
+    for step in (check_active, check_files, check_ready, check_inference, check_socket_activation,
+                 check_watchdog, check_journal_fields, check_reload, check_restart_socket, check_clean_stop,
+                 check_security, check_sandbox_writes, check_group_access, check_run_check):
         if step is check_inference and not sample.exists():
             c.report("NOT CHECKABLE", "inference", f"no sample model at {sample} (tools/fetch_models.py)")
             continue
