@@ -1,7 +1,14 @@
 """The .deb, built once per session by tools/build_deb.sh, as an admin meets it:
 lintian finds no error in it; `dpkg -i` installs it on this machine; the installed
 `edged` reports its version and, run as the service's user, validates a config and
-loads real models; `dpkg -r` keeps config and models; `dpkg --purge` deletes them.
+loads real models; installing it again (an upgrade, to the maintainer scripts) keeps the
+units enabled; `dpkg -r` disables them, deletes a dead socket file and its lock left in
+/run/edged, and keeps config and models; `dpkg --purge` deletes them. Installing after a
+remove enables the units again; an admin's disable survives upgrades and reinstalls.
+
+No systemd runs here, so what the scripts ask of a running systemd (stop on remove, on an
+upgrade a restart of edged.service alone with edged.socket left listening, start on a first
+install) is checked by the boot test under a real systemd, not here.
 
 Building takes two and a half to four minutes on two busy cores (most of it xz
 compressing 400 MB). The test changes this machine:
@@ -15,6 +22,7 @@ from __future__ import annotations
 import fcntl
 import os
 import shutil
+import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -88,6 +96,19 @@ def this_machine() -> Iterator[None]:
                 aside.rename(path)
 
 
+def leave_dead_socket() -> list[Path]:
+    """A real Unix socket file at the service's path, closed, and its lock file beside it."""
+    path = Path("/run/edged/edged.sock")
+    path.parent.mkdir(exist_ok=True)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.bind(str(path))
+    lock = path.with_name(path.name + ".lock")
+    lock.write_text("edged pid 1\n")
+    with pytest.raises(ConnectionRefusedError), socket.socket(socket.AF_UNIX) as client:
+        client.connect(str(path))  # dead, as the boot test found it
+    return [path, lock]
+
+
 def test_lintian_finds_no_error(deb):
     result = run("lintian", "--tag-display-limit", "0", str(deb))
     errors = [line for line in result.stdout.splitlines() if line.startswith("E:")]
@@ -136,8 +157,20 @@ def test_install_check_remove_purge(deb, this_machine, sample_models, tiny_ir):
     model.write_bytes(sample_models["face"].read_bytes())
     Path("/etc/edged/mqtt-password").write_text("secret\n")
 
+    # Installing again over itself is an upgrade to postinst (it gets the old version):
+    # the units stay enabled, and a unit the admin disabled stays disabled.
+    ok("dpkg", "-i", str(deb))
+    assert all(link.is_symlink() for link in ENABLED), "an upgrade keeps edged enabled"
+
+    # What a stopped socket unit and daemon leave in /run/edged: a socket file nobody
+    # listens on (connections refused) and the daemon's instance lock.
+    dead = leave_dead_socket()
     ok("dpkg", "-r", "edged")
     assert not Path("/opt/edged").exists() and not Path("/usr/bin/edged").exists()
+    for path in dead:
+        assert not path.exists(), f"{path} is left after remove"
+    for link in ENABLED:
+        assert not link.exists() and not link.is_symlink(), f"{link} is left after remove (disable)"
     assert Path("/etc/edged/edged.toml").exists() and Path("/etc/edged/mqtt-password").exists()
     assert model.read_bytes() == sample_models["face"].read_bytes()
 
@@ -145,4 +178,22 @@ def test_install_check_remove_purge(deb, this_machine, sample_models, tiny_ir):
     assert not installed()
     for path in [*STATE, *ENABLED]:
         assert not path.exists() and not path.is_symlink(), f"{path} is left after purge"
+    assert not list(Path("/etc/systemd/system").rglob("edged*")), "unit links left after purge"
+
+
+def test_enabled_again_after_remove_and_reinstall_an_admins_disable_kept(deb, this_machine):
+    ok("dpkg", "-i", str(deb))
+    ok("dpkg", "-r", "edged")
+    assert not any(link.is_symlink() for link in ENABLED)
+    ok("dpkg", "-i", str(deb))  # remove, then install again: enabled as on a first install
+    assert all(link.is_symlink() for link in ENABLED), "enabled again after remove and install"
+
+    ok("systemctl", "disable", "edged.socket", "edged.service")  # the admin's choice
+    assert not any(link.is_symlink() for link in ENABLED)
+    ok("dpkg", "-i", str(deb))  # an upgrade keeps it
+    assert not any(link.is_symlink() for link in ENABLED), "an upgrade enabled what the admin disabled"
+    ok("dpkg", "-r", "edged")
+    ok("dpkg", "-i", str(deb))  # and so does a remove and install
+    assert not any(link.is_symlink() for link in ENABLED), "a reinstall enabled what the admin disabled"
+    ok("dpkg", "--purge", "edged")
     assert not list(Path("/etc/systemd/system").rglob("edged*")), "unit links left after purge"
