@@ -195,9 +195,7 @@ class Daemon:
         if failed := sorted(self.manager.failures):
             parts.append(f"failed: {', '.join(failed)}")
         if configured := len(self.pipelines.settings):
-            running, failures = self.pipelines.counts()
-            # A source played to its end (a video file, stdin at EOF): neither running nor failed.
-            finished = sum(info["state"] == "finished" for info in self.pipelines.status().values())
+            running, failures, finished = self.pipelines.counts()
             parts.append(f"{running} of {configured} pipelines running"
                          + (f", {failures} failed" if failures else "")
                          + (f", {finished} finished" if finished else ""))

@@ -98,13 +98,13 @@ class Pipelines:
             result[name] = {**pipeline.status(), "source": source.uri or source.kind}
         return result
 
-    def counts(self) -> tuple[int, int]:
-        """(running, failed) for the daemon's status line; a pipeline whose model is not
-        served is started but counts as failed, and one whose source reached its end
-        (`finished`: a video file, stdin at EOF) is neither."""
+    def counts(self) -> tuple[int, int, int]:
+        """(running, failed, finished) for the daemon's status line; a pipeline whose model is
+        not served is started but counts as failed, and one whose source reached its end
+        (`finished`: a video file, stdin at EOF) is neither running nor failed."""
         states = [info["state"] for info in self.status().values()]
         running = sum(state not in ("stopped", "failed", "finished") for state in states)
-        return running, states.count("failed")
+        return running, states.count("failed"), states.count("finished")
 
     def _known(self, name: str) -> PipelineSettings:
         if name not in self.settings:

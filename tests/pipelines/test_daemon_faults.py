@@ -65,5 +65,5 @@ def test_a_pipeline_started_onto_a_missing_model_counts_as_failed(face_manager, 
     finally:
         pipelines.stop_all()
     assert status["yard"]["state"] == "failed" and status["yard"]["last_error"] == "model 'nope' not found"
-    assert counts == (1, 1)
+    assert counts == (1, 1, 0)
     assert "pipeline yard: model 'nope' not found" in caplog.text
