@@ -125,6 +125,18 @@ def small_disk() -> Iterator[Callable[..., SmallDisk]]:
         disk.unmount()
 
 
+@pytest.fixture(scope="session")
+def built_deb(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """This tree's .deb, built once per session by tools/build_deb.sh (gzip: the same
+    package in a fraction of xz's time), for the package and boot tests."""
+    out = tmp_path_factory.mktemp("deb")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGED_")} | {"DEB_COMPRESSION": "gzip"}
+    result = subprocess.run([str(ROOT / "tools" / "build_deb.sh"), str(out)], capture_output=True,
+                            text=True, timeout=1200, env=env)
+    assert result.returncode == 0, f"build_deb.sh exited {result.returncode}:\n{result.stdout}{result.stderr}"
+    return Path(result.stdout.strip().splitlines()[-1])
+
+
 def ir_files(xml: Path) -> list[Path]:
     return [xml, xml.with_suffix(".bin")]
 

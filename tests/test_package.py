@@ -64,11 +64,9 @@ def installed() -> bool:
 
 
 @pytest.fixture(scope="session")
-def deb(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("deb")
-    path = Path(ok(str(ROOT / "tools" / "build_deb.sh"), str(out), timeout=1200).strip().splitlines()[-1])
-    assert path.name == f"edged_{edged.__version__}_{ok('dpkg', '--print-architecture').strip()}.deb"
-    return path
+def deb(built_deb: Path) -> Path:
+    assert built_deb.name == f"edged_{edged.__version__}_{ok('dpkg', '--print-architecture').strip()}.deb"
+    return built_deb
 
 
 @pytest.fixture

@@ -162,7 +162,7 @@ class ApiServer:
                 conn.send(error_response(403, f"uid {peer.uid} is not allowed to use this socket"),
                           keep_alive=False)
                 return
-            while not self._stopping.is_set():
+            while True:  # ends after a response when stopping: keep_alive is then False
                 try:
                     request = conn.read_head()
                     refusal = self.api.admit(request, peer)  # decided on the head alone
