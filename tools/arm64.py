@@ -7,7 +7,10 @@ A standalone first step of issue 11's arm64 part; no test or CI uses it yet. Run
     tools/arm64.py smoke     # install that .deb into a fresh rootfs; --version, run, predict
 
 Needs debootstrap, zstd and qemu-user-static registered in binfmt_misc (F flag):
-`apt-get install qemu-user-static binfmt-support debootstrap zstd`.
+`apt-get install qemu-user-static binfmt-support debootstrap zstd`; where binfmt_misc is not
+mounted: `mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc; update-binfmts --enable
+qemu-aarch64`. `smoke` also needs the sample model (tools/fetch_models.py) and the repo's
+.venv (cv2, scikit-image) to write the astronaut face picture.
 
 The rootfs is a zstd tarball under /var/cache/edged-arm64/, keyed by a hash of its package
 list; each command unpacks a fresh copy and deletes it afterwards. Inside, /proc, /sys and
@@ -15,8 +18,15 @@ list; each command unpacks a fresh copy and deletes it afterwards. Inside, /proc
 ARM /proc/cpuinfo text over the host's x86 one (LiteRT's XNNPACK crashes on x86 text).
 Every mount is undone in a `finally`.
 
-Status (work in progress): `rootfs` works (cold ~8 min here, cached tarball 150 MiB, restore ~10 s).
-`build` and `smoke` are not yet verified end to end.
+Status: all three commands work (measured on an x86 host, 2026-12-03): `rootfs` cold
+~8.3 min (debootstrap --foreign + emulated second stage; tarball 150 MiB), warm 0 s plus
+~10 s to unpack and mount; `build` ~9.1 min inside the chroot (DEB_COMPRESSION=gzip; the
+emulated readelf loop and dpkg-deb's gzip take ~4 of them), .deb 96 MiB; `smoke` ~2.5 min:
+apt-get install 73 s, --version 3 s, then for OpenVINO and LiteRT: `edged run`, the first
+predict once the model is loaded (20 s / 10 s after start), two more predicts (~5 s each,
+mostly the CLI's emulated start); the daemon's p50 per inference is ~1.26 s (OpenVINO) and
+~0.84 s (LiteRT), one face at score 0.921 on both (MediaPipe's reference: 0.922).
+Not done: `tools/build_deb.sh --arch arm64`, any test or CI use, checks beyond printing.
 """
 
 from __future__ import annotations
@@ -38,7 +48,7 @@ MIRROR = "http://deb.debian.org/debian"
 SUITE = "bookworm"
 # tools/build_deb.sh's needs (python3.11, dpkg-dev for dpkg-shlibdeps and dpkg-deb,
 # gcc/pkg-config/python3-dev/libsystemd-dev for systemd-python, binutils for strip and
-# readelf) plus what edged's .deb depends on, so `apt-get install ./edged.deb` works offline-ish.
+# readelf) plus some of what edged's .deb depends on (smoke's apt-get install fetches the rest).
 PACKAGES = ["python3", "python3-venv", "python3-dev", "gcc", "pkg-config", "libsystemd-dev",
             "dpkg-dev", "binutils", "ca-certificates", "adduser", "procps"]
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -189,6 +199,13 @@ def daemon_predict(root: Path, backend: str) -> None:
                                    f"{(root / f'smoke/run-{backend}.log').read_text()[-2000:]}")
             time.sleep(0.2)
         step(f"edged run ({backend}) listening", started)
+        predict = ("/opt/edged/bin/edged predict --config /smoke/edged.toml --model face "
+                   "--input /smoke/astronaut.png")
+        while "still loading" in (out := run(root, predict, check=False, capture_output=True, text=True)
+                                  ).stderr and time.monotonic() - started < 300:
+            time.sleep(1)
+        print(out.stdout + out.stderr, end="")
+        step(f"edged run ({backend}) model loaded, first predict", started)
         for attempt in (1, 2):
             started = time.monotonic()
             run(root, "/opt/edged/bin/edged predict --config /smoke/edged.toml --model face "
