@@ -11,11 +11,8 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -25,8 +22,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from edged.errors import EdgedError, InvalidInput
+from edged.fsio import atomic_write
 from edged.models.manifest import FileName, Manifest, ModelName, one_line
-from edged.models.store import fsync_dir
 
 ENVELOPE_FIELDS = frozenset({"release", "key_id", "signature"})
 # The largest envelope the registry signs and a device should accept (a manifest is at most
@@ -62,20 +59,7 @@ def save_private_key(path: Path, key: Ed25519PrivateKey, *, overwrite: bool = Fa
     path.parent.mkdir(parents=True, exist_ok=True)
     data = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                              serialization.NoEncryption())
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # mode 0600
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            os.link(tmp, path)  # fails if `path` exists: no window where two writers both win
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-    fsync_dir(path.parent)
+    atomic_write(path, data, replace=overwrite)
 
 
 def load_private_key(path: Path) -> Ed25519PrivateKey:

@@ -13,7 +13,6 @@ at any point leaves either the old state or the new one.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -24,6 +23,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from edged.errors import InvalidInput, ModelNotFound, StoreError
+from edged.fsio import atomic_write, fsync_dir
 from edged.models.manifest import (
     MAX_MANIFEST_BYTES,
     Manifest,
@@ -38,30 +38,6 @@ from edged.models.manifest import (
 ACTIVE_FILE = ".active.json"
 STAGING_PREFIX = ".staging-"
 MAX_HISTORY = 32
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write temp, fsync, rename over `path`, fsync the directory."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(path.parent)
 
 
 def version_key(version: str) -> tuple:

@@ -20,8 +20,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import ValidationError
 
 from edged.errors import EdgedError, InvalidInput, StoreError
+from edged.fsio import atomic_write
 from edged.models.manifest import ENTRY_SUFFIX, Manifest, check_name, guess_format, one_line
-from edged.models.store import atomic_write, version_key
+from edged.models.store import version_key
 from edged.registry.config import RegistrySettings
 from edged.registry.connection import BrokerUnavailable, Connection
 from edged.registry.selftest import EXPECTED_FILE, INPUT_FILE, write_self_test

@@ -33,8 +33,9 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edged.errors import InvalidInput, ModelNotFound, StoreError
+from edged.fsio import atomic_write
 from edged.models.manifest import Manifest, check_name, is_valid_name
-from edged.models.store import ModelStore, atomic_write
+from edged.models.store import ModelStore
 from edged.registry.topics import release_suffix
 from edged.signing import (
     SignatureError,

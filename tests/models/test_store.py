@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from edged.errors import EdgedError, InvalidInput, ModelNotFound, StoreError
-from edged.models.store import ACTIVE_FILE, MAX_HISTORY, STAGING_PREFIX, ModelStore, atomic_write, version_key
+from edged.models.store import ACTIVE_FILE, MAX_HISTORY, STAGING_PREFIX, ModelStore, version_key
 from tests.conftest import ir_files
 
 BAD_NAMES = ["../x", "a/b", ".hidden", "", ".", "..", "-rf", "x" * 65, "/abs", "x\n", "sp ace"]
@@ -653,29 +653,6 @@ def test_crash_while_replacing_the_pointer_keeps_the_old_one(
     assert store.active("m") == "1"
     assert store.history("m") == []
     assert sorted(p.name for p in (store.root / "m").iterdir()) == [ACTIVE_FILE, "1", "2"]
-
-
-def test_crash_during_atomic_write_of_a_new_file_leaves_nothing(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    target = tmp_path / "pointer.json"
-
-    def crash(*args, **kwargs):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(os, "replace", crash)
-    with pytest.raises(KeyboardInterrupt):
-        atomic_write(target, b"new")
-    monkeypatch.undo()
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_atomic_write_replaces_the_content(tmp_path: Path) -> None:
-    target = tmp_path / "f"
-    target.write_bytes(b"old content that is longer")
-    atomic_write(target, b"new")
-    assert target.read_bytes() == b"new"
-    assert [p.name for p in tmp_path.iterdir()] == ["f"]
 
 
 def test_store_errors_are_edged_errors() -> None:
