@@ -1,4 +1,4 @@
-"""Generate docs/configuration.md and packaging/edged.toml from the settings tree in edged/config.py.
+"""Generate docs/configuration.md and packaging/edged.toml from the settings tree in edged/config/.
 
 Every table row and every commented key comes from `Settings.model_fields`: the
 TOML key, the environment variable, the type (with its bounds), the default and
@@ -159,7 +159,7 @@ def _section(table: str, model: type[BaseModel], path: str, env_prefix: str, fie
         if _is_table(info):
             continue  # documented as its own table
         if not info.description:
-            raise ValueError(f"{path}.{name} has no description in edged/config.py")
+            raise ValueError(f"{path}.{name} has no description in edged/config/")
         default, toml_value, note = _default(f"{path}.{name}", name, info)
         env = f"{env_prefix}{name.upper()}" if env_prefix else "(file only)"
         keys.append(Key(name, env, type_name(info.annotation, info.metadata),

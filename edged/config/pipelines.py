@@ -1,0 +1,102 @@
+"""[pipelines.<name>]: a pipeline, its sinks and its input quality rules (the source is in
+sources.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from edged.config.base import Section
+from edged.config.sources import SourceSettings
+
+
+class SinkSettings(Section):
+    kind: Literal["jsonl", "mqtt"] = Field(
+        default="jsonl",
+        description=(
+            "jsonl: one JSON result per line in a file; mqtt: each result to "
+            "edged/devices/{id}/results/{pipeline} (QoS 1, kept in the outbox while the broker is away; "
+            "needs mqtt.enabled)."
+        ),
+    )
+    path: Path | None = Field(default=None, description="jsonl: the file results are appended to (required).")
+    max_bytes: int = Field(default=10 << 20, ge=4096, description="jsonl: size at which the file is rotated.")
+    backups: int = Field(
+        default=3, ge=0, le=100, description="jsonl: rotated files kept (path.1, path.2, ...)."
+    )
+    max_rate_hz: float = Field(
+        default=0.0, ge=0, le=1000,
+        description="mqtt: results published per second at most, the rest dropped (counted); 0: all.",
+    )
+    on_change: bool = Field(
+        default=False,
+        description=(
+            "mqtt: publish a result only when it differs from the last one published "
+            "(its frame or window number and time aside)."
+        ),
+    )
+    change_digits: int = Field(
+        default=2, ge=0, le=9,
+        description=(
+            "mqtt, on_change: numbers closer than 10^-change_digits count as unchanged "
+            "(2: box jitter under 1% of the frame, score changes under 0.01)."
+        ),
+    )
+    heartbeat_s: float = Field(
+        default=0.0, ge=0, le=86400,
+        description="mqtt, on_change: publish an unchanged result after this long without one; 0: never.",
+    )
+
+    @model_validator(mode="after")
+    def _kind_keys_agree(self) -> SinkSettings:
+        def changed(*keys: str) -> list[str]:
+            return [k for k in keys if getattr(self, k) != type(self).model_fields[k].default]
+
+        if self.kind == "jsonl":
+            if self.path is None:
+                raise ValueError("path is required for kind = 'jsonl'")
+            if wrong := changed("max_rate_hz", "on_change", "change_digits", "heartbeat_s"):
+                raise ValueError(f"{', '.join(wrong)}: only for kind = 'mqtt'")
+            return self
+        if self.path is not None:
+            raise ValueError("kind = 'mqtt' takes no path (results go to edged/devices/{id}/results/...)")
+        if wrong := changed("max_bytes", "backups"):
+            raise ValueError(f"{', '.join(wrong)}: only for kind = 'jsonl'")
+        if not self.on_change and (wrong := changed("change_digits", "heartbeat_s")):
+            raise ValueError(f"{', '.join(wrong)}: only with on_change = true")
+        return self
+
+
+class QualitySettings(Section):
+    frozen_after_s: float = Field(
+        default=10.0, gt=0, description="The same picture this long makes the pipeline degraded."
+    )
+    frozen_tolerance: int = Field(
+        default=2, ge=0, le=255, description="Grey-level change below which two frames count as the same."
+    )
+    dark_below: float = Field(default=8.0, ge=0, le=255, description="Mean grey level counted as black.")
+    bright_above: float = Field(
+        default=247.0, ge=0, le=255, description="Mean grey level counted as saturated."
+    )
+    for_s: float = Field(
+        default=2.0, ge=0, description="How long black or saturated frames last before degraded."
+    )
+    stuck_after_s: float = Field(
+        default=60.0, ge=0,
+        description="Sensors: every channel unchanged this long makes the pipeline degraded; 0: never.",
+    )
+    stuck_tolerance: float = Field(
+        default=0.0, ge=0, description="Sensors: a change this small or smaller counts as unchanged."
+    )
+
+
+class PipelineSettings(Section):
+    model: str = Field(description="Name of the model in the store that sees the frames or windows.")
+    source: SourceSettings = Field(description="Where frames or sensor samples come from.")
+    sinks: list[SinkSettings] = Field(default=[], description="Where results go.")
+    quality: QualitySettings = Field(
+        default_factory=QualitySettings, description="When the input counts as degraded."
+    )
+    enabled: bool = Field(default=True, description="Start the pipeline with the daemon.")

@@ -1,0 +1,104 @@
+"""Sections for serving models on the socket: [socket], [store], [backends], [models.<name>]
+and [logging]."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from edged.config.base import Section, default_cache_dir, default_data_dir, default_socket_path
+
+
+class SocketSettings(Section):
+    path: Path = Field(default_factory=default_socket_path, description="Unix socket the API listens on.")
+    group: str | None = Field(default=None, description="Group that owns the socket (mode 0660).")
+    allowed_users: list[str] = Field(
+        default=[], description="If set, only these users (names or uids) may use the socket."
+    )
+    allowed_groups: list[str] = Field(
+        default=[], description="If set, members of these groups (names or gids) may use the socket."
+    )
+    max_connections: int = Field(default=64, ge=1, le=10_000, description="Open connections at most.")
+    max_pending_requests: int = Field(
+        default=64, ge=1, le=100_000,
+        description="Requests running or waiting for a model at once; more get 503.",
+    )
+    request_timeout_s: float = Field(
+        default=10.0, gt=0, le=3600, description="Time a client has to send one whole request."
+    )
+    idle_timeout_s: float = Field(
+        default=120.0, gt=0, le=86_400, description="A keep-alive connection idle this long is closed."
+    )
+    max_json_bytes: int = Field(
+        default=8 << 20, ge=1024, le=1 << 32,
+        description="Largest JSON part of an infer request (413 beyond); big tensors go as binary.",
+    )
+    max_body_bytes: int = Field(
+        default=64 << 20, ge=1024, le=1 << 32, description="Largest request body accepted (413 beyond)."
+    )
+
+
+class StoreSettings(Section):
+    path: Path = Field(
+        default_factory=lambda: default_data_dir() / "models", description="Model store directory."
+    )
+    poll_interval_s: float = Field(
+        default=1.0, gt=0, le=3600, description="How often the daemon looks for newly activated versions."
+    )
+
+
+class BackendSettings(Section):
+    workers: int = Field(
+        default_factory=lambda: os.cpu_count() or 1, ge=1, le=256,
+        description=(
+            "Concurrent inferences per model on LiteRT (interpreters). OpenVINO runs one at a time "
+            "per model, recompiled after an error (its CPU graph keeps state across requests)."
+        ),
+    )
+    litert_threads: int = Field(default=1, ge=1, le=256, description="Threads per LiteRT interpreter.")
+    openvino_performance_hint: Literal["LATENCY", "THROUGHPUT"] = Field(
+        default="LATENCY", description="OpenVINO CPU plugin performance hint."
+    )
+    openvino_threads: int = Field(
+        default=0, ge=0, le=1024,
+        description="CPU threads per OpenVINO inference (INFERENCE_NUM_THREADS); 0 lets OpenVINO decide.",
+    )
+    openvino_cache_dir: Path = Field(
+        default_factory=lambda: default_cache_dir() / "openvino",
+        description="OpenVINO compiled-model cache; keeps restarts fast.",
+    )
+    probe_runs: int = Field(
+        default=30, ge=1, le=10_000, description="Timed warm runs per backend when `backend = auto`."
+    )
+    fallback_after_errors: int = Field(
+        default=3, ge=1, le=1000,
+        description="Consecutive runtime errors before a model on `backend = auto` changes backend.",
+    )
+    fallback_retry_s: float = Field(
+        default=300.0, gt=0, description="After a fallback, how long until the faster backend is tried again."
+    )
+
+
+class ModelSettings(Section):
+    backend: Literal["auto", "openvino", "litert"] = Field(
+        default="auto", description="Backend for this model; auto probes and keeps the fastest."
+    )
+    precision: Literal["f32", "bf16", "f16"] = Field(
+        default="f32",
+        description=(
+            "Inference precision on OpenVINO. f32 is exact; bf16/f16 are faster where the CPU supports "
+            "them but give different numbers. LiteRT always runs a float model in f32."
+        ),
+    )
+    reject_non_finite: bool = Field(
+        default=True, description="Refuse inputs holding NaN or Infinity (OpenVINO turns NaN into 0)."
+    )
+    allowed_users: list[str] = Field(default=[], description="If set, only these users may use the model.")
+    allowed_groups: list[str] = Field(default=[], description="If set, only these groups may use the model.")
+
+
+class LoggingSettings(Section):
+    level: Literal["debug", "info", "warning", "error"] = Field(default="info", description="Log level.")
