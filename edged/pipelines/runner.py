@@ -77,8 +77,9 @@ class Pipeline:
         self.manager = manager
         self.source = build_source(settings.source, name, mqtt)
         self.events = EventHub()  # the socket's event stream; costs nothing without subscribers
-        self.outputs = build_sinks(settings.sinks, name, mqtt)  # the configured sinks
-        self.sinks: list[Sink] = [*self.outputs, self.events]
+        self.sinks: list[Sink] = build_sinks(settings.sinks, name, mqtt)  # the configured sinks
+        # Where each result is written: the configured sinks and the event stream.
+        self._writers: list[Sink] = [*self.sinks, self.events]
         self.quality = InputQuality(settings.quality, settings.source.is_sensor, name, self._log_fields)
         self.stages = {stage: Histogram() for stage in STAGES}
         self.processed = 0
@@ -125,7 +126,7 @@ class Pipeline:
         self.source.stop()
         for thread in self._threads:
             thread.join(timeout=2)
-        for sink in self.sinks:
+        for sink in self._writers:
             sink.close()  # the event hub's close ends its streams
 
     @property
@@ -237,7 +238,7 @@ class Pipeline:
         middle = time.perf_counter()
         record = {"pipeline": self.name, "model": self.settings.model, "version": item.version,
                   counter: frame.number, "time": round(frame.captured_at, 6), **decoded}
-        for sink in self.sinks:
+        for sink in self._writers:
             sink.write(record)
         self.stages["decode"].observe(middle - start)
         self.stages["sinks"].observe(time.perf_counter() - middle)
@@ -289,7 +290,7 @@ class Pipeline:
         source = self.source
         state, last_error = source.state, self.last_error or source.last_error
         # What keeps the results from being trusted (the input) or kept (a sink that fails).
-        degraded = "; ".join(p for p in (self.quality.reason, *(s.problem for s in self.outputs)) if p)
+        degraded = "; ".join(p for p in (self.quality.reason, *(s.problem for s in self.sinks)) if p)
         if missing := self.missing_model():
             state, last_error = "failed", missing  # nothing can be inferred until it is served
         elif state == "running" and degraded:
@@ -307,7 +308,7 @@ class Pipeline:
             "reconnects": source.reconnects,
             "last_error": last_error,
             "latency": {stage: hist.summary_ms() for stage, hist in self.stages.items()},
-            "sinks": [sink.details() for sink in self.outputs],
+            "sinks": [sink.details() for sink in self.sinks],
             **source.details(),
         }
 

@@ -78,7 +78,7 @@ def test_a_pipeline_whose_sink_fills_its_disk_is_degraded_until_space_returns(
         status = pipeline.status()
     finally:
         pipeline.stop()
-    written = pipeline.outputs[0].details()["written"]  # with what came after the last status
+    written = pipeline.sinks[0].details()["written"]  # with what came after the last status
     assert failing["state"] == "degraded"
     assert failing["degraded_reason"] == f"sink {results} failing: No space left on device"
     assert failing["errors"] == 0 and failing["restarts"] == 0
