@@ -1,9 +1,12 @@
 """What pipelines need from the daemon's MQTT link, so that they never import `edged.mqtt`.
 
-The daemon hands `Pipelines` an `MqttPort` (`MqttParts` in daemon.py, a thin adapter
-around the link). `SharedPort` adds what the link does not do: the link keeps one
-handler per topic filter and never unsubscribes, while two pipelines may read the
-same filter, and a stopped pipeline must stop being called.
+`MqttParts` (the daemon's MQTT side) implements `MqttPort` over its link and is handed to
+`Pipelines.use_mqtt`, which wraps it in one `SharedPort` for all pipelines. The link adds a
+handler per `subscribe` call and never removes one (it has no unsubscribe), so a pipeline
+that stopped would still be called and every restart would add another handler.
+`SharedPort` subscribes the link once per topic filter, for good, and passes each message
+to the pipelines listening now; `subscribe` returns the call that stops one listening, and
+one pipeline's failing handler does not keep the message from the others.
 """
 
 from __future__ import annotations
