@@ -1,4 +1,5 @@
-"""Crash-safe file writes, shared by the model store, signing and the registry.
+"""Crash-safe file writes, shared by the model store, signing and the registry, and the
+stat fingerprint that tells cheaply whether a file that was hashed may have changed since.
 
 A rename is atomic, but only durable once the directory holding it is fsynced; a file's
 bytes are only durable once the file is. These two helpers do both in the right order, so
@@ -10,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -44,3 +46,26 @@ def atomic_write(path: Path, data: bytes, *, replace: bool = True) -> None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
     fsync_dir(path.parent)
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """What `stat` says of a file whose bytes were hashed, so that checking it again costs a
+    `stat`, not a read: a write changes mtime and ctime, a replacement the inode, a
+    truncation the size, and ctime cannot be set back (mtime can, with `utime`)."""
+
+    dev: int
+    ino: int
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> Fingerprint:
+        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+    def unwritten_since(self, earlier: Fingerprint) -> bool:
+        """The same file, size and mtime as `earlier`: linked or renamed since (which moves
+        only ctime), not written."""
+        return (self.dev, self.ino, self.size, self.mtime_ns) == (
+            earlier.dev, earlier.ino, earlier.size, earlier.mtime_ns)

@@ -9,21 +9,27 @@ Layout:
 A version appears only by renaming a complete, fsynced staging directory, and
 the active pointer changes only by renaming a fsynced temp file, so a crash
 at any point leaves either the old state or the new one.
+
+`verify` hashes every file. Within `keep_proofs(name, version)` (one update: staged,
+tested, activated, loaded, watched through probation) a file the store has hashed, or
+been handed already hashed, is checked again by its stat fingerprint alone until
+`verify(full=True)`; a fingerprint that moved sends it back to a full hash.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
-import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from pydantic import ValidationError
 
 from edged.errors import InvalidInput, ModelNotFound, StoreError
-from edged.fsio import atomic_write, fsync_dir
+from edged.fsio import Fingerprint, atomic_write, fsync_dir
 from edged.models.manifest import (
     MAX_MANIFEST_BYTES,
     Manifest,
@@ -34,9 +40,9 @@ from edged.models.manifest import (
     one_line,
     sha256_of,
 )
+from edged.models.staging import STAGING_PREFIX, copy_hashed, link_unwritten, new_version
 
 ACTIVE_FILE = ".active.json"
-STAGING_PREFIX = ".staging-"
 MAX_HISTORY = 32
 
 
@@ -48,6 +54,8 @@ def version_key(version: str) -> tuple:
 class ModelStore:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
+        # (name, version) -> {file name: fingerprint when its bytes matched}, only inside keep_proofs
+        self._proofs: dict[tuple[str, str], dict[str, Fingerprint]] = {}
 
     # --- reading -----------------------------------------------------------
     def names(self) -> list[str]:
@@ -119,10 +127,13 @@ class ModelStore:
             )
         return manifest
 
-    def verify(self, name: str, version: str) -> Manifest:
-        """Check every file against the manifest; raise StoreError naming the first mismatch."""
+    def verify(self, name: str, version: str, *, full: bool = False) -> Manifest:
+        """Check every file against the manifest; raise StoreError naming the first mismatch.
+        Inside `keep_proofs`, a file whose fingerprint is as when it last matched is not
+        read again, unless `full`."""
         manifest = self.manifest(name, version)
         directory = self.version_dir(name, version)
+        proofs = self._proofs.get((name, version))
         for entry in manifest.files:
             path = directory / entry.name
             try:
@@ -135,6 +146,9 @@ class ModelStore:
                 raise StoreError(
                     f"{name} {version}: {entry.name} is {st.st_size} bytes, manifest says {entry.size}"
                 )
+            seen = Fingerprint.of(st)  # taken before the read: a write during it moves it again
+            if proofs is not None and not full and proofs.get(entry.name) == seen:
+                continue
             try:
                 digest = sha256_of(path)
             except OSError as exc:
@@ -142,7 +156,21 @@ class ModelStore:
                 raise StoreError(f"{name} {version}: cannot read {entry.name}: {reason}") from None
             if digest != entry.sha256:
                 raise StoreError(f"{name} {version}: {entry.name} does not match its sha256")
+            if proofs is not None:
+                proofs[entry.name] = seen
         return manifest
+
+    @contextlib.contextmanager
+    def keep_proofs(self, name: str, version: str) -> Iterator[None]:
+        """While inside, `verify` of this version trusts what it (or `add_verified`) proved,
+        as long as each file's fingerprint stays; leaving forgets it, so verification
+        outside one update hashes as always."""
+        key = (name, version)
+        self._proofs.setdefault(key, {})
+        try:
+            yield
+        finally:
+            self._proofs.pop(key, None)
 
     # --- writing -----------------------------------------------------------
     def add(
@@ -182,27 +210,41 @@ class ModelStore:
             )
         except ValidationError as exc:
             raise InvalidInput(f"invalid model: {one_line(exc)}") from None
-        model_dir = self._model_dir(name)
-        staging: Path | None = None
-        try:
-            model_dir.mkdir(parents=True, exist_ok=True)
-            self.clean_staging(name)
-            staging = Path(tempfile.mkdtemp(dir=model_dir, prefix=f"{STAGING_PREFIX}{os.getpid()}-"))
+        self.clean_staging(name)
+        with new_version(self._model_dir(name), final, manifest) as staging:
             for path, entry in zip(paths, entries, strict=True):
-                if self._copy_in(path, staging) != entry:
+                if copy_hashed(path, staging / path.name) != entry:
                     raise StoreError(f"{path} changed while it was being added")
-            atomic_write(staging / "manifest.json", manifest.to_json())
-            fsync_dir(staging)
-            os.rename(staging, final)
-        except BaseException as exc:
-            if staging is not None:  # nothing half-written stays (a full disk gets its space back)
-                shutil.rmtree(staging, ignore_errors=True)
-            if isinstance(exc, OSError):
-                raise StoreError(f"{name} {version} not added: cannot write {exc.filename or model_dir}: "
-                                 f"{exc.strerror or exc}") from exc
-            raise
-        fsync_dir(model_dir)
         return manifest
+
+    def add_verified(self, manifest: Manifest, sources: dict[str, tuple[Path, Fingerprint]]) -> None:
+        """Move in files the caller has already hashed to the manifest's sha256 (a download,
+        checked as it arrived), each with its fingerprint from then. One that was not written
+        since is hard-linked (no byte read); otherwise (another filesystem, a write since) it
+        is copied while hashed and checked: one read. The sources' names go once the version
+        is in place."""
+        name, version = manifest.name, manifest.version
+        final = self.version_dir(name, version)
+        if final.exists():
+            raise StoreError(f"{name} {version} already exists in {self.root}")
+        self.clean_staging(name)
+        written: dict[str, Fingerprint] = {}
+        with new_version(self._model_dir(name), final, manifest) as staging:
+            for entry in manifest.files:
+                source, proof = sources[entry.name]
+                target = staging / entry.name
+                if not link_unwritten(source, proof, target) and copy_hashed(source, target) != entry:
+                    raise StoreError(f"{name} {version}: {entry.name} does not match its sha256")
+                written[entry.name] = Fingerprint.of(target.lstat())
+        for source, _proof in sources.values():
+            source.unlink(missing_ok=True)
+        proofs = self._proofs.get((name, version))
+        if proofs is None:
+            return
+        for entry in manifest.files:  # fingerprints taken after the unlinks, which move ctime
+            now = Fingerprint.of((final / entry.name).lstat())
+            if now.unwritten_since(written[entry.name]):  # else the next verify hashes it
+                proofs[entry.name] = now
 
     def activate(self, name: str, version: str) -> None:
         """Point `name` at `version` (which must verify), keeping the old one in history."""
@@ -273,15 +315,6 @@ class ModelStore:
     def _write_pointer(self, name: str, version: str | None, history: list[str]) -> None:
         data = json.dumps({"version": version, "history": history}).encode()
         atomic_write(self._model_dir(name) / ACTIVE_FILE, data)
-
-    @staticmethod
-    def _copy_in(source: Path, directory: Path) -> ManifestFile:
-        target = directory / source.name
-        with source.open("rb") as src, target.open("xb") as dst:
-            shutil.copyfileobj(src, dst, 1 << 20)
-            dst.flush()
-            os.fsync(dst.fileno())
-        return ManifestFile(name=source.name, sha256=sha256_of(target), size=target.stat().st_size)
 
 
 def _alive(pid: int) -> bool:

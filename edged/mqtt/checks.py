@@ -60,11 +60,12 @@ def check_staged(manager: ModelManager, release: Release) -> Selection:
     return selection
 
 
-def check_served(manager: ModelManager, release: Release) -> None:
-    """The version as served (its backend, its pool): its files still verify and it passes
-    the self-test through `ModelManager.infer`."""
+def check_served(manager: ModelManager, release: Release, *, full: bool = False) -> None:
+    """The version as served (its backend, its pool): its files still verify (every byte
+    when `full`, else as `ModelStore.verify` does within an update) and it passes the
+    self-test through `ModelManager.infer`."""
     name, version = release.manifest.name, release.manifest.version
-    manager.store.verify(name, version)
+    manager.store.verify(name, version, full=full)
     if release.selftest is not None:
         inputs, expected = self_test_data(manager, release)
         spec = manager.get(name, version).loaded.inputs[0]

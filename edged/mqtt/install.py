@@ -6,15 +6,19 @@ try again; this does one install and raises when a step fails.
 The backend the self-test ran on is the one that serves: the model manager adopts the
 staged check's selection instead of probing again, so `update_tested` and
 `update_activated` name the same backend.
+
+Each file is hashed once on its way in (as its chunks arrive) and once more at the end of
+probation. In between, the store keeps the proof (`ModelStore.keep_proofs`): staging links
+the download in unread, and every check until then (the staged test, activation, the
+load, probation's checks each second) costs a `stat` per file; a file whose stat moved is
+hashed again, so a file changed under the new version still rolls it back.
 """
 
 from __future__ import annotations
 
 import logging
-import tempfile
 import threading
 import time
-from pathlib import Path
 
 from edged.config import UpdateSettings
 from edged.errors import EdgedError
@@ -22,7 +26,7 @@ from edged.models.manager import ModelManager
 from edged.models.store import version_key
 from edged.mqtt.checks import UpdateRefused, check_served, check_staged
 from edged.mqtt.reports import Reporter
-from edged.mqtt.transfer import SCRATCH_PREFIX, Transfer
+from edged.mqtt.transfer import Transfer
 from edged.signing import Release
 
 log = logging.getLogger("edged.mqtt.updates")
@@ -40,6 +44,10 @@ class Installer:
 
     def install(self, release: Release) -> None:
         """Download, stage, test, activate, watch; raises on a failed step (nothing half-done stays)."""
+        with self.store.keep_proofs(release.manifest.name, release.manifest.version):
+            self._install(release)
+
+    def _install(self, release: Release) -> None:
         manifest = release.manifest
         name, version = manifest.name, manifest.version
         previous = self.store.active(name) if name in self.store.names() else None
@@ -48,10 +56,11 @@ class Installer:
         staged = name in self.store.names() and version in self.store.versions(name)
         if not staged:  # else: staged before a restart; checked again below
             started = time.monotonic()
-            paths = {f.name: self.transfer.fetch(f.sha256, f.size, self.stop) for f in manifest.files}
+            downloads = {f.name: self.transfer.fetch(f.sha256, f.size, self.stop) for f in manifest.files}
             self.reporter.event("update_downloaded", model=name, version=version,
                                 seconds=round(time.monotonic() - started, 3))
-            self._stage(release, paths)
+            self.store.add_verified(manifest, downloads)  # moved in: hashed as they arrived
+            self.reporter.event("update_staged", model=name, version=version)
         tested = check_staged(self.manager, release)
         self.reporter.event("update_tested", model=name, version=version, backend=tested.backend,
                             selftest=release.selftest is not None)
@@ -71,24 +80,6 @@ class Installer:
             self.reporter.event("update_kept", model=name, version=version)
             self._prune(name)
 
-    def _stage(self, release: Release, paths: dict[str, Path]) -> None:
-        """Into the store under the manifest's own file names (the store hashes them again).
-        The hard links live in a `.stage-*` directory, removed at start if a kill left it."""
-        manifest = release.manifest
-        with tempfile.TemporaryDirectory(dir=self.transfer.directory, prefix=SCRATCH_PREFIX) as scratch:
-            named = []
-            for file_name, path in paths.items():
-                link = Path(scratch) / file_name  # a plain name: checked by the manifest schema
-                link.hardlink_to(path)
-                named.append(link)
-            stored = self.store.add(manifest.name, named, manifest.version, labels=manifest.labels,
-                                    preprocessing=manifest.preprocessing, decoder=manifest.decoder,
-                                    description=manifest.description)
-        if stored.files != manifest.files:
-            self.store.remove(manifest.name, manifest.version)
-            raise UpdateRefused("the stored files differ from the release's manifest")
-        self.reporter.event("update_staged", model=manifest.name, version=manifest.version)
-
     def _probation(self, release: Release) -> bool:
         """Watch the new version; roll back and return False when it goes bad."""
         name, version = release.manifest.name, release.manifest.version
@@ -96,15 +87,16 @@ class Installer:
         errors_before = stats.errors if stats else 0
         deadline = time.monotonic() + self.settings.probation_s
         while not self.stop.wait(min(1.0, max(0.0, deadline - time.monotonic()))):
+            last = time.monotonic() >= deadline
             try:
                 errors = (stats.errors if stats else 0) - errors_before
                 if errors >= self.settings.probation_max_errors:
                     raise UpdateRefused(f"{errors} inference errors during probation")
-                check_served(self.manager, release)
+                check_served(self.manager, release, full=last)  # a stat per file, all bytes at the end
             except EdgedError as exc:
                 self._roll_back(name, version, str(exc))
                 return False
-            if time.monotonic() >= deadline:
+            if last:
                 return True
         return True  # stopping: what is active stays; the next start serves it
 

@@ -6,9 +6,11 @@ out and retried. Chunks are written at their offset into `{sha256}.part`; the li
 chunks on disk is kept in `{sha256}.progress` (written only after the part file is
 synced), so a daemon restart or a broker outage resumes where the transfer stopped
 instead of starting over. A finished file is checked against its size and sha256 (hashed
-as the chunks arrive) before it is handed over as `{sha256}.file`. That file is not
-synced: the store syncs its own copy, and a `.file` found at the next start is hashed
-again before it is used, so a power cut costs a download, never a wrong model.
+as the chunks arrive, so it is never read again) before it is handed over as
+`{sha256}.file`, with the stat fingerprint it had when its hash matched: the store links
+it in unread if it was not written since. That file is not synced: the store syncs it
+(its link or its copy), and a `.file` found at the next start is hashed again before it
+is used, so a power cut costs a download, never a wrong model.
 
 A write that fails (a full disk) removes the file's `.part`, `.progress` and `.file` and
 raises a one-line TransferError; so does a download that is given up. A download that
@@ -34,6 +36,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from edged.errors import EdgedError
+from edged.fsio import Fingerprint
 from edged.models.manifest import sha256_of
 from edged.mqtt.download_hash import InOrderHash
 from edged.mqtt.link import MqttLink
@@ -41,7 +44,7 @@ from edged.mqtt.link import MqttLink
 log = logging.getLogger(__name__)
 PROGRESS_EVERY_S = 0.5
 SUFFIXES = (".part", ".progress", ".file")
-SCRATCH_PREFIX = ".stage-"  # the update agent's hard-link directories (and tempfile's "tmp")
+SCRATCH_PREFIX = ".stage-"  # hard-link directories an earlier edged made here (and tempfile's "tmp")
 
 
 class TransferError(EdgedError):
@@ -104,9 +107,10 @@ class Transfer:
         limit = self.link.max_packet_size
         return min(self.chunk_bytes, limit - 4096) if limit else self.chunk_bytes
 
-    def fetch(self, sha256: str, size: int, stop: threading.Event) -> Path:
-        """Return `{sha256}.file`, complete and verified, fetching what is missing. A failed
-        write removes what was on disk for this file and says so in one line."""
+    def fetch(self, sha256: str, size: int, stop: threading.Event) -> tuple[Path, Fingerprint]:
+        """`{sha256}.file`, complete and verified, fetching what is missing, and its
+        fingerprint when its hash matched. A failed write removes what was on disk for this
+        file and says so in one line."""
         try:
             return self._fetch(sha256, size, stop)
         except OSError as exc:
@@ -115,13 +119,14 @@ class Transfer:
             raise TransferError(f"file {sha256[:12]}: cannot write {where}: {exc.strerror or exc}; "
                                 f"its partial download was removed") from exc
 
-    def _fetch(self, sha256: str, size: int, stop: threading.Event) -> Path:
+    def _fetch(self, sha256: str, size: int, stop: threading.Event) -> tuple[Path, Fingerprint]:
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         done_path = self.directory / f"{sha256}.file"
         if done_path.exists() and done_path.stat().st_size == size:
             # Left by an earlier run, never synced (the store's copy is): check it once more.
-            if sha256_of(done_path) == sha256:
-                return done_path
+            before = Fingerprint.of(done_path.stat())
+            if sha256_of(done_path) == sha256 and Fingerprint.of(done_path.stat()) == before:
+                return done_path, before
             done_path.unlink()
         part = self.directory / f"{sha256}.part"
         progress_path = self.directory / f"{sha256}.progress"
@@ -134,6 +139,7 @@ class Transfer:
         try:
             os.ftruncate(fd, size)
             digest = self._pull(fd, sha256, size, chunk, missing, have, progress_path, stop)
+            hashed = Fingerprint.of(os.fstat(fd))  # a write after this moves its mtime
         finally:
             os.close(fd)
         if digest != sha256:
@@ -142,7 +148,7 @@ class Transfer:
             raise TransferError(f"file {sha256[:12]}: the received bytes hash to {digest[:12]}; discarded")
         os.replace(part, done_path)
         progress_path.unlink(missing_ok=True)
-        return done_path
+        return done_path, hashed
 
     def _pull(self, fd: int, sha256: str, size: int, chunk: int, missing: list[int], have: set[int],
               progress_path: Path, stop: threading.Event) -> str:
@@ -272,8 +278,8 @@ class Transfer:
         return sorted(removed)
 
     def clear_leftovers(self) -> list[Path]:
-        """At start: the hard-link directories a killed daemon left while copying a version
-        into the store (each holds a link to a whole model file)."""
+        """At start: the hard-link directories an earlier edged, killed while copying a
+        version into the store, left here (each holds a link to a whole model file)."""
         found = []
         if self.directory.is_dir():
             for path in self.directory.iterdir():

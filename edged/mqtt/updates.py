@@ -2,8 +2,8 @@
 
 For each signed release that arrives (docs/updates.md): verify it before anything else
 (signature against a pinned key, expiry, group, names, version, sizes, disk space), pull
-its files in chunks (resumable, `transfer.py`), stage them in the store (which checks
-every hash again), load the version and run its self-test (`checks.py`), and only then
+its files in chunks (resumable, `transfer.py`, hashed as they arrive), move them into
+the store, load the version and run its self-test (`checks.py`), and only then
 activate it; the model manager hot-swaps it with no failed request. For `probation_s`
 afterwards the agent watches the new version (errors, its files, the self-test through
 the served path) and rolls back to the previous version when it goes bad. Every step is
