@@ -277,6 +277,33 @@ def check_group_access(c: Checks) -> bool:
                    f"insider (group edged) -> {inside.stdout}")
 
 
+def check_upgrade(c: Checks) -> bool:
+    """dpkg -i over the installed package runs the upgrade path of the maintainer scripts
+    (postinst configure <old version>): the daemon restarts, the socket unit must not."""
+    socket_before = c.show("edged.socket", "ActiveEnterTimestampMonotonic", "InvocationID")
+    inode = c.box.out(f"stat -c %i {SOCK}")
+    pid = c.show("edged.service", "MainPID")["MainPID"]
+    # Clients asking all through the upgrade: none may be refused.
+    asking = (f"for i in $(seq 1 400); do {CURL} http://localhost/v2/models/face/ready; echo; "
+              "[ -e /tmp/upgraded ] && break; sleep 0.05; done")
+    r = c.box.run(f"rm -f /tmp/upgraded; ({asking}) > /tmp/codes & "
+                  f"dpkg -i {DEB_IN} >/tmp/dpkg.log 2>&1; echo $? > /tmp/upgraded; wait; cat /tmp/upgraded",
+                  timeout=600)
+    codes = c.box.out("cat /tmp/codes").split()
+    ok, _, took = c.wait(f"{CURL} http://localhost/v2/models/face/ready", "200", 90)
+    socket_after = c.show("edged.socket", "ActiveEnterTimestampMonotonic", "InvocationID")
+    after = c.show("edged.service", "MainPID", "ActiveState")
+    refused = [x for x in codes if x != "200"]
+    return c.check("upgrade keeps the socket",
+                   r.stdout.strip() == "0" and socket_after == socket_before and ok
+                   and inode == c.box.out(f"stat -c %i {SOCK}") and after["MainPID"] != pid and not refused,
+                   f"dpkg -i exit {r.stdout.strip()}; socket unit entered active at "
+                   f"{socket_before['ActiveEnterTimestampMonotonic']} -> "
+                   f"{socket_after['ActiveEnterTimestampMonotonic']}; daemon pid {pid} -> {after['MainPID']} "
+                   f"{after['ActiveState']}; {len(codes)} requests during the upgrade, "
+                   f"not 200: {refused or 'none'}; face ready {took:.0f} s after")
+
+
 def check_remove_purge(c: Checks) -> None:
     exists = "for p in {}; do [ -e $p ] && echo $p; done"
     paths = "/opt/edged /usr/bin/edged /etc/edged/edged.toml /var/lib/edged/models/face /var/cache/edged " \
@@ -309,7 +336,8 @@ def run_checks(c: Checks, sample: Path) -> bool:
         return False
     for step in (check_active, check_files, check_ready, check_inference, check_socket_activation,
                  check_watchdog, check_journal_fields, check_reload, check_restart_socket, check_clean_stop,
-                 check_security, check_sandbox_writes, check_group_access, check_run_check):
+                 check_security, check_sandbox_writes, check_group_access, check_run_check,
+                 check_upgrade):
         if step is check_inference and not sample.exists():
             c.report("NOT CHECKABLE", "inference", f"no sample model at {sample} (tools/fetch_models.py)")
             continue

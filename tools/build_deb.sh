@@ -2,7 +2,10 @@
 # Build edged_<version>_<arch>.deb from this checkout: edged and its Python
 # dependencies in a venv under /opt/edged, the systemd units, the commented
 # default /etc/edged/edged.toml (a conffile) and the maintainer scripts.
-#   tools/build_deb.sh [OUTDIR]      # default: dist/; prints the .deb's path
+#   tools/build_deb.sh [--arch ARCH] [OUTDIR]   # default: this machine's, dist/
+# It prints the .deb's path. `--arch arm64` on another machine builds inside an
+# arm64 Debian rootfs under QEMU user emulation (tools/arm64.py build; as root,
+# ~1 min of set-up plus several minutes emulated, see tools/arm64.py).
 # Needs dpkg-dev and, for systemd-python, gcc, pkg-config, python3-dev and
 # libsystemd-dev (tools/setup.sh installs them). PYTHON picks the interpreter
 # (default /usr/bin/python3.11, the one the package depends on); DEB_COMPRESSION
@@ -19,11 +22,21 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+host_arch=$(dpkg --print-architecture)
+arch=$host_arch
+if [ "${1:-}" = "--arch" ]; then
+    arch=${2:?build_deb: --arch needs an architecture}
+    shift 2
+fi
+if [ "$arch" != "$host_arch" ]; then
+    [ "$arch" = arm64 ] || { echo "build_deb: can build for $host_arch or arm64, not $arch" >&2; exit 2; }
+    exec python3 tools/arm64.py build --outdir "${1:-dist}"
+fi
+
 python=${PYTHON:-/usr/bin/python3.11}
 outdir=$(realpath -m "${1:-dist}")
 prefix=/opt/edged
 version=$(sed -n 's/^__version__ = "\(.*\)"$/\1/p' edged/__init__.py)
-arch=$(dpkg --print-architecture)
 maintainer="${DEBFULLNAME:-edged developers} <${DEBEMAIL:-edged@example.org}>"
 [ -n "$version" ] || { echo "build_deb: no __version__ in edged/__init__.py" >&2; exit 1; }
 pyver=$("$python" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
@@ -69,13 +82,21 @@ rm -rf "$site"/openvino/libs/libopenvino_intel_gpu_plugin.so "$site"/openvino/li
 # A tool that applies NPU compiler plugins, with an RPATH to the system's lib dirs.
 rm -f "$site"/ai_edge_litert/tools/apply_plugin_main
 # Only commands keep an exec bit: modules, shared libraries and data files that
-# wheels mark executable are not run (and lintian says so).
-find "$site" -type f -perm /111 -print0 | while IFS= read -r -d '' file; do
-    case $file in
-        *.py | *.so | *.so.*) chmod a-x "$file" ;;
-        *) head -c 4 "$file" | grep -qE '^(#!|.ELF)' || chmod a-x "$file" ;;
-    esac
-done
+# wheels mark executable are not run (and lintian says so). One Python process
+# reads every file's first bytes (a process per file costs minutes under QEMU).
+"$python" - "$site" <<'PY'
+import os, sys
+for top, _dirs, files in os.walk(sys.argv[1]):
+    for name in files:
+        path = os.path.join(top, name)
+        mode = os.lstat(path).st_mode
+        if not mode & 0o111 or os.path.islink(path):
+            continue
+        with open(path, "rb") as f:
+            head = f.read(4)
+        if name.endswith((".py", ".so")) or ".so." in name or not head.startswith((b"#!", b"\x7fELF")):
+            os.chmod(path, mode & ~0o111)
+PY
 # systemd-python is built here, with its symbols; the wheels' binaries are left as
 # they come: strip can corrupt the libraries auditwheel rewrote with patchelf.
 strip --strip-unneeded "$site"/systemd/*.so
@@ -97,15 +118,26 @@ if leftover=$(grep -rlF "$work" "$root"); then
 fi
 # A library may find its neighbours through $ORIGIN, never through a path of
 # the build machine.
-mapfile -t elves < <(find "$root" -type f \( -name '*.so' -o -name '*.so.*' -o -perm /111 \) \
-    -exec sh -c 'head -c 4 "$1" | grep -q ELF' sh {} \; -print)
-for elf in "${elves[@]}"; do
-    # shellcheck disable=SC2016  # $ORIGIN is meant literally
-    if readelf -d "$elf" | grep -E '\((RPATH|RUNPATH)\)' | grep -vE '\[(\$ORIGIN[^]:]*:?)+\]$'; then
-        echo "build_deb: $elf has a search path outside the package" >&2
-        exit 1
-    fi
-done
+mapfile -t elves < <("$python" - "$root" <<'PY'
+import os, sys
+for top, _dirs, files in os.walk(sys.argv[1]):
+    for name in sorted(files):
+        path = os.path.join(top, name)
+        if os.path.islink(path) or not (name.endswith(".so") or ".so." in name or os.stat(path).st_mode & 0o111):
+            continue
+        with open(path, "rb") as f:
+            if f.read(4) == b"\x7fELF":
+                print(path)
+PY
+)
+# One readelf for all of them; it heads each file's section with "File: <path>".
+# shellcheck disable=SC2016  # $ORIGIN is meant literally
+if outside=$(readelf -d "${elves[@]}" | awk '/^File: /{file=$2} /\((RPATH|RUNPATH)\)/ && !/\[(\$ORIGIN[^]:]*:?)+\]$/{print file": "$0}') \
+        && [ -n "$outside" ]; then
+    echo "build_deb: search paths outside the package:" >&2
+    echo "$outside" >&2
+    exit 1
+fi
 
 # 5. Units, the default config, documentation.
 install -D -m 0644 -t "$root/lib/systemd/system" \
