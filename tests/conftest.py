@@ -4,23 +4,21 @@ and the daemon as a real subprocess on a real Unix socket."""
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import shutil
-import signal
 import subprocess
-import sys
 import tempfile
-import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from edged.client import Client
 from edged.models.store import ModelStore
+from tests.daemon_process import DaemonProcess, to_toml, wait_until
+
+# Test modules import these from here too; they live in tests/daemon_process.py for tools/.
+__all__ = ["DaemonProcess", "to_toml", "wait_until"]
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -64,14 +62,6 @@ def short_dir() -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="edged-", dir="/tmp"))
     yield path
     shutil.rmtree(path, ignore_errors=True)
-
-
-def wait_until(predicate: Callable[[], object], timeout: float = 60.0, what: str = "condition") -> None:
-    """Poll `predicate` until it is true; fail naming `what` after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
 
 
 class SmallDisk:
@@ -146,120 +136,15 @@ def store(tmp_path: Path) -> ModelStore:
     return ModelStore(tmp_path / "store")
 
 
-def to_toml(data: dict, prefix: str = "") -> str:
-    """Just enough TOML for test configs: tables, strings, numbers, booleans, lists."""
-    scalars, tables, arrays = [], [], []
-    for key, value in data.items():
-        if isinstance(value, dict):
-            tables.append((f"{prefix}{key}", value))
-        elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
-            arrays.extend((f"{prefix}{key}", item) for item in value)
-        else:
-            scalars.append(f"{key} = {json.dumps(str(value) if isinstance(value, Path) else value)}")
-    text = "\n".join(scalars) + "\n"
-    for name, table in tables:
-        text += f"\n[{name}]\n" + to_toml(table, f"{name}.")
-    for name, table in arrays:
-        text += f"\n[[{name}]]\n" + to_toml(table, f"{name}.")
-    return text
-
-
-class DaemonProcess:
-    """`edged run` in a subprocess, with its socket, store and log."""
-
-    def __init__(self, workdir: Path, store_dir: Path, config: dict | None, env: dict | None,
-                 launcher: list[str] | None = None, pass_fds: tuple[int, ...] = ()) -> None:
-        self.workdir = workdir
-        self.socket = workdir / "edged.sock"
-        self.store_dir = store_dir
-        self.log_path = workdir / "daemon.log"
-        settings = {"store": {"path": str(store_dir), "poll_interval_s": 0.2},
-                    "socket": {"path": str(self.socket)},
-                    "backends": {"openvino_cache_dir": str(workdir / "ov-cache"), "probe_runs": 5}}
-        for section, values in (config or {}).items():
-            settings.setdefault(section, {}).update(values)
-        self.socket = Path(settings["socket"]["path"])
-        self.config_path = workdir / "edged.toml"
-        self.config_path.write_text(to_toml(settings))
-        full_env = {k: v for k, v in os.environ.items() if not k.startswith("EDGED_")}
-        full_env.update(env or {})
-        self.log = self.log_path.open("wb")
-        self.started = time.monotonic()
-        self.proc = subprocess.Popen(  # launcher: what runs `-m edged run ...` (default: this Python)
-            [*(launcher or [sys.executable]), "-m", "edged", "run", "--config", str(self.config_path)],
-            stdout=self.log, stderr=subprocess.STDOUT, env=full_env, cwd=workdir, pass_fds=pass_fds,
-        )
-
-    def output(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def wait_ready(self, timeout: float = 60.0) -> DaemonProcess:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"daemon exited with {self.proc.returncode}:\n{self.output()}")
-            if self.socket.exists():
-                try:
-                    with Client(self.socket, timeout=5) as client:
-                        if client.ready():
-                            return self
-                except OSError:
-                    pass
-                except Exception as exc:  # not accepting yet
-                    if "cannot connect" not in str(exc):
-                        raise
-            time.sleep(0.05)
-        raise AssertionError(f"daemon not ready after {timeout} s:\n{self.output()}")
-
-    def client(self, timeout: float = 30.0) -> Client:
-        return Client(self.socket, timeout=timeout)
-
-    def predicting(self, model: str, inputs: dict[str, np.ndarray], clients: int = 1) -> PredictLoad:
-        """`with daemon.predicting(...) as load:` clients keep predicting until the block ends."""
-        return PredictLoad(self, model, inputs, clients)
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
-        return self.proc.returncode
-
-
-class PredictLoad:
-    """Socket clients predicting in threads; every answer's first output value and every
-    failure is kept, so a test can say "zero failed requests" about what happened meanwhile."""
-
-    def __init__(self, daemon: DaemonProcess, model: str, inputs: dict[str, np.ndarray],
-                 clients: int) -> None:
-        self.answers: list[float] = []
-        self.failures: list[str] = []
-        self._daemon, self._model, self._inputs = daemon, model, inputs
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._predict) for _ in range(clients)]
-
-    def _predict(self) -> None:
-        with self._daemon.client() as client:
-            while not self._stop.is_set():
-                try:
-                    outputs = client.infer(self._model, self._inputs)
-                    self.answers.append(float(next(iter(outputs.values())).flat[0]))
-                except Exception as exc:  # every failure counts
-                    self.failures.append(repr(exc))
-
-    def __enter__(self) -> PredictLoad:
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join()
+def daemon_settings(workdir: Path, store_dir: Path, config: dict | None) -> dict:
+    """A test daemon's settings: its socket and OpenVINO cache in `workdir`, the store polled
+    often and few probe runs (fast tests), then `config` merged in by section."""
+    settings = {"store": {"path": str(store_dir), "poll_interval_s": 0.2},
+                "socket": {"path": str(workdir / "edged.sock")},
+                "backends": {"openvino_cache_dir": str(workdir / "ov-cache"), "probe_runs": 5}}
+    for section, values in (config or {}).items():
+        settings.setdefault(section, {}).update(values)
+    return settings
 
 
 def _daemon_factory() -> Iterator:
@@ -270,7 +155,7 @@ def _daemon_factory() -> Iterator:
               ready: bool = True, **spawn) -> DaemonProcess:
         workdir = base / f"d{len(started)}"
         workdir.mkdir()
-        daemon = DaemonProcess(workdir, store_dir, config, env, **spawn)
+        daemon = DaemonProcess(workdir, daemon_settings(workdir, store_dir, config), env, **spawn)
         started.append(daemon)
         return daemon.wait_ready() if ready else daemon
 

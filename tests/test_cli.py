@@ -16,6 +16,7 @@ import pytest
 
 from edged.client import ClientError
 from tests.conftest import build_tiny_ir, ir_files
+from tests.daemon_process import wait_until
 
 X = np.array([[1, 2, -3, 0.5]], np.float32)
 
@@ -133,9 +134,7 @@ def test_hot_swap_under_load_fails_no_request(start_daemon, sample_store, tmp_pa
         t.start()
     time.sleep(0.3)
     edged("models", "activate", "tiny", "2", "--store", str(sample_store.root))
-    deadline = time.monotonic() + 15
-    while (not versions or versions[-1] != "2") and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: versions and versions[-1] == "2", 15, "answers from version 2")
     time.sleep(0.3)
     stop.set()
     for t in threads:

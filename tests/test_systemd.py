@@ -35,7 +35,7 @@ from edged.models.manager import ModelManager
 from edged.models.store import ModelStore
 from edged.systemd import JOURNAL_SOCKET, JournalHandler
 from tests.broker import Broker
-from tests.conftest import DaemonProcess, build_tiny_ir, ir_files, to_toml, wait_until
+from tests.conftest import DaemonProcess, build_tiny_ir, daemon_settings, ir_files, to_toml, wait_until
 
 X = np.array([[1, 2, -3, 0.5]], np.float32)
 WATCHDOG_USEC = 2_000_000  # WatchdogSec=2s: a ping every second, a check must finish in 0.5 s
@@ -539,23 +539,13 @@ def test_journal_fields_of_a_pipeline_record():
 def test_the_daemon_logs_to_the_journal_only_through_its_socket(tiny_store, short_dir):
     """JOURNAL_STREAM names the daemon's real stderr: its entries go to journald's socket when
     there is one; without one (as in this container) they stay plain lines on stderr."""
-    log_path = short_dir / "stderr"
+    log_path = short_dir / "daemon.log"  # DaemonProcess truncates it: the same inode stays its stderr
     log_path.touch()
     st = log_path.stat()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGED_")}
-    env.update(JOURNAL_STREAM=f"{st.st_dev}:{st.st_ino}",
-               EDGED_BACKENDS__OPENVINO_CACHE_DIR=str(short_dir / "cache"))
-    with log_path.open("ab") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "edged", "run", "--store", str(tiny_store.root),
-                                 "--socket", str(short_dir / "edged.sock")], stdout=log, stderr=log, env=env)
-        try:
-            wait_until(lambda: (short_dir / "edged.sock").exists() or proc.poll() is not None,
-                       what="the daemon to bind its socket")
-            with Client(short_dir / "edged.sock") as client:
-                wait_until(client.ready, what="the daemon to be ready")
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            assert proc.wait(timeout=60) == 0
+    settings = daemon_settings(short_dir, tiny_store.root, None)
+    with DaemonProcess(short_dir, settings, {"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"}) as daemon:
+        daemon.wait_ready()
+    assert daemon.proc.returncode == 0
     serving = [line for line in log_path.read_text().splitlines() if "tiny 1 serving on openvino" in line]
     if JOURNALD:
         assert serving == []
@@ -571,12 +561,12 @@ def test_an_entry_reaches_a_real_journal_with_its_fields():
     logger.propagate = False
     logger.addHandler(JournalHandler())
     logger.warning("journal test %s", marker, extra={"MODEL": "face", "VERSION": "3"})
-    found = []
-    deadline = time.monotonic() + 10
-    while not found and time.monotonic() < deadline:
+
+    def entries() -> list[dict]:
         out = subprocess.run(["journalctl", "-o", "json", f"LOGGER=edged.test.{marker}"],
                              capture_output=True, text=True, timeout=30).stdout
-        found = [json.loads(line) for line in out.splitlines() if line.strip()]
-        time.sleep(0.2)
-    assert found and found[0]["MODEL"] == "face" and found[0]["VERSION"] == "3"
+        return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+    found = wait_until(entries, 10, "the entry in the journal", interval=0.2)
+    assert found[0]["MODEL"] == "face" and found[0]["VERSION"] == "3"
     assert found[0]["MESSAGE"] == f"journal test {marker}"

@@ -1,9 +1,7 @@
-"""Helpers for the sensor tests: the window IR and waiting for a condition."""
+"""Helpers for the sensor tests: the window IR (waiting is tests.daemon_process.wait_until)."""
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -23,10 +21,3 @@ def build_window_ir(directory: Path, samples: int = SAMPLES, channels: int = CHA
     path = directory / "window.xml"
     ov.save_model(ov.Model([sums], [x], "window"), str(path), compress_to_fp16=False)
     return path
-
-
-def wait_for(predicate: Callable[[], object], timeout: float = 30.0, what: object = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"condition not met in time {what() if callable(what) else what}"
-        time.sleep(0.02)

@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 from edged.config import SourceSettings
-from tests.pipelines.sensor_support import wait_for
+from tests.daemon_process import wait_until
 from tests.pipelines.test_sensor_sources import open_writer, results
 
 NO_WRITER = "no writer has the FIFO open"
@@ -25,7 +25,7 @@ def test_a_fifo_whose_writer_closes_is_reconnecting_until_a_writer_returns(run_p
     with run_pipeline(source) as pipeline:
 
         def reach(state: str) -> None:
-            wait_for(lambda: pipeline.status()["state"] == state, what=pipeline.status)
+            wait_until(lambda: pipeline.status()["state"] == state, what=pipeline.status)
             status = pipeline.status()
             seen.append((status["state"], status["last_error"]))
 
@@ -34,7 +34,7 @@ def test_a_fifo_whose_writer_closes_is_reconnecting_until_a_writer_returns(run_p
             writer = open_writer(fifo)
             reach("running")  # the writer is there; it has not written yet
             os.write(writer, b"1,1\n2,2\n3,3\n4,4\n")
-            wait_for(lambda n=writer_number: pipeline.processed == n, what=pipeline.status)
+            wait_until(lambda n=writer_number: pipeline.processed == n, what=pipeline.status)
             os.close(writer)  # the fault: the writer goes away
             reach("reconnecting")
         status = pipeline.status()
@@ -59,19 +59,19 @@ def test_the_daemon_shows_a_fifo_without_a_writer_as_reconnecting(start_daemon, 
             status = client.pipelines()["vibration"]
             return status["state"], status["last_error"]
 
-        wait_for(lambda: state() == ("reconnecting", NO_WRITER), what=daemon.output)
+        wait_until(lambda: state() == ("reconnecting", NO_WRITER), what=daemon.output)
         # Side fix (b): nothing inferred yet, so no latency: `-`, not "None".
         shown = subprocess.run([sys.executable, "-m", "edged", "pipelines", "status", "--socket",
                                 str(daemon.socket)], capture_output=True, text=True, check=True).stdout
         writer = open_writer(fifo)
-        wait_for(lambda: state() == ("running", ""), what=daemon.output)
+        wait_until(lambda: state() == ("running", ""), what=daemon.output)
         os.write(writer, b"1,1\n2,2\n3,3\n4,4\n")
-        wait_for(lambda: client.pipelines()["vibration"]["processed"] == 1, what=daemon.output)
+        wait_until(lambda: client.pipelines()["vibration"]["processed"] == 1, what=daemon.output)
         os.close(writer)
-        wait_for(lambda: state() == ("reconnecting", NO_WRITER), what=daemon.output)
+        wait_until(lambda: state() == ("reconnecting", NO_WRITER), what=daemon.output)
         writer = open_writer(fifo)
-        wait_for(lambda: state() == ("running", ""), what=daemon.output)
+        wait_until(lambda: state() == ("running", ""), what=daemon.output)
         os.close(writer)
-        wait_for(lambda: state() == ("reconnecting", NO_WRITER), what=daemon.output)
+        wait_until(lambda: state() == ("reconnecting", NO_WRITER), what=daemon.output)
     assert daemon.output().count(f"{NO_WRITER}; waiting for one") == 3  # at start and after each writer
     assert "infer p50 - ms" in shown and "None" not in shown and NO_WRITER in shown

@@ -14,7 +14,7 @@ import numpy as np
 import skimage.data
 
 from tests.broker import Broker
-from tests.pipelines.sensor_support import wait_for
+from tests.daemon_process import wait_until
 from tests.pipelines.test_sensor_sources import open_writer
 
 DEVICE = "edge-7"
@@ -31,7 +31,7 @@ def mqtt_config(broker: Broker, workdir: Path, **extra: object) -> dict:
 def wait_subscribed(broker: Broker, topic_filter: str, times: int = 1) -> None:
     """Until the broker's log shows the daemon subscribed to `topic_filter` (`times` in all)."""
     line = f": {DEVICE} 1 {topic_filter}\n"
-    wait_for(lambda: broker.log().count(line) >= times, what=lambda: broker.log(tail=20))
+    wait_until(lambda: broker.log().count(line) >= times, what=lambda: broker.log(tail=20))
 
 
 def payloads(watcher, pipeline: str) -> list[dict]:
@@ -50,7 +50,7 @@ def test_a_topic_feeds_windows_and_results_go_back_over_mqtt(start_daemon, broke
     sensor = mqtt_subscriber(broker, None)
     wait_subscribed(broker, "sensors/+/vib")
     with daemon.client() as client:  # both sources listen once their pipelines have started
-        wait_for(lambda: {p["state"] for p in client.pipelines().values()} == {"running"},
+        wait_until(lambda: {p["state"] for p in client.pipelines().values()} == {"running"},
                  what=client.pipelines)
     sensor.publish("sensors/a1/vib", "1,10\n2,20\nnot,a number\n3,30")
     sensor.publish("sensors/a1/vib", "4,40")  # a window may span messages
@@ -71,17 +71,17 @@ def test_a_topic_feeds_windows_and_results_go_back_over_mqtt(start_daemon, broke
     assert "skipped a malformed sample, not a number" in daemon.output()
     sensor.publish("sensors/a1/vib", b"1,1\n" * 300_000)  # one message over 1 MiB: malformed as a whole
     with daemon.client() as client:
-        wait_for(lambda: client.pipelines()["vib"]["malformed"] == 2, what=client.pipelines)
+        wait_until(lambda: client.pipelines()["vib"]["malformed"] == 2, what=client.pipelines)
         status = client.pipelines()["vib"]
     assert status["last_malformed"] == "a message of 1200000 bytes, over 1048576"
     assert status["samples"] == 4 and status["messages"] == 3
 
     broker.stop()  # the source says so, and comes back with the broker
     with daemon.client() as client:
-        wait_for(lambda: client.pipelines()["vib"]["state"] == "reconnecting", what=client.pipelines)
+        wait_until(lambda: client.pipelines()["vib"]["state"] == "reconnecting", what=client.pipelines)
         assert client.pipelines()["vib"]["last_error"] == "MQTT broker not connected"
         broker.start()
-        wait_for(lambda: client.pipelines()["vib"]["state"] == "running", what=client.pipelines)
+        wait_until(lambda: client.pipelines()["vib"]["state"] == "running", what=client.pipelines)
         wait_subscribed(broker, "sensors/+/vib", times=2)  # the link subscribed again
         watcher.wait_connected(connects=2)
         sensor.wait_connected(connects=2)
@@ -104,7 +104,7 @@ def test_a_restarted_pipeline_is_fed_once(start_daemon, broker, mqtt_subscriber,
     with daemon.client() as client:
         for action in ("restart", "stop", "start"):
             client.pipeline_control("a", action)
-        wait_for(lambda: client.pipelines()["a"]["state"] == "running", what=client.pipelines)
+        wait_until(lambda: client.pipelines()["a"]["state"] == "running", what=client.pipelines)
         sensor.publish("line/1", "\n".join(json.dumps({"x": n, "y": 1, "extra": "ok"}) for n in range(4)))
         watcher.wait_count(1, timeout=30)
         sensor.publish("line/2", '{"x": 1, "y": 0}\n' * 4)
@@ -133,16 +133,16 @@ def test_results_made_while_the_broker_is_away_arrive_after_it_returns(
         os.write(writer, b"1,0\n" * 4)
         watcher.wait_count(1, timeout=30)
         broker.stop()
-        wait_for(lambda: not client.status()["mqtt"]["connected"], what=client.status)
+        wait_until(lambda: not client.status()["mqtt"]["connected"], what=client.status)
         for window in range(2, 8):  # one at a time, so none is dropped for a busy model
             os.write(writer, b"%d,0\n" % window * 4)
-            wait_for(lambda w=window: processed() == w, what=client.pipelines)
+            wait_until(lambda w=window: processed() == w, what=client.pipelines)
         mqtt = client.status()["mqtt"]
         assert mqtt["outbox"]["by_kind"].get("result") == 6, mqtt
         assert client.pipelines()["vib"]["sinks"][0]["published"] == 7  # put in the outbox
         broker.start()
         watcher.wait_for(lambda m: m.json()["window"] == 7, timeout=30)
-        wait_for(lambda: client.status()["mqtt"]["outbox"]["by_kind"].get("result", 0) == 0,
+        wait_until(lambda: client.status()["mqtt"]["outbox"]["by_kind"].get("result", 0) == 0,
                  what=client.status)
     os.close(writer)
     windows = [p["window"] for p in payloads(watcher, "vib")]
@@ -188,14 +188,14 @@ def test_on_change_publishes_a_steady_scene_once_and_again_when_it_changes(
         "sinks": [{"kind": "mqtt", "on_change": True, "change_digits": 1}],
     }}})
     with daemon.client() as client:
-        wait_for(lambda: client.pipelines()["door"]["processed"] >= 40, what=client.pipelines)
+        wait_until(lambda: client.pipelines()["door"]["processed"] >= 40, what=client.pipelines)
         steady = client.pipelines()["door"]
         first = watcher.wait_for(timeout=30).json()
         (tmp_path / "swap").symlink_to(scene(tmp_path / "after", shift=120))  # the visitor steps aside
         os.replace(tmp_path / "swap", camera)
         second = watcher.wait_for(lambda m: m.json()["frame"] != first["frame"], timeout=30).json()
         later = client.pipelines()["door"]["processed"] + 40
-        wait_for(lambda: client.pipelines()["door"]["processed"] >= later, what=client.pipelines)
+        wait_until(lambda: client.pipelines()["door"]["processed"] >= later, what=client.pipelines)
         moved = client.pipelines()["door"]
     assert len(first["detections"]) == 1 and len(second["detections"]) == 1
     assert second["detections"][0]["box"][0] - first["detections"][0]["box"][0] > 0.1
@@ -215,7 +215,7 @@ def test_the_rate_limit_bounds_what_is_published(start_daemon, broker, mqtt_subs
         "sinks": [{"kind": "mqtt", "max_rate_hz": 4}, {"path": str(tmp_path / "all.jsonl")}],
     }}})
     with daemon.client() as client:
-        wait_for(lambda: client.pipelines()["door"]["processed"] >= 100, what=client.pipelines)
+        wait_until(lambda: client.pipelines()["door"]["processed"] >= 100, what=client.pipelines)
         door = client.pipelines()["door"]
     lifetime = time.monotonic() - daemon.started  # the daemon started first: the pipeline ran less
     mqtt, jsonl = door["sinks"]

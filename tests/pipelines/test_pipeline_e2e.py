@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import cv2
 import numpy as np
 import skimage.data
+
+from tests.daemon_process import wait_until
 
 
 def write_moving_face_video(path: Path, frames: int = 40) -> Path:
@@ -34,16 +35,17 @@ def test_video_file_pipeline_writes_face_detections(start_daemon, sample_store, 
         "source": {"uri": str(video)},
         "sinks": [{"path": str(results)}],
     }}})
-    deadline = time.monotonic() + 60
     with daemon.client() as client:
-        while True:
-            status, _, body = client.request("GET", "/v2/edged/pipelines")
-            door = json.loads(bytes(body))["door"]
-            if door["state"] == "finished" and door["processed"] + door["dropped"] >= door["frames"] > 0:
-                break
-            assert time.monotonic() < deadline, (door, daemon.output())
-            time.sleep(0.1)
-    assert status == 200
+        def status() -> dict:
+            code, _, body = client.request("GET", "/v2/edged/pipelines")
+            assert code == 200
+            return json.loads(bytes(body))["door"]
+
+        def done(door: dict) -> bool:
+            return door["state"] == "finished" and door["processed"] + door["dropped"] >= door["frames"] > 0
+
+        wait_until(lambda: done(status()), 60, lambda: (status(), daemon.output()))
+        door = status()
     assert door["frames"] == 40 and door["processed"] >= 1
     assert door["errors"] == 0 and door["last_error"] == ""
     lines = [json.loads(line) for line in results.read_text().splitlines()]
@@ -62,14 +64,11 @@ def test_a_camera_that_is_missing_is_retried_and_harms_nobody(start_daemon, samp
     daemon = start_daemon(sample_store.root, config={"pipelines": {"cam": {
         "model": "face", "source": {"uri": "/dev/video99", "reopen_backoff_s": 0.1},
     }}})
-    deadline = time.monotonic() + 30
     with daemon.client() as client:
-        while True:
-            cam = client.status()["pipelines"]["cam"]
-            if cam.get("reconnects", 0) >= 2:  # "stopped" until the daemon starts it
-                break
-            assert time.monotonic() < deadline, cam
-            time.sleep(0.1)
+        # "stopped" until the daemon starts it
+        wait_until(lambda: client.status()["pipelines"]["cam"].get("reconnects", 0) >= 2, 30,
+                   lambda: client.status()["pipelines"]["cam"])
+        cam = client.status()["pipelines"]["cam"]
         assert cam["state"] == "reconnecting"
         assert cam["last_error"] == "cannot open /dev/video99"
         assert client.infer("tiny", {"x": np.zeros((1, 4), np.float32)})["y"].shape == (1, 4)
@@ -105,10 +104,8 @@ def test_pipelines_are_controlled_at_run_time(start_daemon, sample_store, tmp_pa
                                str(daemon.socket)], capture_output=True, text=True, timeout=60)
 
     with daemon.client() as client:
-        deadline = time.monotonic() + 20
-        while client.pipelines()["loop"]["state"] != "running":  # the file opens in the background
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        # the file opens in the background
+        wait_until(lambda: client.pipelines()["loop"]["state"] == "running", 20, "loop running")
     listing = edged("list").stdout.splitlines()
     assert listing[0].split()[:3] == ["loop", "running", "face"]
     assert listing[1].split()[:3] == ["spare", "stopped", "face"]
@@ -121,10 +118,7 @@ def test_pipelines_are_controlled_at_run_time(start_daemon, sample_store, tmp_pa
     missing = edged("start", "nosuch")
     assert missing.returncode == 1 and "HTTP 404" in missing.stderr
     with daemon.client() as client:
-        deadline = time.monotonic() + 20
-        while client.pipelines()["loop"]["processed"] < 3:
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
+        wait_until(lambda: client.pipelines()["loop"]["processed"] >= 3, 20, "3 frames processed")
     status = edged("status").stdout
     assert "loop" in status and "infer p50" in status
 
@@ -158,11 +152,8 @@ def test_an_image_folder_feeds_a_pipeline_and_bad_files_are_skipped(start_daemon
         "model": "face", "source": {"kind": "images", "uri": str(folder)},
         "sinks": [{"path": str(results)}],
     }}})
-    deadline = time.monotonic() + 30
     with daemon.client() as client:
-        while client.pipelines()["shots"]["state"] != "finished":
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        wait_until(lambda: client.pipelines()["shots"]["state"] == "finished", 30, "shots finished")
         shots = client.pipelines()["shots"]
     assert shots["frames"] == 2 and shots["processed"] == 2
     assert shots["last_error"] == "b.png: not a readable image (skipped)"
@@ -196,10 +187,8 @@ def test_results_stream_over_the_socket_and_a_slow_reader_slows_nothing(start_da
     assert json.loads(line)["model"] == "face"
     with daemon.client() as client:  # the reader that never reads holds nothing up
         before = client.pipelines()["s"]["processed"]
-        deadline = time.monotonic() + 60
-        while client.pipelines()["s"]["processed"] < before + 100 and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert client.pipelines()["s"]["processed"] >= before + 100
+        wait_until(lambda: client.pipelines()["s"]["processed"] >= before + 100, 60,
+                   lambda: f"100 more frames processed: {client.pipelines()['s']}")
     reader.close()
     slow.close()
     with daemon.client() as client:

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 
 from edged.config import QualitySettings
 from edged.pipelines.quality import QualityMonitor
+from tests.daemon_process import wait_until
 from tests.pipelines.test_pipeline_e2e import write_moving_face_video
 
 SETTINGS = QualitySettings(frozen_after_s=5, for_s=2)
@@ -43,13 +42,9 @@ def test_pipeline_reports_a_frozen_camera(start_daemon, sample_store, tmp_path):
         "model": "face", "source": {"uri": str(video), "loop": True},
         "quality": {"frozen_after_s": 0.5},
     }}})
-    deadline = time.monotonic() + 30
     with daemon.client() as client:
-        while True:
-            still = client.status()["pipelines"]["still"]
-            if still["state"] == "degraded":
-                break
-            assert time.monotonic() < deadline, still
-            time.sleep(0.1)
+        wait_until(lambda: client.status()["pipelines"]["still"]["state"] == "degraded", 30,
+                   lambda: client.status()["pipelines"]["still"])
+        still = client.status()["pipelines"]["still"]
     assert still["degraded_reason"].startswith("frozen picture for")
     assert still["processed"] > 0

@@ -16,7 +16,7 @@ import numpy as np
 
 from edged.config import PipelineSettings, QualitySettings, SourceSettings
 from edged.pipelines.runner import Pipeline
-from tests.pipelines.sensor_support import wait_for
+from tests.daemon_process import wait_until
 
 QUALITY_LOGGER = "edged.pipelines.quality"
 
@@ -57,12 +57,12 @@ def test_black_frames_are_logged_once_per_change_of_kind(face_manager, tmp_path,
 
     pipeline.start()
     try:
-        wait_for(lambda: reason_is("black frames for"), what=pipeline.status)
+        wait_until(lambda: reason_is("black frames for"), what=pipeline.status)
         # Black is also still: after frozen_after_s the reason gains a second kind; its
         # seconds keep counting (6 different reasons over 5 s, one a second, were 6 lines).
-        wait_for(lambda: reason_is("frozen picture for 5 s; black frames for 5 s"), what=pipeline.status)
+        wait_until(lambda: reason_is("frozen picture for 5 s; black frames for 5 s"), what=pipeline.status)
         show(folder, [noise(seed) for seed in range(6)])  # the camera sees again
-        wait_for(lambda: pipeline.status()["state"] == "running", what=pipeline.status)
+        wait_until(lambda: pipeline.status()["state"] == "running", what=pipeline.status)
         status = pipeline.status()
     finally:
         pipeline.stop()
@@ -95,15 +95,15 @@ def test_a_video_source_back_from_an_outage_is_not_a_frozen_picture(face_manager
     pipeline = Pipeline("door", settings, face_manager)
     pipeline.start()
     try:
-        wait_for(lambda: pipeline.processed > 20, what=pipeline.status)
+        wait_until(lambda: pipeline.processed > 20, what=pipeline.status)
         away = tmp_path / "away.avi"
         os.replace(video, away)  # the fault: the source goes away (at the end of this pass)
-        wait_for(lambda: pipeline.status()["state"] == "reconnecting", what=pipeline.status)
+        wait_until(lambda: pipeline.status()["state"] == "reconnecting", what=pipeline.status)
         gone_at = time.monotonic()
-        wait_for(lambda: time.monotonic() > gone_at + 3 * settings.quality.frozen_after_s)  # a long outage
+        wait_until(lambda: time.monotonic() > gone_at + 3 * settings.quality.frozen_after_s)  # a long outage
         processed = pipeline.processed
         os.replace(away, video)  # and comes back, showing what it showed before
-        wait_for(lambda: pipeline.processed > processed + 20, what=pipeline.status)
+        wait_until(lambda: pipeline.processed > processed + 20, what=pipeline.status)
         status = pipeline.status()
     finally:
         pipeline.stop()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 
 import numpy as np
 
@@ -13,14 +12,8 @@ from edged.pipelines.group import Pipelines
 from edged.pipelines.opencv import as_bgr
 from edged.pipelines.sinks.jsonl import JsonlSink
 from edged.pipelines.sources.camera import CameraSource
+from tests.daemon_process import wait_until
 from tests.pipelines.test_pipeline_e2e import write_moving_face_video
-
-
-def wait_for(predicate, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
 
 
 def test_overlapping_restarts_leave_exactly_one_pipeline(sample_store, tmp_path):
@@ -40,7 +33,7 @@ def test_overlapping_restarts_leave_exactly_one_pipeline(sample_store, tmp_path)
         worker.join()
     assert list(pipelines.running) == ["p"]
     pipelines.stop_all()
-    wait_for(lambda: threading.active_count() <= before)
+    wait_until(lambda: threading.active_count() <= before)
     manager.close()
 
 
@@ -54,7 +47,7 @@ def test_a_name_opencv_refuses_is_reported_not_fatal():
     source = CameraSource(SourceSettings(uri="\u00b2", reopen_backoff_s=0.05))
     source.start()
     try:
-        wait_for(lambda: source.reconnects >= 2)
+        wait_until(lambda: source.reconnects >= 2)
         assert source.state == "reconnecting" and source.last_error.startswith("cannot open")
     finally:
         source.stop()

@@ -18,7 +18,7 @@ from edged.config import SourceSettings
 from edged.pipelines.sources.fifo import FifoSource
 from edged.pipelines.sources.iio import Channel, find_channels
 from edged.pipelines.sources.sensors import StdinSource
-from tests.pipelines.sensor_support import wait_for
+from tests.daemon_process import wait_until
 
 
 def results(path: Path) -> list[dict]:
@@ -50,19 +50,19 @@ def test_a_fifo_feeds_windows_to_the_model_across_writers(run_pipeline, tmp_path
     with run_pipeline(SourceSettings(kind="fifo", uri=str(fifo), channels=2, window=4, stride=4)) as pipeline:
         writer = open_writer(fifo)
         os.write(writer, b"1,10\n2,20\nnot,a number\n3,30\n4,40\n")
-        wait_for(lambda: pipeline.processed == 1, what=pipeline.status)
+        wait_until(lambda: pipeline.processed == 1, what=pipeline.status)
         os.close(writer)  # the writer goes away; the next one is read too
         writer = open_writer(fifo)
         os.write(writer, b"5,1\n6,1\r\n7,1\n8,1")  # the last line ends with the writer
         os.close(writer)
-        wait_for(lambda: pipeline.processed == 2, what=pipeline.status)
+        wait_until(lambda: pipeline.processed == 2, what=pipeline.status)
         fifo.unlink()  # a producer that makes its FIFO afresh is found again
         os.mkfifo(fifo)
         writer = open_writer(fifo)
         os.write(writer, b"0,7\n0,7\n0,7\n0,7\n")
         os.close(writer)
-        wait_for(lambda: pipeline.processed == 3, what=pipeline.status)
-        wait_for(lambda: pipeline.status()["state"] == "reconnecting", what=pipeline.status)
+        wait_until(lambda: pipeline.processed == 3, what=pipeline.status)
+        wait_until(lambda: pipeline.status()["state"] == "reconnecting", what=pipeline.status)
         status = pipeline.status()
     assert top_classes(out) == [("high", 100.0), ("low", 26.0), ("high", 28.0)]
     assert [r["window"] for r in results(out)] == [1, 2, 3]
@@ -77,18 +77,18 @@ def test_a_fifo_that_is_missing_or_not_a_fifo_is_waited_for(tmp_path):
     source = FifoSource(SourceSettings(kind="fifo", uri=str(path), reopen_backoff_s=0.02), "p")
     source.start()
     try:
-        wait_for(lambda: source.state == "reconnecting")
+        wait_until(lambda: source.state == "reconnecting")
         assert source.last_error == f"cannot open {path}: No such file or directory"
         path.write_text("a regular file")
-        wait_for(lambda: source.last_error == f"cannot open {path}: not a FIFO")
+        wait_until(lambda: source.last_error == f"cannot open {path}: not a FIFO")
         path.unlink()
         os.mkfifo(path)
-        wait_for(lambda: source.last_error == "no writer has the FIFO open")
+        wait_until(lambda: source.last_error == "no writer has the FIFO open")
         writer = open_writer(path)
-        wait_for(lambda: source.state == "running")
+        wait_until(lambda: source.state == "running")
         os.write(writer, b"1\n2\n")
         os.close(writer)
-        wait_for(lambda: source.frames.received == 2)
+        wait_until(lambda: source.frames.received == 2)
     finally:
         source.stop()
     assert source.reconnects >= 2 and source.state == "stopped"
@@ -103,25 +103,25 @@ def test_a_pty_is_read_as_a_serial_port_and_replugged(run_pipeline, tmp_path):
     source = SourceSettings(kind="serial", uri=str(link), baud=9600, format="jsonl", fields=["t", "h"],
                             window=4, stride=2, reopen_backoff_s=0.05)
     with run_pipeline(source) as pipeline:
-        wait_for(lambda: pipeline.source.state == "running")
+        wait_until(lambda: pipeline.source.state == "running")
         probe = os.open(link, os.O_RDONLY | os.O_NOCTTY)
         iflag, _, _, lflag, ispeed, _, _ = termios.tcgetattr(probe)
         os.close(probe)
         assert ispeed == termios.B9600 and not lflag & (termios.ECHO | termios.ICANON)
         assert not iflag & termios.ICRNL
         os.write(master, b"".join(b'{"t": %d, "h": 1, "id": "s1"}\r\n' % n for n in range(1, 7)))
-        wait_for(lambda: pipeline.source.frames.received == 2, what=pipeline.status)
+        wait_until(lambda: pipeline.source.frames.received == 2, what=pipeline.status)
         os.close(master)  # unplugged
-        wait_for(lambda: pipeline.source.state == "reconnecting")
+        wait_until(lambda: pipeline.source.state == "reconnecting")
         assert pipeline.source.last_error
         link.unlink()
         master, slave = os.openpty()  # plugged back in, under the same name
         link.symlink_to(os.ttyname(slave))
         os.close(slave)
-        wait_for(lambda: pipeline.source.state == "running")
+        wait_until(lambda: pipeline.source.state == "running")
         os.write(master, b'{"t": 0, "h": 9}\n' * 4)
         # Windows never span the unplugging: the next one holds only the new device's samples.
-        wait_for(lambda: top_classes(out)[-1:] == [("high", 36.0)], what=lambda: results(out))
+        wait_until(lambda: top_classes(out)[-1:] == [("high", 36.0)], what=lambda: results(out))
         status = pipeline.status()
         os.close(master)
     assert status["frames"] == 3 and status["reconnects"] >= 1 and status["malformed"] == 0
@@ -140,17 +140,17 @@ def test_a_followed_file_survives_truncation_and_rotation(run_pipeline, tmp_path
     source = SourceSettings(kind="file", uri=str(log_file), channels=2, window=4, stride=4,
                             reopen_backoff_s=0.05)
     with run_pipeline(source) as pipeline:
-        wait_for(lambda: pipeline.source.state == "running")
+        wait_until(lambda: pipeline.source.state == "running")
         append("1,0\n1,0\n1,")
-        wait_for(lambda: pipeline.source.window.samples == 2)
+        wait_until(lambda: pipeline.source.window.samples == 2)
         append("0\n1,0\n")  # a line written in two parts is read as one
-        wait_for(lambda: pipeline.processed == 1, what=pipeline.status)
+        wait_until(lambda: pipeline.processed == 1, what=pipeline.status)
         log_file.write_text("0,2\n0,2\n0,2\n0,2\n")  # truncated and written again, shorter
-        wait_for(lambda: pipeline.processed == 2, what=pipeline.status)
+        wait_until(lambda: pipeline.processed == 2, what=pipeline.status)
         append("3,0\n3,0\n")
         log_file.rename(tmp_path / "sensor.csv.1")  # rotated: the old file is read to its end,
         append("3,0\n3,0\n")  # then the new one from its start
-        wait_for(lambda: pipeline.processed == 3, what=pipeline.status)
+        wait_until(lambda: pipeline.processed == 3, what=pipeline.status)
         status = pipeline.status()
     assert top_classes(out) == [("low", 4.0), ("high", 8.0), ("low", 12.0)]
     assert status["malformed"] == 0 and status["errors"] == 0
@@ -161,10 +161,10 @@ def test_a_followed_file_that_appears_later_is_read_from_its_start(run_pipeline,
     source = SourceSettings(kind="file", uri=str(log_file), channels=2, window=4, stride=4,
                             reopen_backoff_s=0.05)
     with run_pipeline(source) as pipeline:
-        wait_for(lambda: pipeline.source.state == "reconnecting")
+        wait_until(lambda: pipeline.source.state == "reconnecting")
         assert pipeline.status()["last_error"] == f"cannot open {log_file}: No such file or directory"
         log_file.write_text("5,0\n" * 4)
-        wait_for(lambda: pipeline.processed == 1, what=pipeline.status)
+        wait_until(lambda: pipeline.processed == 1, what=pipeline.status)
     assert top_classes(tmp_path / "results.jsonl") == [("low", 20.0)]
 
 
@@ -174,7 +174,7 @@ def test_from_start_reads_what_the_file_holds(run_pipeline, tmp_path):
     source = SourceSettings(kind="file", uri=str(log_file), format="jsonl", fields=["a", "b"],
                             window=4, from_start=True)
     with run_pipeline(source, model="winraw") as pipeline:
-        wait_for(lambda: pipeline.processed == 1, what=pipeline.status)
+        wait_until(lambda: pipeline.processed == 1, what=pipeline.status)
     record = results(tmp_path / "results.jsonl")[0]
     assert record["outputs"] == {"sums": {"shape": [1, 2], "dtype": "float32", "data": [4.0, 8.0]}}
 
@@ -199,16 +199,16 @@ def test_iio_channels_are_read_scaled_and_the_device_can_come_and_go(run_pipelin
     source = SourceSettings(kind="iio", uri="fakesensor", iio_base_dir=base, sample_rate_hz=100,
                             window=4, stride=4, reopen_backoff_s=0.05)
     with run_pipeline(source, model="winraw") as pipeline:
-        wait_for(lambda: pipeline.processed >= 1, what=pipeline.status)
+        wait_until(lambda: pipeline.processed >= 1, what=pipeline.status)
         status = pipeline.status()
         assert status["state"] == "running" and status["channels"] == ["in_humidityrelative", "in_temp"]
         shutil.rmtree(base / "iio:device3")  # the device goes away
-        wait_for(lambda: "no IIO device 'fakesensor'" in pipeline.source.last_error, what=pipeline.status)
+        wait_until(lambda: "no IIO device 'fakesensor'" in pipeline.source.last_error, what=pipeline.status)
         assert pipeline.source.state == "reconnecting"
         make_iio_device(base, 4, temp_raw=1500)  # and comes back under another number
-        wait_for(lambda: pipeline.source.state == "running", what=pipeline.status)
+        wait_until(lambda: pipeline.source.state == "running", what=pipeline.status)
         processed = pipeline.processed
-        wait_for(lambda: pipeline.processed > processed + 1, what=pipeline.status)
+        wait_until(lambda: pipeline.processed > processed + 1, what=pipeline.status)
         status = pipeline.status()
     sums = [r["outputs"]["sums"]["data"] for r in results(tmp_path / "results.jsonl")]
     assert sums[0] == [162.0, 60.0] and sums[-1] == [162.0, 40.0], (sums, status)
@@ -239,10 +239,10 @@ def test_a_stuck_sensor_degrades_the_pipeline_until_it_moves(run_pipeline, tmp_p
     source = SourceSettings(kind="iio", uri="iio:device0", iio_base_dir=base, sample_rate_hz=100,
                             iio_channels=["in_temp", "in_humidityrelative"], window=4, stride=2)
     with run_pipeline(source, model="winraw", quality={"stuck_after_s": 0.3}) as pipeline:
-        wait_for(lambda: pipeline.status()["state"] == "degraded", what=pipeline.status)
+        wait_until(lambda: pipeline.status()["state"] == "degraded", what=pipeline.status)
         assert pipeline.status()["degraded_reason"].startswith("sensor stuck on 15.0, 40.5 for ")
         (device / "in_temp_raw").write_text("2100\n")
-        wait_for(lambda: pipeline.status()["state"] == "running", what=pipeline.status)
+        wait_until(lambda: pipeline.status()["state"] == "running", what=pipeline.status)
         status = pipeline.status()
     assert status["degraded_reason"] == "" and status["processed"] > 0 and status["errors"] == 0
 
@@ -252,7 +252,7 @@ def test_a_window_that_does_not_fit_the_model_is_a_counted_error(run_pipeline, t
     data.write_text("1,2,3\n" * 8)
     source = SourceSettings(kind="file", uri=str(data), columns=[0, 1, 2], window=2, from_start=True)
     with run_pipeline(source) as pipeline:
-        wait_for(lambda: pipeline.errors >= 1, what=pipeline.status)
+        wait_until(lambda: pipeline.errors >= 1, what=pipeline.status)
     assert pipeline.last_error == ("a window of 2 samples x 3 channels does not fit model input [1, 4, 2]; "
                                    "set source.window and source.channels to match")
     assert pipeline.processed == 0
@@ -268,7 +268,7 @@ def test_a_model_whose_decoder_reads_images_is_refused_for_a_sensor(run_pipeline
     data.write_text("1,2\n" * 4)
     source = SourceSettings(kind="file", uri=str(data), channels=2, window=4, from_start=True)
     with run_pipeline(source, model="winface") as pipeline:
-        wait_for(lambda: pipeline.errors >= 1, what=pipeline.status)
+        wait_until(lambda: pipeline.errors >= 1, what=pipeline.status)
     assert pipeline.last_error.startswith("decoder.type 'blazeface' reads images; a sensor pipeline takes")
 
 
@@ -284,7 +284,7 @@ def test_stdin_from_a_file_loses_no_window_and_finishes(tmp_path):
             window = source.take(timeout=30)  # taken slowly: a file waits, nothing is dropped
             assert window is not None, source.state
             windows.append(window)
-        wait_for(lambda: source.state == "finished")
+        wait_until(lambda: source.state == "finished")
     finally:
         source.stop()
         os.close(fd)
@@ -299,10 +299,10 @@ def test_stdin_from_a_pipe(tmp_path):
     source.start()
     try:
         os.write(write_end, b"[1]\n[2]\n{}\n[3]\n[4]\n")
-        wait_for(lambda: source.frames.received == 2)
+        wait_until(lambda: source.frames.received == 2)
         assert source.state == "running"
         os.close(write_end)
-        wait_for(lambda: source.state == "finished")
+        wait_until(lambda: source.state == "finished")
         window = source.take(timeout=1)
     finally:
         source.stop()
@@ -328,9 +328,9 @@ def test_the_daemon_runs_a_fifo_pipeline_into_jsonl(start_daemon, window_store, 
         def processed() -> int:
             return client.pipelines()["vibration"]["processed"]
 
-        wait_for(lambda: processed() == 1, timeout=30, what=daemon.output)
+        wait_until(lambda: processed() == 1, timeout=30, what=daemon.output)
         os.write(writer, "".join(lines[4:]).encode())
-        wait_for(lambda: processed() == 2, timeout=30, what=daemon.output)
+        wait_until(lambda: processed() == 2, timeout=30, what=daemon.output)
         status = client.pipelines()["vibration"]
     os.close(writer)
     assert status["state"] == "running" and status["source"] == str(fifo)

@@ -13,7 +13,7 @@ import numpy as np
 from edged.config import PipelineSettings, SinkSettings, SourceSettings
 from edged.pipelines.runner import Pipeline
 from edged.pipelines.sinks.jsonl import JsonlSink
-from tests.pipelines.sensor_support import wait_for
+from tests.daemon_process import wait_until
 from tests.pipelines.test_quality_log import noise, show
 
 SINK_LOGGER = "edged.pipelines.sinks.jsonl"
@@ -67,14 +67,14 @@ def test_a_pipeline_whose_sink_fills_its_disk_is_degraded_until_space_returns(
     pipeline = Pipeline("door", settings, face_manager)
     pipeline.start()
     try:
-        wait_for(lambda: pipeline.processed > 10, what=pipeline.status)
+        wait_until(lambda: pipeline.processed > 10, what=pipeline.status)
         disk.fill(leave=0)  # the fault
-        wait_for(lambda: pipeline.status()["sinks"][0]["failed"] >= 300, what=pipeline.status)
+        wait_until(lambda: pipeline.status()["sinks"][0]["failed"] >= 300, what=pipeline.status)
         failing = pipeline.status()
         disk.free()
-        wait_for(lambda: pipeline.status()["state"] == "running", what=pipeline.status)
+        wait_until(lambda: pipeline.status()["state"] == "running", what=pipeline.status)
         written = pipeline.status()["sinks"][0]["written"]
-        wait_for(lambda: pipeline.status()["sinks"][0]["written"] > written + 10, what=pipeline.status)
+        wait_until(lambda: pipeline.status()["sinks"][0]["written"] > written + 10, what=pipeline.status)
         status = pipeline.status()
     finally:
         pipeline.stop()

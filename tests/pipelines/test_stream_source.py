@@ -12,6 +12,7 @@ import numpy as np
 
 from edged.config import SourceSettings
 from edged.pipelines.sources.camera import CameraSource
+from tests.daemon_process import wait_until
 
 
 class MjpegServer:
@@ -51,27 +52,20 @@ class MjpegServer:
         self.server.server_close()
 
 
-def wait_for(predicate, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.05)
-
-
 def test_a_stream_that_goes_away_is_reopened_when_it_returns():
     server = MjpegServer()
     url = f"http://127.0.0.1:{server.port}/stream.mjpg"
     source = CameraSource(SourceSettings(uri=url, reopen_backoff_s=0.2, read_timeout_s=2))
     source.start()
     try:
-        wait_for(lambda: source.frames.received >= 10)
+        wait_until(lambda: source.frames.received >= 10)
         assert source.state == "running"
         server.stop()  # the camera is unplugged
-        wait_for(lambda: source.state == "reconnecting")
+        wait_until(lambda: source.state == "reconnecting")
         assert source.last_error
         before = source.frames.received
         server = MjpegServer(server.port)  # and plugged back in
-        wait_for(lambda: source.frames.received >= before + 10)
+        wait_until(lambda: source.frames.received >= before + 10)
         assert source.state == "running" and source.reconnects >= 1
         frame = source.take(timeout=2)
         assert frame is not None and frame.image.shape == (120, 160, 3)
