@@ -14,8 +14,6 @@ import multiprocessing as mp
 import os
 import resource
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -24,13 +22,16 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from fetch_models import fetch  # tools/ is sys.path[0] when this script runs
+from fetch_models import ROOT, fetch  # tools/ is sys.path[0] when this script runs
 
 from edged.backends import LoadOptions, get_backend
 from edged.client import Client
 from edged.config import BackendSettings, ModelSettings, Settings
 from edged.models.manager import ModelManager
 from edged.models.store import ModelStore
+
+sys.path.insert(0, str(ROOT))  # for tests.daemon_process
+from tests.daemon_process import DaemonProcess
 
 BACKENDS = ("openvino", "litert")
 CLIENTS = 4
@@ -87,36 +88,18 @@ def raw_throughput(model, threads: int, seconds: float) -> tuple[float, float]:
 
 
 # --- the daemon ------------------------------------------------------------------------------
-class Daemon:
-    """`edged run` as a subprocess, its socket and log in `workdir`."""
+class Daemon(DaemonProcess):
+    """`edged run` on one store with each named model on its backend (the rest on auto), its
+    socket and log in `workdir`; its memory and CPU time read from /proc."""
 
     def __init__(self, workdir: Path, store: Path, cache: Path, models: dict[str, str],
                  backend_settings: dict | None = None) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
-        self.socket, config, self.log_path = workdir / "edged.sock", workdir / "edged.toml", workdir / "log"
-        tables = [f"[socket]\npath = {json.dumps(str(self.socket))}",
-                  f"[store]\npath = {json.dumps(str(store))}",
-                  f"[backends]\nopenvino_cache_dir = {json.dumps(str(cache))}"
-                  + "".join(f"\n{k} = {json.dumps(v)}" for k, v in (backend_settings or {}).items())]
-        tables += [f'[models.{name}]\nbackend = "{backend}"' for name, backend in models.items()]
-        config.write_text("\n\n".join(tables) + "\n")
-        self.log = self.log_path.open("ab")
-        self.spawned = time.monotonic()
-        self.proc = subprocess.Popen([sys.executable, "-m", "edged", "run", "--config", str(config)],
-                                     stdout=self.log, stderr=subprocess.STDOUT, cwd=workdir)
-
-    def wait_ready(self, timeout: float = 120.0) -> float:
-        """Seconds from spawn until /v2/health/ready answers 200."""
-        while time.monotonic() < self.spawned + timeout and self.proc.poll() is None:
-            try:
-                with Client(self.socket, timeout=5) as client:
-                    if client.ready():
-                        return time.monotonic() - self.spawned
-            except Exception:  # noqa: S110 - not listening yet
-                pass
-            time.sleep(0.01)
-        tail = self.log_path.read_text(errors="replace")[-2000:]
-        raise SystemExit(f"edged run not ready (exit code {self.proc.poll()}):\n{tail}")
+        settings: dict = {"socket": {"path": str(workdir / "edged.sock")}, "store": {"path": str(store)},
+                          "backends": {"openvino_cache_dir": str(cache), **(backend_settings or {})}}
+        if models:
+            settings["models"] = {name: {"backend": backend} for name, backend in models.items()}
+        super().__init__(workdir, settings)
 
     def memory_mb(self) -> dict[str, float]:
         lines = Path(f"/proc/{self.proc.pid}/status").read_text().splitlines()
@@ -126,16 +109,6 @@ class Daemon:
     def cpu_seconds(self) -> float:
         fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
 
 
 def client_worker(socket_path: str, seconds: float, barrier, results) -> None:
@@ -180,7 +153,7 @@ def compare(backend: str, face: Path, options: LoadOptions, daemon: Daemon, args
     """Raw and socket figures for one backend, measured side by side."""
     model = get_backend(backend).load(face, "tflite", options)
     try:
-        daemon.wait_ready()
+        daemon.wait_ready(120)
         inputs = face_input()
         with Client(daemon.socket) as client:
             lat = latency_ms({"raw": lambda: model.infer(inputs),
@@ -276,7 +249,7 @@ def main() -> int:
         both, fig["start_s"] = make_store(root / "store-both", samples), {}
         for run in ("cold", "warm"):  # the same cache dir: the cold start fills it
             daemons.append(Daemon(root / f"d-{run}", both, root / "ov-both", {}, tuned))
-            fig["start_s"][run] = round(daemons[-1].wait_ready(), 3)
+            fig["start_s"][run] = round(daemons[-1].wait_ready(120).ready_s, 3)
             if run == "cold":
                 time.sleep(1.0)
                 fig["memory"] = daemons[-1].memory_mb()

@@ -17,10 +17,8 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,37 +30,28 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from edged.models.store import ModelStore  # noqa: E402
+from tests.daemon_process import DaemonProcess  # noqa: E402
 
 
 def start_to_ready(store: Path, cache: Path, workdir: Path) -> tuple[float, float]:
     """Seconds from spawn to READY=1 for one `edged run` (which is then stopped), and of
     those, the daemon's own "ready in" (from `Daemon.run`: the models loaded and probed)."""
     workdir.mkdir(parents=True)
-    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    notify.bind(str(workdir / "notify"))
-    notify.settimeout(600)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGED_")}
-    env.update(NOTIFY_SOCKET=str(workdir / "notify"), EDGED_BACKENDS__OPENVINO_CACHE_DIR=str(cache))
-    log = (workdir / "log").open("wb")
-    spawned = time.monotonic()
-    proc = subprocess.Popen([sys.executable, "-m", "edged", "run", "--store", str(store),
-                             "--socket", str(workdir / "edged.sock")],
-                            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-    try:
-        while True:
-            try:
-                message = notify.recv(4096).decode()
-            except TimeoutError:
-                raise SystemExit(f"no READY=1 in 600 s:\n{(workdir / 'log').read_text()[-2000:]}") from None
-            if "READY=1" in message.split("\n"):
-                total = time.monotonic() - spawned
-                break
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=60)
-        log.close()
-        notify.close()
-    loading = re.search(r"ready in ([0-9.]+) s", (workdir / "log").read_text())
+    settings = {"socket": {"path": str(workdir / "edged.sock")}, "store": {"path": str(store)},
+                "backends": {"openvino_cache_dir": str(cache)}}
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+        notify.bind(str(workdir / "notify"))
+        notify.settimeout(600)
+        with DaemonProcess(workdir, settings, {"NOTIFY_SOCKET": str(workdir / "notify")}) as daemon:
+            while True:
+                try:
+                    message = notify.recv(4096).decode()
+                except TimeoutError:
+                    raise SystemExit(f"no READY=1 in 600 s:\n{daemon.output()[-2000:]}") from None
+                if "READY=1" in message.split("\n"):
+                    total = time.monotonic() - daemon.started
+                    break
+    loading = re.search(r"ready in ([0-9.]+) s", daemon.output())
     return total, float(loading[1]) if loading else float("nan")
 
 

@@ -34,6 +34,7 @@ from bench_mqtt import Broker  # tools/ is sys.path[0] when this script runs
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from edged.client import Client
 from edged.models.store import ModelStore
+from tests.daemon_process import DaemonProcess
 
 
 def build_big_ir(directory: Path, width: int, seed: int) -> list[Path]:
@@ -92,6 +93,7 @@ def main() -> int:
     broker = Broker(work)
     broker.start()
     procs: list[subprocess.Popen] = []
+    daemon: DaemonProcess | None = None
     try:
         versions = {v: build_big_ir(work / f"v{v}", args.width, v) for v in (1, 2, 3)}
         size = sum(p.stat().st_size for p in versions[2])
@@ -109,15 +111,14 @@ def main() -> int:
         store.add("big", versions[1], "1")
         store.activate("big", "1")
         socket_path = work / "edged.sock"
-        (work / "edged.toml").write_text(
-            f'[socket]\npath = "{socket_path}"\n[store]\npath = "{store.root}"\n'
-            f'[backends]\nopenvino_cache_dir = "{work / "cache"}"\n'
-            f'[mqtt]\nenabled = true\ndevice_id = "bench"\n'
-            f'outbox_path = "{work / "outbox.db"}"\n{mqtt_section}'
-            f'[updates]\nenabled = true\npublic_keys = ["{public_key}"]\n'
-            f'download_dir = "{work / "downloads"}"\nchunk_bytes = {args.chunk_kib << 10}\nprobation_s = 2\n')
-        daemon = [sys.executable, "-m", "edged", "run", "--config", str(work / "edged.toml")]
-        procs.append(subprocess.Popen(daemon, stderr=subprocess.DEVNULL))
+        daemon = DaemonProcess(work, {
+            "socket": {"path": str(socket_path)}, "store": {"path": str(store.root)},
+            "backends": {"openvino_cache_dir": str(work / "cache")},
+            "mqtt": {"enabled": True, "device_id": "bench", "outbox_path": str(work / "outbox.db"),
+                     "host": "127.0.0.1", "port": broker.port},
+            "updates": {"enabled": True, "public_keys": [public_key], "download_dir": str(work / "downloads"),
+                        "chunk_bytes": args.chunk_kib << 10, "probation_s": 2},
+        })
         events: list[tuple[float, dict]] = []
         watcher = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="bench-watch", protocol=mqtt.MQTTv5)
         watcher.on_message = lambda c, u, m: events.append((time.monotonic(), {"topic": m.topic, **(
@@ -125,14 +126,7 @@ def main() -> int:
         watcher.connect("127.0.0.1", broker.port)
         watcher.subscribe([("edged/devices/bench/events", 1), ("edged/registry/models/big", 1)])
         watcher.loop_start()
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                with Client(socket_path, timeout=5) as client:
-                    if client.ready():
-                        break
-            except Exception:  # not up yet
-                time.sleep(0.2)
+        daemon.wait_ready(120)
         x = np.ones((1, args.width), np.float32)
         np.save(work / "input.npy", x)
 
@@ -214,6 +208,8 @@ def main() -> int:
         watcher.loop_stop()
         return 0
     finally:
+        if daemon is not None:
+            daemon.stop()
         for proc in procs:
             proc.terminate()
             proc.wait(timeout=30)
