@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import bisect
 import threading
+from collections.abc import Sequence
 
 # Seconds: 50 us .. 10 s, roughly x1.5 apart.
 LATENCY_BUCKETS: tuple[float, ...] = (
@@ -51,26 +52,6 @@ class Histogram:
         return {f"p{int(q * 100)}_ms": ms(self.quantile(q)) for q in (0.5, 0.95, 0.99)}
 
 
-class ModelStats:
-    """What the daemon counts for one model name, across its versions."""
-
-    def __init__(self) -> None:
-        self.errors = 0  # the backend failed
-        self.rejected = 0  # the request was invalid
-        self.latency = Histogram()
-
-    @property
-    def requests(self) -> int:
-        """Inferences that succeeded (each one is timed)."""
-        return self.latency.count
-
-    def as_dict(self) -> dict:
-        return {
-            "requests": self.requests, "errors": self.errors, "rejected": self.rejected,
-            "latency": self.latency.summary_ms(),
-        }
-
-
 def _escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
@@ -108,6 +89,64 @@ class PrometheusText:
 
     def render(self) -> bytes:
         return ("\n".join(self.lines) + "\n").encode()
+
+
+class Counts:
+    """Inferences of one kind for one model: failed, refused, and timed successes."""
+
+    def __init__(self) -> None:
+        self.errors = 0  # the backend failed
+        self.rejected = 0  # the request was invalid
+        self.latency = Histogram()
+
+    @property
+    def requests(self) -> int:
+        """Inferences that succeeded (each one is timed)."""
+        return self.latency.count
+
+    def as_dict(self) -> dict:
+        return {
+            "requests": self.requests, "errors": self.errors, "rejected": self.rejected,
+            "latency": self.latency.summary_ms(),
+        }
+
+
+class ModelStats(Counts):
+    """What the daemon counts for one model name, across its versions. The top-level counts
+    are client traffic (the socket, pipelines, MQTT commands); the daemon's own inferences
+    (watchdog checks, update self-tests) go to `internal`, so they never make up requests,
+    dilute errors or pull latency percentiles towards an idle model's figures."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.internal = Counts()
+
+    @property
+    def backend_errors(self) -> int:
+        """Backend failures of client and internal inferences alike: what probation watches."""
+        return self.errors + self.internal.errors
+
+    def as_dict(self) -> dict:
+        return {**super().as_dict(), "internal": self.internal.as_dict()}
+
+
+def inference_metrics(text: PrometheusText, stats_by_model: list[tuple[str, ModelStats]]) -> None:
+    """Per-model inference families: client traffic, then the daemon's own inferences."""
+    _count_families(text, "edged_inference", "Client inferences", stats_by_model)
+    _count_families(text, "edged_internal_inference", "Watchdog and update self-test inferences",
+                    [(name, stats.internal) for name, stats in stats_by_model])
+
+
+def _count_families(text: PrometheusText, prefix: str, who: str, rows: Sequence[tuple[str, Counts]]) -> None:
+    text.family(f"{prefix}_errors_total", "counter", f"{who} the backend failed.")
+    for name, counts in rows:
+        text.sample(f"{prefix}_errors_total", counts.errors, {"model": name})
+    text.family(f"{prefix}_rejected_total", "counter", f"{who} refused as invalid.")
+    for name, counts in rows:
+        text.sample(f"{prefix}_rejected_total", counts.rejected, {"model": name})
+    text.family(f"{prefix}_seconds", "histogram", f"{who}: time spent in the backend per inference.")
+    for name, counts in rows:
+        text.histogram(f"{prefix}_seconds", counts.latency, {"model": name})
 
 
 def health_metrics(text: PrometheusText, doc: dict) -> None:

@@ -296,7 +296,7 @@ def inference_check(manager: ModelManager) -> Callable[[], None]:
             inputs = {spec.name: np.zeros([d if d > 0 else 1 for d in spec.shape], spec.dtype)
                       for spec in served.loaded.inputs}
             try:
-                manager.infer(name, inputs)
+                manager.infer(name, inputs, internal=True)  # not a client request: counted apart
             except EdgedError as exc:  # it answered: a failing model is not a hung daemon
                 if errors.get(name) != str(exc):
                     log.warning("watchdog: %s answered the inference check with an error: %s", name, exc,

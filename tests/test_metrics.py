@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from edged.metrics import LATENCY_BUCKETS, Histogram, ModelStats, PrometheusText, _labels
+from edged.metrics import LATENCY_BUCKETS, Histogram, ModelStats, PrometheusText, _labels, inference_metrics
 
 SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(.*)\})? (\S+)$')
 LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\\n]|\\[\\"n])*)"(,|$)')
@@ -134,6 +134,28 @@ def test_model_stats() -> None:
     assert data["rejected"] == 1
     assert set(data["latency"]) == {"p50_ms", "p95_ms", "p99_ms"}
     assert data["latency"]["p50_ms"] >= 2.0
+    assert data["internal"] == {"requests": 0, "errors": 0, "rejected": 0,
+                                "latency": {"p50_ms": None, "p95_ms": None, "p99_ms": None}}
+
+
+def test_internal_inferences_are_counted_and_exposed_apart_from_clients() -> None:
+    stats = ModelStats()
+    stats.latency.observe(0.002)
+    stats.errors += 1
+    for _ in range(3):
+        stats.internal.latency.observe(5.0)
+    stats.internal.errors += 2
+    assert (stats.requests, stats.errors, stats.internal.requests) == (1, 1, 3)
+    assert stats.backend_errors == 3  # what probation watches: a failing watchdog check counts
+    assert stats.as_dict()["latency"]["p99_ms"] < 5000  # the slow internal ones stay out
+    text = PrometheusText()
+    inference_metrics(text, [("face", stats)])
+    samples = {(name, labels.get("le")): value for name, labels, value in parse(text.render())}
+    assert samples[("edged_inference_seconds_count", None)] == 1
+    assert samples[("edged_inference_errors_total", None)] == 1
+    assert samples[("edged_internal_inference_seconds_count", None)] == 3
+    assert samples[("edged_internal_inference_errors_total", None)] == 2
+    assert samples[("edged_internal_inference_rejected_total", None)] == 0
 
 
 # --- Prometheus text ------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from edged.backends.faults import run_checked
 from edged.backends.selection import Selection, select
 from edged.config import ModelSettings, Settings
 from edged.errors import BackendError, EdgedError, InputRejected, ModelNotFound, ModelUnavailable
-from edged.metrics import ModelStats
+from edged.metrics import Counts, ModelStats
 from edged.models.attempts import Attempts
 from edged.models.manifest import Manifest
 from edged.models.store import ModelStore
@@ -107,11 +107,13 @@ class ModelManager:
 
     # --- serving -----------------------------------------------------------
     def infer(
-        self, name: str, inputs: dict[str, np.ndarray], version: str | None = None
+        self, name: str, inputs: dict[str, np.ndarray], version: str | None = None, *, internal: bool = False
     ) -> InferResult:
+        """`internal`: the daemon's own inference (a watchdog check, an update's self-test),
+        counted apart from client traffic; it runs the same path otherwise."""
         served = self._acquire(name, version)
         try:
-            stats = self.stats[name]
+            stats = self.stats[name].internal if internal else self.stats[name]
             try:
                 checked = validate_inputs(
                     inputs, served.loaded.inputs, reject_non_finite=served.settings.reject_non_finite
@@ -167,7 +169,7 @@ class ModelManager:
             if served.acquire():
                 return served
 
-    def _count(self, stats: ModelStats, field: str) -> None:
+    def _count(self, stats: Counts, field: str) -> None:
         with self._stats_lock:
             setattr(stats, field, getattr(stats, field) + 1)
 

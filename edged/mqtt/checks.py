@@ -69,7 +69,7 @@ def check_served(manager: ModelManager, release: Release, *, full: bool = False)
     if release.selftest is not None:
         inputs, expected = self_test_data(manager, release)
         spec = manager.get(name, version).loaded.inputs[0]
-        result = manager.infer(name, {spec.name: inputs}, version=version)
+        result = manager.infer(name, {spec.name: inputs}, version=version, internal=True)
         check_outputs(result.outputs, expected, release)
 
 

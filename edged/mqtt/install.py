@@ -84,12 +84,12 @@ class Installer:
         """Watch the new version; roll back and return False when it goes bad."""
         name, version = release.manifest.name, release.manifest.version
         stats = self.manager.stats.get(name)
-        errors_before = stats.errors if stats else 0
+        errors_before = stats.backend_errors if stats else 0
         deadline = time.monotonic() + self.settings.probation_s
         while not self.stop.wait(min(1.0, max(0.0, deadline - time.monotonic()))):
             last = time.monotonic() >= deadline
             try:
-                errors = (stats.errors if stats else 0) - errors_before
+                errors = (stats.backend_errors if stats else 0) - errors_before
                 if errors >= self.settings.probation_max_errors:
                     raise UpdateRefused(f"{errors} inference errors during probation")
                 check_served(self.manager, release, full=last)  # a stat per file, all bytes at the end

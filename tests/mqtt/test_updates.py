@@ -3,6 +3,7 @@ a real daemon subprocess, a real Mosquitto, real models, real signatures."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -76,7 +77,10 @@ def test_a_signed_release_is_pulled_tested_and_activated_while_clients_predict(
     # The same release again (a QoS 1 repeat, a reconnect) changes nothing.
     sign_and_retain(broker, envelope["release"], key)
     with daemon.client() as client:
-        assert client.status()["models"]["tiny"]["version"] == "2"
+        tiny = client.status()["models"]["tiny"]
+    assert tiny["version"] == "2"
+    # The self-tests of probation ran through the served path, counted apart from the clients'.
+    assert tiny["requests"] == len(load.answers) and tiny["internal"]["requests"] >= 1
     state = mqtt_subscriber(broker, f"edged/devices/{DEVICE}/state").wait_for(timeout=10).json()
     assert state["models"]["tiny"]["desired"] == "2" and state["models"]["tiny"]["active"] == "2"
 
@@ -176,6 +180,28 @@ def test_a_version_that_goes_bad_in_probation_is_rolled_back(
     bin_file.write_bytes(b"\0" * bin_file.stat().st_size)  # the disk goes bad under the new version
     rolled = events.wait_for(lambda m: m.json()["kind"] == "update_rolled_back", timeout=30).json()
     assert rolled["version"] == "2" and rolled["to"] == "1" and "tiny.bin" in rolled["reason"]
+    with daemon.client() as client:
+        assert client.status()["models"]["tiny"]["version"] == "1"
+
+
+def test_a_file_changed_in_probation_with_its_size_and_mtime_put_back_is_still_rolled_back(
+        start_daemon, broker, peer, mqtt_subscriber, tiny_store, tmp_path, key):
+    """Probation checks files by stat each second (the full hash is at its end, an hour away
+    here): a change that keeps size, inode and mtime still moves ctime, and is caught."""
+    events = mqtt_subscriber(broker, EVENTS)
+    daemon = start_daemon(tiny_store.root, device_config(broker, tmp_path, key, probation_s=3600))
+    sign_and_retain(broker, tiny_release(peer, tmp_path, "2", 3.0), key)
+    events.wait_for(lambda m: m.json()["kind"] == "update_activated", timeout=60)
+    bin_file = tiny_store.version_dir("tiny", "2") / "tiny.bin"
+    before = bin_file.stat()
+    with bin_file.open("r+b") as f:  # one bit of the weights flipped, in place
+        first = f.read(1)
+        f.seek(0)
+        f.write(bytes([first[0] ^ 0x01]))
+    os.utime(bin_file, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert (bin_file.stat().st_size, bin_file.stat().st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    rolled = events.wait_for(lambda m: m.json()["kind"] == "update_rolled_back", timeout=60).json()
+    assert rolled["to"] == "1" and "tiny.bin does not match its sha256" in rolled["reason"]
     with daemon.client() as client:
         assert client.status()["models"]["tiny"]["version"] == "1"
 
