@@ -298,15 +298,14 @@ def test_requests_beyond_the_queue_get_503(start_daemon, sample_store):
 
 def test_socket_access_by_peer_credentials(start_daemon, sample_store):
     daemon = start_daemon(sample_store.root, config={"socket": {"allowed_users": ["nobody"]}}, ready=False)
-    time.sleep(0.1)
-    deadline = time.monotonic() + 30
-    while True:
+
+    def live() -> tuple | None:
         try:
-            status, reply = raw(daemon.socket, b"GET /v2/health/live HTTP/1.1\r\n\r\n")
-            break
+            return raw(daemon.socket, b"GET /v2/health/live HTTP/1.1\r\n\r\n")
         except (FileNotFoundError, ConnectionRefusedError):
-            assert time.monotonic() < deadline, daemon.output()
-            time.sleep(0.05)
+            return None  # not listening yet
+
+    status, reply = wait_until(live, 30, lambda: f"the socket:\n{daemon.output()}")
     assert status == 403 and f"uid {os.getuid()} is not allowed to use this socket" in reply["error"]
 
 
