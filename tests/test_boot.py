@@ -3,7 +3,8 @@ a Debian bookworm container (systemd-nspawn, systemd as PID 1) and checks what
 docs/service.md promises, one line per check (readiness and STATUS=, inference, socket
 activation, the watchdog restarting a stopped daemon, journald fields, reload, a restart
 that keeps the socket, a clean stop, exposure and privileges, sandbox writes, group-only
-socket access, an upgrade that keeps the socket, remove, reinstall and purge). The lines are printed as they come.
+socket access, an upgrade that keeps the socket, remove, reinstall and purge). The lines
+are printed as they come.
 
 The base rootfs is cached outside the clone (/var/cache/edged-boot-test): about 90 s to
 build once, 3 s to restore. Needs root with CAP_SYS_ADMIN, systemd-nspawn and debootstrap
@@ -24,7 +25,8 @@ ROOT = Path(__file__).resolve().parent.parent
 EXPECTED = ("boot:", "install:", "units active:", "readiness and STATUS=:", "inference:",
             "socket activation:", "watchdog:", "journald fields:", "reload:", "restart keeps the socket:",
             "clean stop:", "systemd-analyze security:", "privileges of the main process:",
-            "sandbox writes:", "group-only socket access:", "upgrade keeps the socket:", "apt remove:", "reinstall:", "apt purge:")
+            "sandbox writes:", "group-only socket access:", "upgrade keeps the socket:", "apt remove:",
+            "reinstall:", "apt purge:")
 
 
 def _cannot_boot() -> str | None:
