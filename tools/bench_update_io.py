@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -170,17 +171,30 @@ def report(results: list[Result], size: int) -> None:
     mb = 1e6
     print(f"\nmodel: {size / mb:.1f} MB; the daemon, from just before the publish to update_kept "
           f"(probation over)")
-    print(f"{'variant':<8} {'read MB':>8} {'x model':>8} {'received MB':>12} {'CPU s':>6} "
+    print(f"{'variant':<10} {'read MB':>8} {'x model':>8} {'received MB':>12} {'CPU s':>6} "
           f"{'publish->serving s':>19} {'release->serving s':>19}")
-    for r in results:
-        print(f"{r.variant:<8} {r.read_bytes / mb:>8.1f} {r.read_bytes / size:>8.2f} "
+    rows = list(results)
+    runs = len(results) // 2
+    if runs > 1:  # one line per run, then the medians
+        rows += [median_of([r for r in results if r.variant == v], f"{v} med") for v in ("before", "after")]
+    for r in rows:
+        print(f"{r.variant:<10} {r.read_bytes / mb:>8.1f} {r.read_bytes / size:>8.2f} "
               f"{r.received_bytes / mb:>12.1f} {r.cpu_s:>6.2f} {r.publish_to_serving_s:>19.2f} "
               f"{r.release_to_serving_s:>19.2f}")
-    before, after = results
-    print(f"after/before: bytes read {after.read_bytes / before.read_bytes:.3f}, "
+    before, after = rows[-2:] if runs > 1 else rows
+    which = " (medians)" if runs > 1 else ""
+    print(f"after/before{which}: bytes read {after.read_bytes / before.read_bytes:.3f}, "
           f"CPU {after.cpu_s / before.cpu_s:.3f}, "
           f"publish->serving {after.publish_to_serving_s / before.publish_to_serving_s:.3f}, "
           f"release->serving {after.release_to_serving_s / before.release_to_serving_s:.3f}")
+
+
+def median_of(results: list[Result], label: str) -> Result:
+    def mid(field: str) -> float:
+        return statistics.median(getattr(r, field) for r in results)
+
+    return Result(label, int(mid("read_bytes")), int(mid("received_bytes")), mid("cpu_s"),
+                  mid("publish_to_serving_s"), mid("release_to_serving_s"))
 
 
 def main() -> int:
@@ -188,6 +202,7 @@ def main() -> int:
     parser.add_argument("--size-mb", type=float, default=50.0, help="model size (the weight) in MB")
     parser.add_argument("--probation", type=float, default=10.0, help="probation_s of the update")
     parser.add_argument("--before", default="1f539dd", help="the commit measured as BEFORE")
+    parser.add_argument("--runs", type=int, default=1, help="before/after pairs, alternating (medians shown)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
     args = parser.parse_args()
 
@@ -203,10 +218,11 @@ def main() -> int:
         np.save(selftest, np.ones((1, width), np.float32))
         size = sum(p.stat().st_size for p in v2)
         results = []
-        for variant, source in (("before", worktree), ("after", REPO)):
-            print(f"{variant}: {source} ...", flush=True)
-            results.append(run_variant(variant, source, work / variant, v1, v2, selftest, size,
-                                       args.probation))
+        for run in range(args.runs):
+            for variant, source in (("before", worktree), ("after", REPO)):
+                print(f"{variant} (run {run + 1}): {source} ...", flush=True)
+                results.append(run_variant(variant, source, work / f"{variant}-{run + 1}", v1, v2, selftest,
+                                           size, args.probation))
         report(results, size)
     finally:
         subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(worktree)],
