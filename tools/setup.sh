@@ -7,9 +7,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # systemd (systemd-analyze), dpkg-dev and lintian: the unit and .deb tests; systemd-container
-# (systemd-nspawn), debootstrap and zstd: the boot test's Debian container.
+# (systemd-nspawn), debootstrap and zstd: the boot test's Debian container; qemu-user-static
+# and binfmt-support: the arm64 package's build and smoke test under emulation.
 packages=(python3 python3-venv python3-dev gcc pkg-config libsystemd-dev mosquitto systemd dpkg-dev lintian
-          systemd-container debootstrap zstd)
+          systemd-container debootstrap zstd qemu-user-static binfmt-support)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
