@@ -28,7 +28,7 @@ from edged.errors import (
     ModelUnavailable,
 )
 from edged.health import Health
-from edged.metrics import PrometheusText, health_metrics
+from edged.metrics import PrometheusText, health_metrics, inference_metrics
 from edged.models.manager import ModelManager, ServedModel
 from edged.pipelines.group import PipelineNotFound, Pipelines
 
@@ -286,16 +286,7 @@ class Api:
                 "model": name, "version": model.version, "backend": model.selection.backend,
                 "precision": model.selection.precision,
             })
-        stats_by_model = sorted(self.manager.stats.items())
-        text.family("edged_inference_errors_total", "counter", "Inferences the backend failed.")
-        for name, stats in stats_by_model:
-            text.sample("edged_inference_errors_total", stats.errors, {"model": name})
-        text.family("edged_inference_rejected_total", "counter", "Requests refused as invalid.")
-        for name, stats in stats_by_model:
-            text.sample("edged_inference_rejected_total", stats.rejected, {"model": name})
-        text.family("edged_inference_seconds", "histogram", "Time spent in the backend per inference.")
-        for name, stats in stats_by_model:
-            text.histogram("edged_inference_seconds", stats.latency, {"model": name})
+        inference_metrics(text, sorted(self.manager.stats.items()))
         text.family("edged_api_pending_requests", "gauge", "Inference requests in progress.")
         text.sample("edged_api_pending_requests", self.pending)
         text.family("edged_api_events_total", "counter", "Connection-level events on the socket.")
