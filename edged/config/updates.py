@@ -61,7 +61,8 @@ class UpdateSettings(Section):
     )
     probation_s: float = Field(
         default=60.0, ge=0, le=86400,
-        description="After activation, how long errors and the self-test are watched before keeping it.",
+        description="After activation, how long errors and the self-test are watched before keeping it; its "
+        "files are checked by stat each second and hashed in full once at the end.",
     )
     probation_max_errors: int = Field(
         default=3, ge=1, le=1_000_000, description="Inference errors during probation that cause a rollback."

@@ -33,7 +33,8 @@ from edged.backends.base import LoadOptions
 from edged.backends.selection import Attempt, BackendSkipped, runtime_version
 from edged.config import ModelSettings
 from edged.errors import EdgedError
-from edged.models.store import ModelStore, fsync_dir
+from edged.fsio import fsync_dir
+from edged.models.store import ModelStore
 
 log = logging.getLogger(__name__)
 DIRECTORY = ".attempts"

@@ -7,7 +7,7 @@ import random
 import time
 
 from edged.config import UpdateSettings
-from edged.mqtt.retry import RetryBook
+from edged.mqtt.retry import DISK_MARGIN, RetryBook, space_needed
 
 
 def book(**settings: float) -> RetryBook:
@@ -73,3 +73,13 @@ def test_a_disk_that_had_room_right_after_the_failure_is_left_to_the_backoff(sma
     retries.failed("face", "2", "t", b"r", "No space left on device", disk=[(disk.path, 4 << 20)])
     time.sleep(0.02)
     assert retries.due() == []
+
+
+def test_an_update_needs_its_size_once_on_one_file_system_and_in_each_across_two(small_disk, tmp_path):
+    """On one file system the store hard-links the verified download, so no second copy."""
+    total = 10 << 20
+    assert space_needed(tmp_path / "downloads", tmp_path / "store", total) == [
+        (tmp_path / "downloads", total + DISK_MARGIN)]
+    disk = small_disk(tmp_path / "disk", 16)
+    assert space_needed(disk.path / "downloads", tmp_path / "store", total) == [
+        (disk.path / "downloads", total + DISK_MARGIN), (tmp_path / "store", total + DISK_MARGIN)]
