@@ -224,6 +224,8 @@ class Release(BaseModel):
         return self.model_dump(mode="json")
 
     def expired(self, now: float) -> bool:
+        """The one expiry rule, for the device and the registry alike: from `expires_at`
+        itself on, the release is refused."""
         return now >= self.expires_at
 
     def due_for_resigning(self, now: float) -> bool:

@@ -6,6 +6,7 @@ import base64
 import copy
 import hashlib
 import json
+import math
 import stat
 from pathlib import Path
 
@@ -205,3 +206,10 @@ def test_release_knows_when_to_be_signed_again():
     release = Release.parse(release_dict(published_at=0.0, expires_at=30.0))
     assert not release.due_for_resigning(19.9) and release.due_for_resigning(20.0)
     assert not release.expired(29.9) and release.expired(30.0)
+
+
+def test_a_release_is_expired_from_its_expiry_itself_not_one_tick_later():
+    """The boundary the update agent and the registry share (`Release.expired`)."""
+    release = Release.parse(release_dict(published_at=0.0, expires_at=30.0))
+    assert not release.expired(math.nextafter(30.0, 0.0))
+    assert release.expired(30.0)

@@ -107,7 +107,7 @@ class Commands:
         self.allowed_senders = set(allowed_senders)
         self.counts = {"received": 0, "failed": 0, "repeated": 0, "refused_busy": 0, "refused_topic": 0}
         settings, topics = link.settings, link.topics
-        self.own_replies = f"{topics.device}/replies"
+        self.own_replies = topics.replies
         self.reply_prefix = settings.reply_topic_prefix.replace("{topic_prefix}", topics.prefix)
         health.sections["commands"] = lambda: dict(self.counts)
         self._replies: collections.OrderedDict[bytes, dict] = collections.OrderedDict()

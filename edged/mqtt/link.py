@@ -38,7 +38,7 @@ from edged.config import MqttSettings
 from edged.errors import OutboxError
 from edged.mqtt.client import build_client, no_delay
 from edged.mqtt.outbox import Outbox
-from edged.mqtt.topics import Topics
+from edged.topics import Topics
 
 log = logging.getLogger(__name__)
 WINDOW = 64  # outbox messages published and not yet acknowledged
@@ -155,6 +155,14 @@ class MqttLink:
     def publish_now(self, topic: str, document: dict, properties: Properties | None = None) -> None:
         """Publish outside the outbox (command replies): lost if the broker is away, by design."""
         self.client.publish(topic, _json(document), qos=1, properties=properties)
+
+    def request(self, topic: str, payload: bytes, response_topic: str, correlation: bytes) -> None:
+        """Publish a request (a chunk request) outside the outbox, QoS 1, with the MQTT v5
+        response topic and correlation data its answer comes back with."""
+        properties = Properties(PacketTypes.PUBLISH)
+        properties.ResponseTopic = response_topic
+        properties.CorrelationData = correlation
+        self.client.publish(topic, payload, qos=1, properties=properties)
 
     def _send_loop(self) -> None:
         while not self._stopping.is_set():

@@ -32,8 +32,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
 from edged.errors import EdgedError
 from edged.fsio import Fingerprint
@@ -75,8 +73,7 @@ class Transfer:
         self.window = window
         self.timeout_s = timeout_s
         self.retries = retries
-        self.reply_topic = f"{link.topics.device}/fetch"
-        self.request_topic = f"{link.topics.prefix}/registry/fetch"
+        self.reply_topic = link.topics.chunk_replies
         self._replies: queue.Queue[_Reply] = queue.Queue()
         self.bytes_received = 0
         self.chunks_retried = 0
@@ -233,11 +230,8 @@ class Transfer:
         return None
 
     def _request(self, sha256: str, offset: int, length: int, correlation: bytes) -> None:
-        properties = Properties(PacketTypes.PUBLISH)
-        properties.ResponseTopic = self.reply_topic
-        properties.CorrelationData = correlation
         payload = json.dumps({"sha256": sha256, "offset": offset, "length": length}).encode()
-        self.link.client.publish(self.request_topic, payload, qos=1, properties=properties)
+        self.link.request(self.link.topics.fetch, payload, self.reply_topic, correlation)
 
     # --- progress on disk -------------------------------------------------------------
     @staticmethod

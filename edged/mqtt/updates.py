@@ -37,7 +37,8 @@ from edged.mqtt.install import Installer
 from edged.mqtt.reports import Reporter
 from edged.mqtt.retry import NotEnoughDisk, RetryBook, disk_full, free_bytes, space_needed
 from edged.mqtt.transfer import RegistrySilent, Transfer
-from edged.signing import Release, key_id, load_public_key, verify_envelope
+from edged.signing import Release, trusted_keys, verify_envelope
+from edged.topics import Topics
 
 __all__ = ["NotEnoughDisk", "UpdateAgent", "UpdateRefused", "describe"]
 log = logging.getLogger(__name__)
@@ -52,21 +53,15 @@ class UpdateAgent:
         self.link = reporter.link
         self.manager = manager
         self.store = manager.store
-        self.trusted = {}
-        for text in settings.public_keys:
-            public = load_public_key(text)
-            self.trusted[key_id(public)] = public
+        self.trusted = trusted_keys(settings.public_keys)
         self.transfer = Transfer(self.link, settings.download_dir, chunk_bytes=settings.chunk_bytes,
                                  window=settings.window, timeout_s=settings.chunk_timeout_s,
                                  retries=settings.chunk_retries, on_reply=self._on_chunk_reply)
         self.retries = RetryBook(settings)
         self._stop = threading.Event()
         self.installer = Installer(settings, reporter, manager, self.transfer, self._stop)
-        prefix = self.link.topics.prefix
-        self.topics = [f"{prefix}/registry/models/+"]
-        if settings.group:
-            self.topics.append(f"{prefix}/registry/groups/{settings.group}/models/+")
-        self.status_topic = f"{prefix}/registry/status"
+        self.topics = self.link.topics.releases(settings.group)
+        self.status_topic = self.link.topics.registry_status
         self._seen: dict[bytes, None] = {}  # releases handled (by signature), oldest first
         self._queue: queue.Queue[tuple[str, bytes, float] | None] = queue.Queue(maxsize=256)
         self._wake_on_reply = threading.Event()  # idle, with a release waiting for the registry
@@ -149,7 +144,7 @@ class UpdateAgent:
 
     # --- one release ----------------------------------------------------------------------
     def handle(self, topic: str, payload: bytes, received_at: float | None = None) -> None:
-        name, _group = self._topic_parts(topic)
+        name, _group = Topics.release_parts(topic)
         if not payload:
             log.info("updates: the release of %s was withdrawn", name)
             self.reporter.desired.pop(name, None)
@@ -170,7 +165,7 @@ class UpdateAgent:
     def _attempt(self, topic: str, payload: bytes) -> None:
         """Verify and install one release; on failure, event, log line, and (when it may
         pass) a retry."""
-        name, group = self._topic_parts(topic)
+        name, group = Topics.release_parts(topic)
         try:
             release = self._verify(name, group, payload)
         except NotEnoughDisk as exc:
@@ -247,10 +242,6 @@ class UpdateAgent:
         total = sum(f.size for f in release.manifest.files)
         return space_needed(self.settings.download_dir, self.store.root, total)
 
-    def _topic_parts(self, topic: str) -> tuple[str, str | None]:
-        parts = topic.split("/")
-        return parts[-1], (parts[-3] if "/groups/" in topic else None)
-
     def _verify(self, name: str, group: str | None, payload: bytes) -> Release | None:
         """The release, checked; None when there is nothing to do (already active)."""
         try:
@@ -262,7 +253,7 @@ class UpdateAgent:
             raise UpdateRefused(f"release of {manifest.name!r} on the topic of {name!r}")
         if release.group != group:
             raise UpdateRefused(f"release signed for group {release.group!r}, received for {group!r}")
-        if release.expires_at < time.time():
+        if release.expired(time.time()):
             raise UpdateRefused(f"release {manifest.version} expired at {time.ctime(release.expires_at)}")
         if self.settings.models and name not in self.settings.models:
             return None

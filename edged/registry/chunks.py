@@ -21,6 +21,7 @@ from paho.mqtt.properties import Properties
 
 from edged.errors import EdgedError
 from edged.registry.store import ServedFile
+from edged.topics import Topics
 
 log = logging.getLogger(__name__)
 MAX_REQUEST_BYTES = 4096
@@ -47,7 +48,7 @@ class ChunkRequest:
 
 def response_topics(prefix: str) -> re.Pattern[str]:
     """The only topics the registry answers on: a device's own fetch topic."""
-    return re.compile(re.escape(f"{prefix}/devices/") + r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}/fetch")
+    return Topics(prefix).device_pattern("fetch")
 
 
 def reply_address(message: mqtt.MQTTMessage, allowed: re.Pattern[str]) -> tuple[str, bytes | None] | None:

@@ -18,7 +18,7 @@ import paho.mqtt.client as mqtt
 
 from edged.registry.config import RegistrySettings
 from edged.registry.connection import Connection
-from edged.registry.topics import RegistryTopics
+from edged.topics import Topics
 
 KINDS = ("status", "state", "health")
 
@@ -36,13 +36,13 @@ class FleetWatcher:
     """Records the status, state and health messages of every device, thread-safely."""
 
     def __init__(self, prefix: str) -> None:
-        self.topics = RegistryTopics(prefix)
+        self.topics = Topics(prefix)
         self.devices_root = f"{prefix}/devices/"
         self.devices: dict[str, Device] = {}
         self._lock = threading.Lock()
 
     def filters(self) -> list[str]:
-        return [self.topics.device(kind) for kind in KINDS]
+        return [self.topics.of_device(kind) for kind in KINDS]
 
     def on_message(self, message: mqtt.MQTTMessage) -> None:
         rest = message.topic.removeprefix(self.devices_root)

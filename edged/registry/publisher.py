@@ -27,7 +27,6 @@ from edged.registry.config import RegistrySettings
 from edged.registry.connection import BrokerUnavailable, Connection
 from edged.registry.selftest import EXPECTED_FILE, INPUT_FILE, write_self_test
 from edged.registry.store import MANIFEST_FILE, RegistryStore, Target
-from edged.registry.topics import RegistryTopics
 from edged.signing import (
     MAX_ENVELOPE_BYTES,
     Release,
@@ -37,6 +36,7 @@ from edged.signing import (
     sign_release,
     verify_envelope,
 )
+from edged.topics import Topics
 
 log = logging.getLogger(__name__)
 RELEASE_FILE = "release.json"  # in the version's directory: its release as first published
@@ -104,7 +104,7 @@ class Publisher:
     def __init__(self, settings: RegistrySettings, store: RegistryStore) -> None:
         self.settings = settings
         self.store = store
-        self.topics = RegistryTopics(settings.topic_prefix)
+        self.topics = Topics(settings.topic_prefix)
 
     def publish(self, name: str, files: list[Path], version: str, *, group: str | None = None,
                 labels: list[str] | None = None, preprocessing: dict | None = None,

@@ -34,7 +34,7 @@ from edged.registry.config import RegistrySettings
 from edged.registry.connection import BrokerRefused, BrokerUnavailable, Connection
 from edged.registry.publisher import refreshed
 from edged.registry.store import RegistryStore, ServedFile, Target
-from edged.registry.topics import RegistryTopics
+from edged.topics import Topics
 
 log = logging.getLogger(__name__)
 MAX_WAITING = 1024  # requests queued for the workers; more are answered "busy"
@@ -46,7 +46,7 @@ class ChunkServer:
     def __init__(self, settings: RegistrySettings, store: RegistryStore) -> None:
         self.settings = settings
         self.store = store
-        self.topics = RegistryTopics(settings.topic_prefix)
+        self.topics = Topics(settings.topic_prefix)
         self.index: dict[str, ServedFile] = {}
         self.refusals = RateLimitedLog()
         self.stats = {"chunks": 0, "bytes": 0, "refused": 0}
@@ -63,7 +63,8 @@ class ChunkServer:
         self._workers = ThreadPoolExecutor(settings.serve_threads, thread_name_prefix="chunk")
         self._response_topics = response_topics(settings.topic_prefix)
         self.connection = Connection(settings.mqtt, settings.mqtt.device_id,
-                                     will=(self.topics.status, self._status("offline", "connection lost")))
+                                     will=(self.topics.registry_status,
+                                           self._status("offline", "connection lost")))
         self.connection.on_message = self._on_request
         self.connection.on_connected = self._on_connected
 
@@ -103,7 +104,8 @@ class ChunkServer:
         self._workers.shutdown(wait=True, cancel_futures=True)
         if self.connection.connected.is_set():
             try:
-                self.connection.publish_and_wait(self.topics.status, self._status("offline", "shutdown"),
+                self.connection.publish_and_wait(self.topics.registry_status,
+                                                 self._status("offline", "shutdown"),
                                                  self.settings.connect_timeout_s, retain=True)
             except BrokerUnavailable as exc:
                 log.warning("could not say offline: %s", exc)
@@ -147,7 +149,8 @@ class ChunkServer:
             return
         self._announce(force=True)
         try:
-            self.connection.publish_and_wait(self.topics.status, self._status("online"), timeout, retain=True)
+            self.connection.publish_and_wait(self.topics.registry_status, self._status("online"), timeout,
+                                             retain=True)
         except BrokerUnavailable as exc:
             log.error("could not say online: %s", exc)
             return

@@ -36,7 +36,6 @@ from edged.errors import InvalidInput, ModelNotFound, StoreError
 from edged.fsio import atomic_write
 from edged.models.manifest import Manifest, check_name, is_valid_name
 from edged.models.store import ModelStore
-from edged.registry.topics import release_suffix
 from edged.signing import (
     SignatureError,
     generate_key,
@@ -44,6 +43,7 @@ from edged.signing import (
     public_key_text,
     save_private_key,
 )
+from edged.topics import release_suffix
 
 log = logging.getLogger(__name__)
 KEY_FILE = Path("keys/registry.key")
