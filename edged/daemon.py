@@ -24,8 +24,10 @@ from edged import __version__, systemd
 from edged.api.routes import Api
 from edged.api.server import ApiServer, check_socket_path
 from edged.config import ConfigError, Settings
+from edged.control import Control
 from edged.health import Health
 from edged.instance_lock import InstanceLock
+from edged.models.lifecycle import ModelEvent, ModelEvents
 from edged.models.manager import ModelManager
 from edged.models.store import ModelStore
 from edged.pipelines.group import Pipelines
@@ -50,7 +52,10 @@ class Daemon:
                                        f"another process is using the model store {settings.store.path} "
                                        "(edged, pid {pid})"))
         self.store = ModelStore(settings.store.path)
-        self.manager = ModelManager(self.store, settings)
+        self.mqtt: MqttParts | None = None
+        # What happens to models is reported over MQTT, whose parts are built below.
+        self.manager = ModelManager(self.store, settings, ModelEvents.each(self._model_event))
+        self.control = Control(self.manager)  # activate, roll back, trial-load: for every transport
         self.health = Health(self.manager, self.store.root)
         self.api = Api(self.manager, settings, self.health)
         self.server = ApiServer(settings.socket, self.api, listener)
@@ -124,6 +129,10 @@ class Daemon:
             for lock in self.locks:
                 lock.close()
         return 0
+
+    def _model_event(self, event: ModelEvent) -> None:
+        if self.mqtt is not None:
+            self.mqtt.reporter.on_model_event(event)
 
     def start_serving(self) -> None:
         self.server.start()
@@ -244,14 +253,15 @@ class MqttParts:
         })
         self.reporter = Reporter(self.link, daemon.health, daemon.manager, daemon.pipelines,
                                  settings.health_interval_s)
-        self.commands = Commands(self.link, daemon.manager, daemon.health, daemon.pipelines,
+        self.commands = Commands(self.link, daemon.control, daemon.health, daemon.pipelines,
                                  daemon.reload_config if daemon.reload_settings else None,
                                  settings.command_senders) if settings.commands else None
         self.updates = None
         if daemon.settings.updates.enabled:
             from edged.mqtt.updates import UpdateAgent
 
-            self.updates = UpdateAgent(daemon.settings.updates, self.reporter, daemon.manager)
+            self.updates = UpdateAgent(daemon.settings.updates, self.link, daemon.control,
+                                       self.reporter.event, self.reporter.set_desired)
         daemon.health.sections["updates"] = self.update_status
 
     # What pipelines use (edged.pipelines.mqtt_port.MqttPort), without importing edged.mqtt.

@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -24,62 +23,23 @@ from edged.config import ModelSettings, Settings
 from edged.errors import BackendError, EdgedError, InputRejected, ModelNotFound, ModelUnavailable
 from edged.metrics import Counts, ModelStats
 from edged.models.attempts import Attempts
+from edged.models.lifecycle import (
+    Adopted,
+    Failed,
+    Fallback,
+    Loaded,
+    ModelEvents,
+    ModelState,
+    ServedModel,
+    Skipped,
+    Unloaded,
+    tell,
+)
 from edged.models.manifest import Manifest
 from edged.models.store import ModelStore
 from edged.models.validation import validate_inputs
 
 log = logging.getLogger(__name__)
-Listener = Callable[[str, dict], None]
-
-
-class ServedModel:
-    """One loaded version, counted in and out so it is closed only when idle."""
-
-    def __init__(
-        self, manifest: Manifest, loaded: LoadedModel, selection: Selection, settings: ModelSettings
-    ) -> None:
-        self.manifest = manifest
-        self.name = manifest.name
-        self.version = manifest.version
-        self.loaded = loaded
-        self.selection = selection
-        self.settings = settings
-        self.loaded_at = time.time()
-        self.retry_at: float | None = None  # set after a fallback: when to probe again
-        self.consecutive_errors = 0
-        self._lock = threading.Lock()
-        self._inflight = 0
-        self._retired = False
-
-    def acquire(self) -> bool:
-        with self._lock:
-            if self._retired:
-                return False
-            self._inflight += 1
-            return True
-
-    def release(self) -> None:
-        with self._lock:
-            self._inflight -= 1
-            close = self._retired and self._inflight == 0
-        if close:
-            self.loaded.close()
-
-    def retire(self) -> None:
-        with self._lock:
-            self._retired = True
-            close = self._inflight == 0
-        if close:
-            self.loaded.close()
-
-    def describe(self) -> dict:
-        return {
-            "version": self.version,
-            "format": self.manifest.format,
-            "sha256": self.manifest.files[0].sha256 if len(self.manifest.files) == 1 else None,
-            "loaded_at": self.loaded_at,
-            **self.selection.as_dict(),
-        }
 
 
 @dataclass
@@ -89,21 +49,29 @@ class InferResult:
 
 
 class ModelManager:
-    def __init__(self, store: ModelStore, settings: Settings) -> None:
+    def __init__(self, store: ModelStore, settings: Settings, events: ModelEvents | None = None) -> None:
         self.store = store
         self.settings = settings
-        self.failures: dict[str, str] = {}  # model name -> why it cannot be served
-        self.stats: dict[str, ModelStats] = {}
-        self.listeners: list[Listener] = []
+        self.events = events or ModelEvents()
         # Loads recorded on disk: a backend that crashed the process is skipped after a restart.
-        self.attempts = Attempts(store, lambda data: self._emit("model_skipped", data))
-        self._models: dict[str, ServedModel] = {}
-        self._failed_version: dict[str, str] = {}
-        self._chosen: dict[tuple[str, str], Selection] = {}  # (name, version) -> tested backend
-        self._pending: set[str] = set()
+        self.attempts = Attempts(store, lambda data: tell(self.events.on_skipped, Skipped(**data)))
+        self._states: dict[str, ModelState] = {}  # model name -> all that is known of it
         self._first_load_done = False
         self._swap_lock = threading.RLock()
         self._stats_lock = threading.Lock()
+
+    @property
+    def failures(self) -> dict[str, str]:
+        """{model: why it cannot be served} (a served older version may serve meanwhile)."""
+        return {n: s.failure for n, s in list(self._states.items()) if s.failure is not None}
+
+    @property
+    def stats(self) -> dict[str, ModelStats]:
+        """{model: its statistics}, for every model loaded at least once."""
+        return {n: s.stats for n, s in list(self._states.items()) if s.stats is not None}
+
+    def _state(self, name: str) -> ModelState:
+        return self._states.setdefault(name, ModelState(name))
 
     # --- serving -----------------------------------------------------------
     def infer(
@@ -111,9 +79,9 @@ class ModelManager:
     ) -> InferResult:
         """`internal`: the daemon's own inference (a watchdog check, an update's self-test),
         counted apart from client traffic; it runs the same path otherwise."""
-        served = self._acquire(name, version)
+        served, model_stats = self._acquire(name, version)
         try:
-            stats = self.stats[name].internal if internal else self.stats[name]
+            stats = model_stats.internal if internal else model_stats
             try:
                 checked = validate_inputs(
                     inputs, served.loaded.inputs, reject_non_finite=served.settings.reject_non_finite
@@ -140,34 +108,35 @@ class ModelManager:
 
     def get(self, name: str, version: str | None = None) -> ServedModel:
         """The served model (for metadata); raises like `infer` would."""
-        return self._lookup(name, version)
+        return self._lookup(name, version)[0]
 
     def served(self) -> dict[str, ServedModel]:
-        return dict(self._models)
+        return {n: s.served for n, s in list(self._states.items()) if s.served is not None}
 
     def ready(self) -> bool:
         """True once every active model has been loaded or has failed."""
-        return self._first_load_done and not self._pending
+        return self._first_load_done and not any(s.pending for s in list(self._states.values()))
 
-    def _lookup(self, name: str, version: str | None) -> ServedModel:
-        served = self._models.get(name)
-        if served is None:
+    def _lookup(self, name: str, version: str | None) -> tuple[ServedModel, ModelStats]:
+        state = self._states.get(name)
+        served = state.served if state is not None else None
+        if served is None or state is None or state.stats is None:
             if not self._first_load_done:
                 raise ModelUnavailable("edged is still loading its models")
-            if name in self._pending:
+            if state is not None and state.pending:
                 raise ModelUnavailable(f"model {name!r} is still loading")
-            if name in self.failures:
-                raise ModelUnavailable(self.failures[name])
+            if state is not None and state.failure is not None:
+                raise ModelUnavailable(state.failure)
             raise ModelNotFound(name)
         if version is not None and version != served.version:
             raise ModelNotFound(name, version, f"the active version is {served.version}")
-        return served
+        return served, state.stats
 
-    def _acquire(self, name: str, version: str | None) -> ServedModel:
+    def _acquire(self, name: str, version: str | None) -> tuple[ServedModel, ModelStats]:
         while True:  # a swap between lookup and acquire retires the old model: look again
-            served = self._lookup(name, version)
+            served, stats = self._lookup(name, version)
             if served.acquire():
-                return served
+                return served, stats
 
     def _count(self, stats: Counts, field: str) -> None:
         with self._stats_lock:
@@ -176,7 +145,8 @@ class ModelManager:
     # --- loading -----------------------------------------------------------
     def load_all(self) -> None:
         """First load at start-up: every active version in the store."""
-        self._pending = set(self._active_versions()[0])
+        for name in self._active_versions()[0]:
+            self._state(name).pending = True
         self.sync()
         self._first_load_done = True
 
@@ -186,30 +156,34 @@ class ModelManager:
             wanted, unreadable = self._active_versions()
             now = time.monotonic()
             for name, version in wanted.items():
-                current = self._models.get(name)
+                state = self._state(name)
+                current = state.served
                 if current is not None and current.version == version:
-                    if self._failed_version.get(name) not in (None, version):
-                        self._clear_failure(name)  # the failed version is no longer wanted
+                    if state.failed_version not in (None, version):
+                        self._clear_failure(state)  # the failed version is no longer wanted
                     if current.retry_at is not None and now >= current.retry_at:
                         current.retry_at = None
                         if not self._load(name, version, reason="retry after fallback"):
                             current.retry_at = now + self.settings.backends.fallback_retry_s
                     continue
-                if self._failed_version.get(name) == version:
-                    self._pending.discard(name)  # failed once; tried again when another is activated
+                if state.failed_version == version:
+                    state.pending = False  # failed once; tried again when another is activated
                     continue
                 self._load(name, version, reason="activated")
-            self._pending &= set(wanted)  # removed meanwhile: nothing left to wait for
-            # A model whose pointer cannot be read keeps serving what it served.
-            for name in set(self._models) - set(wanted) - unreadable:
-                self._emit("model_unloaded", {"model": name, "version": self._models[name].version})
-                self._models.pop(name).retire()
-            for name in set(self.failures) - set(wanted) - unreadable:
-                self._clear_failure(name)
+            for name, state in list(self._states.items()):
+                if name in wanted or name in unreadable:
+                    continue  # a model whose pointer cannot be read keeps serving what it served
+                state.pending = False  # removed meanwhile: nothing left to wait for
+                if state.served is not None:
+                    served, state.served = state.served, None
+                    tell(self.events.on_unloaded, Unloaded(name, served.version))
+                    served.retire()
+                self._clear_failure(state)
 
-    def _clear_failure(self, name: str) -> None:
-        self.failures.pop(name, None)
-        self._failed_version.pop(name, None)
+    @staticmethod
+    def _clear_failure(state: ModelState) -> None:
+        state.failure = None
+        state.failed_version = None
 
     def _active_versions(self) -> tuple[dict[str, str], set[str]]:
         """{name: active version}, and the names whose active pointer cannot be read."""
@@ -238,66 +212,84 @@ class ModelManager:
             ),
         }
 
-    def adopt_selection(self, name: str, version: str, selection: Selection) -> None:
-        """Serve `version`, once activated, on the backend a check already chose and tested
-        (an update's self-test), instead of probing again: what was tested is what serves."""
+    def load_version(self, name: str, version: str, wanted: str | None = None,
+             exclude: frozenset[str] = frozenset()) -> tuple[Manifest, LoadedModel, Selection]:
+        """Verify and load `version` with this model's settings and backend (or `wanted`),
+        recorded against crash loops, without serving it; raises EdgedError."""
+        settings = self.settings.model(name)
+        options = self.load_options(settings)
+        manifest = self.store.verify(name, version)
+        path = self.store.version_dir(name, version) / manifest.entry
+        loaded, selection = select(
+            path, manifest.format, wanted or settings.backend, options, self.settings.backends.probe_runs,
+            exclude, self.attempts.guard(name, version, settings, options),
+        )
+        return manifest, loaded, selection
+
+    def adopt(self, name: str, version: str, loaded: LoadedModel, selection: Selection) -> None:
+        """Serve `version`, once activated, as this load (tested by an update's trial load)
+        instead of loading and probing it again: what was tested is what serves. Another
+        version's earlier adopted load is closed."""
         with self._swap_lock:
-            self._chosen = {key: s for key, s in self._chosen.items() if key[0] != name}
-            self._chosen[(name, version)] = selection
+            state = self._state(name)
+            state.drop_adopted()
+            state.adopted = Adopted(version, loaded, selection)
 
     def _load(self, name: str, version: str, reason: str, exclude: frozenset[str] = frozenset(),
               why_here: str | None = None) -> bool:
         """Load and swap in; `exclude` (a fallback) sets the retry time and `why_here` the
         reason shown, both before the swap, so no reader sees a half-described model."""
-        settings = self.settings.model(name)
-        chosen = None if exclude else self._chosen.pop((name, version), None)
-        wanted = "auto" if exclude else chosen.backend if chosen else settings.backend
-        options = self.load_options(settings)
+        state = self._state(name)
+        adopted = None if exclude else state.drop_adopted(keep=version)
         try:
-            manifest = self.store.verify(name, version)
-            path = self.store.version_dir(name, version) / manifest.entry
-            loaded, selection = select(
-                path, manifest.format, wanted, options, self.settings.backends.probe_runs, exclude,
-                self.attempts.guard(name, version, settings, options),
-            )
+            if adopted is not None:  # tested by a trial load: only the files are checked again
+                manifest, loaded = self.store.verify(name, version), adopted.loaded
+            else:
+                wanted = "auto" if exclude else None
+                manifest, loaded, selection = self.load_version(name, version, wanted, exclude)
         except EdgedError as exc:
-            self._fail(name, version, str(exc))
+            self._fail_load(name, version, str(exc), adopted)
             return False
         except (OSError, ValueError, TypeError) as exc:  # whatever a damaged store throws
-            self._fail(name, version, f"{type(exc).__name__}: {exc}")
+            self._fail_load(name, version, f"{type(exc).__name__}: {exc}", adopted)
             return False
-        if chosen is not None:  # the tested choice, its probe figures and its reason
-            selection = replace(chosen, precision=selection.precision,
-                                reason=f"{chosen.reason}, when its update was tested")
+        if adopted is not None:  # the tested choice, its probe figures and its reason
+            tested = adopted.selection
+            selection = replace(tested, reason=f"{tested.reason}, when its update was tested")
         selection.reason = why_here or selection.reason
-        served = ServedModel(manifest, loaded, selection, settings)
+        served = ServedModel(manifest, loaded, selection, self.settings.model(name))
         if exclude:
             served.retry_at = time.monotonic() + self.settings.backends.fallback_retry_s
-        old = self._models.get(name)
-        self.stats.setdefault(name, ModelStats())
-        self._models[name] = served  # the swap: new requests go to the new version from here
-        self._pending.discard(name)
-        self.failures.pop(name, None)
-        self._failed_version.pop(name, None)
+        old = state.served
+        if state.stats is None:
+            state.stats = ModelStats()
+        state.served = served  # the swap: new requests go to the new version from here
+        state.pending = False
+        self._clear_failure(state)
         log.info("%s %s serving on %s: %s", name, version, selection.backend, selection.reason,
                  extra={"MODEL": name, "VERSION": version})
-        self._emit("model_loaded", {"model": name, "version": version, "why": reason,
-                                    "previous": old.version if old is not None else None,
-                                    "backend": selection.backend, "reason": selection.reason})
+        tell(self.events.on_loaded, Loaded(name, version, reason, old.version if old is not None else None,
+                                           selection.backend, selection.reason))
         if old is not None:
             old.retire()
         return True
 
+    def _fail_load(self, name: str, version: str, reason: str, adopted: Adopted | None) -> None:
+        if adopted is not None:
+            adopted.loaded.close()
+        self._fail(name, version, reason)
+
     def _fail(self, name: str, version: str | None, reason: str) -> None:
+        state = self._state(name)
         prefix = f"{name} {version}" if version else name
         message = reason if reason.startswith(name) else f"{prefix}: {reason}"
-        if self.failures.get(name) != message:
+        if state.failure != message:
             log.error("cannot serve %s", message, extra={"MODEL": name, "VERSION": version})
-            self._emit("model_failed", {"model": name, "version": version, "error": message})
-        self._pending.discard(name)
+            tell(self.events.on_failed, Failed(name, version, message))
+        state.pending = False
         if version is not None:
-            self._failed_version[name] = version
-        self.failures[name] = message  # a served older version keeps serving meanwhile
+            state.failed_version = version
+        state.failure = message  # a served older version keeps serving meanwhile
 
     # --- runtime fallback ----------------------------------------------------
     def _on_backend_error(self, served: ServedModel, exc: Exception) -> None:
@@ -311,7 +303,8 @@ class ModelManager:
 
     def _fall_back(self, served: ServedModel, errors: int, error: str) -> None:
         with self._swap_lock:
-            if self._models.get(served.name) is not served:
+            state = self._state(served.name)
+            if state.served is not served:
                 return
             failing = served.selection.backend
             log.warning("%s: %s failing (%s); trying another backend", served.name, failing, error,
@@ -321,29 +314,25 @@ class ModelManager:
                               why_here=f"fallback from {failing} after {errors} errors ({error})"):
                 served.consecutive_errors = 0  # no other backend now: try again after as many errors
                 return
-            new = self._models[served.name]
-            self._emit("backend_fallback", {"model": served.name, "version": served.version,
-                                            "from": failing, "to": new.selection.backend, "error": error})
+            new = state.served
+            tell(self.events.on_fallback, Fallback(served.name, served.version, failing,
+                                                   new.selection.backend if new else "?", error))
 
     # --- reporting -----------------------------------------------------------
-    def _emit(self, kind: str, data: dict) -> None:
-        for listener in self.listeners:
-            try:
-                listener(kind, data)
-            except Exception:  # a listener must never break loading
-                log.exception("event listener failed on %s", kind)
-
     def status(self) -> dict:
         models = {}
-        for name, served in self.served().items():
-            stats = self.stats.get(name, ModelStats())
-            models[name] = {"state": "ready", **served.describe(), **stats.as_dict()}
-            if name in self.failures:  # e.g. a newer version that failed to load
-                models[name]["error"] = self.failures[name]
-        for name in self._pending - set(models):
-            models[name] = {"state": "loading"}
-        for name, reason in dict(self.failures).items():
-            models.setdefault(name, {"state": "failed", "error": reason})
+        states = dict(self._states)
+        for name, state in states.items():  # served first, then loading, then failed
+            if state.served is not None and state.stats is not None:
+                models[name] = {"state": "ready", **state.served.describe(), **state.stats.as_dict()}
+                if state.failure is not None:  # e.g. a newer version that failed to load
+                    models[name]["error"] = state.failure
+        for name, state in states.items():
+            if name not in models and state.pending:
+                models[name] = {"state": "loading"}
+        for name, state in states.items():
+            if name not in models and state.failure is not None:
+                models[name] = {"state": "failed", "error": state.failure}
         for name, why in self.attempts.skipped().items():
             if name in models:
                 models[name]["skipped"] = why
@@ -351,6 +340,8 @@ class ModelManager:
 
     def close(self) -> None:
         with self._swap_lock:
-            for served in self._models.values():
-                served.retire()
-            self._models.clear()
+            for state in self._states.values():
+                state.drop_adopted()
+                if state.served is not None:
+                    state.served.retire()
+                    state.served = None

@@ -37,9 +37,9 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
+from edged.control import Control
 from edged.errors import EdgedError
 from edged.health import Health
-from edged.models.manager import ModelManager
 from edged.mqtt.link import MqttLink
 from edged.pipelines.group import Pipelines
 from edged.untrusted_json import parse_json
@@ -96,11 +96,11 @@ COMMAND = TypeAdapter(Command)
 
 
 class Commands:
-    def __init__(self, link: MqttLink, manager: ModelManager, health: Health,
+    def __init__(self, link: MqttLink, control: Control, health: Health,
                  pipelines: Pipelines | None, reload_config: Callable[[], dict[str, Any]] | None,
                  allowed_senders: list[str]) -> None:
         self.link = link
-        self.manager = manager
+        self.control = control
         self.health = health
         self.pipelines = pipelines
         self.reload_config = reload_config
@@ -188,22 +188,17 @@ class Commands:
 
     # --- the commands -------------------------------------------------------------------
     def _run(self, command: Any) -> Any:
-        store = self.manager.store
         match command:
             case Ping():
                 return "pong"
             case Status():
                 return self.health.document()
             case ModelsList():
-                return {name: {"versions": store.versions(name), "active": store.active(name)}
-                        for name in store.names()}
+                return self.control.models()
             case ModelsActivate(model=name, version=version):
-                if version not in store.versions(name):
-                    raise CommandError(f"{name} has no version {version!r} in the store")
-                store.activate(name, version)
-                return self._serving(name, version)
+                return self.control.activate(name, version).as_dict()
             case ModelsRollback(model=name):
-                return self._serving(name, store.rollback(name))
+                return self.control.rollback(name).as_dict()
             case PipelinesRestart(pipeline=name):
                 if self.pipelines is None:
                     raise CommandError("this daemon runs no pipelines")
@@ -214,15 +209,6 @@ class Commands:
                     raise CommandError("this daemon was started without a config file to reload")
                 return self.reload_config()
         raise CommandError(f"command {command.command!r} is not handled")  # pragma: no cover
-
-    def _serving(self, name: str, version: str) -> dict[str, Any]:
-        """Load what the store now says, and say whether `version` is what serves."""
-        self.manager.sync()
-        served = self.manager.served().get(name)
-        if served is None or served.version != version:
-            reason = self.manager.failures.get(name, "it did not load")
-            raise CommandError(f"{name} {version} is active in the store but not serving: {reason}")
-        return {"model": name, "version": version, "backend": served.selection.backend}
 
     # --- replying -----------------------------------------------------------------------
     def _allowed(self, topic: str) -> bool:

@@ -3,8 +3,9 @@ the staged version, activate it, watch it through probation, roll back when it g
 prune old versions. The update agent (`updates.py`) decides what to install and when to
 try again; this does one install and raises when a step fails.
 
-The backend the self-test ran on is the one that serves: the model manager adopts the
-staged check's selection instead of probing again, so `update_tested` and
+The staged version is loaded once: the control service's `trial_load` runs the
+self-test on that load and hands it to the model manager, which serves it as it is once
+the version is activated (no second load or probe), so `update_tested` and
 `update_activated` name the same backend.
 
 Each file is hashed once on its way in (as its chunks arrive) and once more at the end of
@@ -19,80 +20,76 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 from edged.config import UpdateSettings
+from edged.control import Control, NotServing
 from edged.errors import EdgedError
-from edged.models.manager import ModelManager
-from edged.models.store import version_key
 from edged.mqtt.checks import UpdateRefused, check_served, check_staged
-from edged.mqtt.reports import Reporter
 from edged.mqtt.transfer import Transfer
 from edged.signing import Release
 
 log = logging.getLogger("edged.mqtt.updates")
+Event = Callable[..., int]  # Reporter.event: kind, then the event's fields
 
 
 class Installer:
-    def __init__(self, settings: UpdateSettings, reporter: Reporter, manager: ModelManager,
-                 transfer: Transfer, stop: threading.Event) -> None:
+    def __init__(self, settings: UpdateSettings, control: Control, transfer: Transfer,
+                 stop: threading.Event, event: Event) -> None:
         self.settings = settings
-        self.reporter = reporter
-        self.manager = manager
-        self.store = manager.store
+        self.control = control
         self.transfer = transfer
         self.stop = stop
+        self.event = event
 
     def install(self, release: Release) -> None:
         """Download, stage, test, activate, watch; raises on a failed step (nothing half-done stays)."""
-        with self.store.keep_proofs(release.manifest.name, release.manifest.version):
+        with self.control.keep_proofs(release.manifest.name, release.manifest.version):
             self._install(release)
 
     def _install(self, release: Release) -> None:
         manifest = release.manifest
         name, version = manifest.name, manifest.version
-        previous = self.store.active(name) if name in self.store.names() else None
-        self.reporter.event("update_started", model=name, version=version, previous=previous,
-                            bytes=sum(f.size for f in manifest.files))
-        staged = name in self.store.names() and version in self.store.versions(name)
-        if not staged:  # else: staged before a restart; checked again below
+        previous = self.control.active(name)
+        self.event("update_started", model=name, version=version, previous=previous,
+                   bytes=sum(f.size for f in manifest.files))
+        if not self.control.has(name, version):  # else: staged before a restart; checked again below
             started = time.monotonic()
             downloads = {f.name: self.transfer.fetch(f.sha256, f.size, self.stop) for f in manifest.files}
-            self.reporter.event("update_downloaded", model=name, version=version,
-                                seconds=round(time.monotonic() - started, 3))
-            self.store.add_verified(manifest, downloads)  # moved in: hashed as they arrived
-            self.reporter.event("update_staged", model=name, version=version)
-        tested = check_staged(self.manager, release)
-        self.reporter.event("update_tested", model=name, version=version, backend=tested.backend,
-                            selftest=release.selftest is not None)
-        self.manager.adopt_selection(name, version, tested)
-        self.store.activate(name, version)
-        self.manager.sync()
-        served = self.manager.served().get(name)
-        if served is None or served.version != version:
-            reason = self.manager.failures.get(name, "it did not load")
-            self._roll_back(name, version, f"activation failed: {reason}")
+            self.event("update_downloaded", model=name, version=version,
+                       seconds=round(time.monotonic() - started, 3))
+            self.control.stage(manifest, downloads)  # moved in: hashed as they arrived
+            self.event("update_staged", model=name, version=version)
+        tested = check_staged(self.control, release)  # loaded once: this load is what serves
+        self.event("update_tested", model=name, version=version, backend=tested.backend,
+                   selftest=release.selftest is not None)
+        try:
+            serving = self.control.activate(name, version)
+        except NotServing as exc:
+            self._roll_back(name, version, f"activation failed: {exc.reason}")
             return
-        self.reporter.event("update_activated", model=name, version=version, previous=previous,
-                            backend=served.selection.backend)
+        self.event("update_activated", model=name, version=version, previous=previous,
+                   backend=serving.backend)
         for f in manifest.files:
             self.transfer.discard(f.sha256)
         if self._probation(release):
-            self.reporter.event("update_kept", model=name, version=version)
-            self._prune(name)
+            self.event("update_kept", model=name, version=version)
+            for removed in self.control.prune(name, self.settings.keep_versions):
+                log.info("updates: removed %s %s (keeping %d versions)", name, removed,
+                         self.settings.keep_versions)
 
     def _probation(self, release: Release) -> bool:
         """Watch the new version; roll back and return False when it goes bad."""
         name, version = release.manifest.name, release.manifest.version
-        stats = self.manager.stats.get(name)
-        errors_before = stats.backend_errors if stats else 0
+        errors_before = self.control.backend_errors(name)
         deadline = time.monotonic() + self.settings.probation_s
         while not self.stop.wait(min(1.0, max(0.0, deadline - time.monotonic()))):
             last = time.monotonic() >= deadline
             try:
-                errors = (stats.backend_errors if stats else 0) - errors_before
+                errors = self.control.backend_errors(name) - errors_before
                 if errors >= self.settings.probation_max_errors:
                     raise UpdateRefused(f"{errors} inference errors during probation")
-                check_served(self.manager, release, full=last)  # a stat per file, all bytes at the end
+                check_served(self.control, release, full=last)  # a stat per file, all bytes at the end
             except EdgedError as exc:
                 self._roll_back(name, version, str(exc))
                 return False
@@ -102,26 +99,12 @@ class Installer:
 
     def _roll_back(self, name: str, version: str, reason: str) -> None:
         try:
-            restored = self.store.rollback(name)
+            restored = self.control.rollback(name).version
+        except NotServing as exc:  # rolled back in the store; its failure is an event of its own
+            restored = exc.version
         except EdgedError as exc:
             log.error("updates: %s %s went bad (%s) and cannot roll back: %s", name, version, reason, exc)
-            self.reporter.event("update_failed", model=name, version=version,
-                                reason=f"{reason}; no rollback: {exc}")
+            self.event("update_failed", model=name, version=version, reason=f"{reason}; no rollback: {exc}")
             return
-        self.manager.sync()
         log.error("updates: %s %s rolled back to %s: %s", name, version, restored, reason)
-        self.reporter.event("update_rolled_back", model=name, version=version, to=restored, reason=reason)
-
-    def _prune(self, name: str) -> None:
-        """Keep `keep_versions` versions: the active one, the rollback target, the newest others."""
-        keep = {self.store.active(name), *self.store.history(name)[:1]}
-        versions = sorted(self.store.versions(name), key=version_key, reverse=True)
-        for version in versions:
-            if len(keep) >= self.settings.keep_versions:
-                break
-            keep.add(version)
-        for version in versions:
-            if version not in keep:
-                self.store.remove(name, version)
-                log.info("updates: removed %s %s (keeping %d versions)", name, version,
-                         self.settings.keep_versions)
+        self.event("update_rolled_back", model=name, version=version, to=restored, reason=reason)

@@ -23,6 +23,7 @@ import time
 from typing import Any
 
 from edged.health import Health
+from edged.models.lifecycle import Loaded, ModelEvent
 from edged.models.manager import ModelManager
 from edged.models.store import version_key
 from edged.mqtt.link import MqttLink
@@ -43,7 +44,8 @@ class Reporter:
         self.manager = manager
         self.pipelines = pipelines
         self.interval_s = interval_s
-        self.desired: dict[str, str] = {}  # model -> version the registry wants (set by the update agent)
+        self._desired: dict[str, str] = {}  # model -> version the registry wants (the update agent says)
+        self._reporting = False  # model events are reported between start() and stop()
         self._last_state = ""
         self._pipeline_states: dict[str, str] = {}
         self._health_now = threading.Event()
@@ -51,7 +53,7 @@ class Reporter:
         self._thread = threading.Thread(target=self._run, name="mqtt-reports", daemon=True)
 
     def start(self) -> None:
-        self.manager.listeners.append(self.on_model_event)
+        self._reporting = True
         self.link.on_connected.append(self._on_connected)
         self._pipeline_states = self._current_pipeline_states()
         self._thread.start()
@@ -60,8 +62,7 @@ class Reporter:
         self._stop.set()
         self._health_now.set()
         self._thread.join(timeout=5)
-        if self.on_model_event in self.manager.listeners:
-            self.manager.listeners.remove(self.on_model_event)
+        self._reporting = False
 
     # --- the three kinds of message -----------------------------------------------------
     def event(self, kind: str, **data: Any) -> int:
@@ -90,12 +91,21 @@ class Reporter:
         self._last_state = text
         self.link.put("state", self.link.topics.state, document, retain=True, replace=True)
 
+    def set_desired(self, name: str, version: str | None) -> None:
+        """The version of `name` the registry wants (None: it withdrew its release), shown in
+        the retained state; a new wish is published at once."""
+        if version is None:
+            self._desired.pop(name, None)
+            return
+        self._desired[name] = version
+        self.publish_state()
+
     def state_document(self) -> dict[str, Any]:
         models: dict[str, dict[str, Any]] = {}
         served = self.manager.served()
-        for name in sorted(set(served) | set(self.manager.failures) | set(self.desired)):
+        for name in sorted(set(served) | set(self.manager.failures) | set(self._desired)):
             model = served.get(name)
-            entry: dict[str, Any] = {"desired": self.desired.get(name), "active": None}
+            entry: dict[str, Any] = {"desired": self._desired.get(name), "active": None}
             if model is not None:
                 entry.update(active=model.version, sha256=model_digest(model.manifest.files),
                              backend=model.selection.backend)
@@ -108,14 +118,16 @@ class Reporter:
         return {"device": self.link.settings.device_id, "models": models}
 
     # --- sources of events --------------------------------------------------------------
-    def on_model_event(self, kind: str, data: dict) -> None:
-        """The model manager's listener: every load, failure, swap and fallback is an event."""
-        self.event(kind, **data)
-        previous, version = data.get("previous"), data.get("version")
-        if kind == "model_loaded" and previous and version and previous != version:
-            rolled_back = version_key(version) < version_key(previous)
-            self.event("model_rolled_back" if rolled_back else "model_activated", model=data["model"],
-                       version=version, previous=previous)
+    def on_model_event(self, event: ModelEvent) -> None:
+        """The model manager's hooks (ModelEvents): every load, failure, swap, fallback and
+        skip is an event."""
+        if not self._reporting:
+            return
+        self.event(event.kind, **event.as_dict())
+        if isinstance(event, Loaded) and event.previous and event.previous != event.version:
+            rolled_back = version_key(event.version) < version_key(event.previous)
+            self.event("model_rolled_back" if rolled_back else "model_activated", model=event.model,
+                       version=event.version, previous=event.previous)
         self.publish_state()
 
     def _on_connected(self) -> None:

@@ -23,18 +23,19 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
 
 from edged.config import UpdateSettings
+from edged.control import Control
 from edged.errors import EdgedError
-from edged.models.manager import ModelManager
 from edged.models.store import version_key
 from edged.mqtt.checks import UpdateRefused
-from edged.mqtt.install import Installer
-from edged.mqtt.reports import Reporter
+from edged.mqtt.install import Event, Installer
+from edged.mqtt.link import MqttLink
 from edged.mqtt.retry import NotEnoughDisk, RetryBook, disk_full, free_bytes, space_needed
 from edged.mqtt.transfer import RegistrySilent, Transfer
 from edged.signing import Release, trusted_keys, verify_envelope
@@ -47,19 +48,23 @@ REMEMBERED = 1024
 
 
 class UpdateAgent:
-    def __init__(self, settings: UpdateSettings, reporter: Reporter, manager: ModelManager) -> None:
+    """`event` queues an event (Reporter.event); `desired` says which version the registry
+    wants of a model, None when it withdrew it (Reporter.set_desired)."""
+
+    def __init__(self, settings: UpdateSettings, link: MqttLink, control: Control, event: Event,
+                 desired: Callable[[str, str | None], None]) -> None:
         self.settings = settings
-        self.reporter = reporter
-        self.link = reporter.link
-        self.manager = manager
-        self.store = manager.store
+        self.link = link
+        self.control = control
+        self.event = event
+        self.desired = desired
         self.trusted = trusted_keys(settings.public_keys)
         self.transfer = Transfer(self.link, settings.download_dir, chunk_bytes=settings.chunk_bytes,
                                  window=settings.window, timeout_s=settings.chunk_timeout_s,
                                  retries=settings.chunk_retries, on_reply=self._on_chunk_reply)
         self.retries = RetryBook(settings)
         self._stop = threading.Event()
-        self.installer = Installer(settings, reporter, manager, self.transfer, self._stop)
+        self.installer = Installer(settings, control, self.transfer, self._stop, event)
         self.topics = self.link.topics.releases(settings.group)
         self.status_topic = self.link.topics.registry_status
         self._seen: dict[bytes, None] = {}  # releases handled (by signature), oldest first
@@ -147,7 +152,7 @@ class UpdateAgent:
         name, _group = Topics.release_parts(topic)
         if not payload:
             log.info("updates: the release of %s was withdrawn", name)
-            self.reporter.desired.pop(name, None)
+            self.desired(name, None)
             self._give_up(name)
             return
         key = hashlib.sha256(payload).digest()
@@ -173,20 +178,19 @@ class UpdateAgent:
             return
         except UpdateRefused as exc:  # not for this device: a waiting release stays, unless it was this
             log.warning("updates: %s refused: %s", name, exc)
-            self.reporter.event("update_refused", model=name, reason=str(exc))
+            self.event("update_refused", model=name, reason=str(exc))
             self._give_up(name, payload)
             return
         if release is None:  # already active, or not followed
             self._give_up(name, payload)
             return
         version = release.manifest.version
-        self.reporter.desired[name] = version
-        self.reporter.publish_state()
+        self.desired(name, version)
         try:
             self.installer.install(release)
         except UpdateRefused as exc:  # a bad version: never retried
             log.error("updates: %s %s not installed: %s", name, version, exc)
-            self.reporter.event("update_failed", model=name, version=version, reason=str(exc))
+            self.event("update_failed", model=name, version=version, reason=str(exc))
             self._give_up(name)
         except (EdgedError, OSError) as exc:
             if self._stop.is_set():  # shutting down: the download resumes at the next start
@@ -212,7 +216,7 @@ class UpdateAgent:
                                               " or as soon as the registry is back")
         log.error("updates: %s %s %s: %s; trying %s", name, version or "release",
                   "refused" if kind == "update_refused" else "failed", reason, when)
-        self.reporter.event(kind, model=name, **({"version": version} if version else {}), reason=reason,
+        self.event(kind, model=name, **({"version": version} if version else {}), reason=reason,
                             attempt=pending.attempts, retry_in_s=retry_in, waiting_for_disk=bool(disk))
 
     def _give_up(self, name: str, payload: bytes | None = None) -> None:
@@ -240,7 +244,7 @@ class UpdateAgent:
 
     def _space_needed(self, release: Release) -> list[tuple[Path, int]]:
         total = sum(f.size for f in release.manifest.files)
-        return space_needed(self.settings.download_dir, self.store.root, total)
+        return space_needed(self.settings.download_dir, self.control.store_root, total)
 
     def _verify(self, name: str, group: str | None, payload: bytes) -> Release | None:
         """The release, checked; None when there is nothing to do (already active)."""
@@ -257,7 +261,7 @@ class UpdateAgent:
             raise UpdateRefused(f"release {manifest.version} expired at {time.ctime(release.expires_at)}")
         if self.settings.models and name not in self.settings.models:
             return None
-        active = self.store.active(name) if name in self.store.names() else None
+        active = self.control.active(name)
         if active == manifest.version:
             return None
         if active is not None and version_key(manifest.version) < version_key(active):

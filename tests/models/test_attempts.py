@@ -16,6 +16,7 @@ from edged.backends.base import LoadOptions
 from edged.backends.selection import TEST_CRASH_VARIABLE, BackendSkipped, runtime_version
 from edged.config import ModelSettings, load_settings
 from edged.models.attempts import DIRECTORY, Attempts
+from edged.models.lifecycle import ModelEvents
 from edged.models.manager import ModelManager
 from edged.models.store import ModelStore
 from tests.conftest import ROOT, _load_fetch_tool, build_tiny_ir, ir_files
@@ -159,9 +160,8 @@ def test_the_manager_serves_face_on_litert_after_openvino_crashed_it(sample_mode
     assert crashed.returncode == -signal.SIGABRT, crashed.stderr
     settings = load_settings(None, store={"path": str(store.root)},
                              backends={"openvino_cache_dir": str(cache), "probe_runs": 3})
-    manager = ModelManager(store, settings)
     events: list[tuple[str, dict]] = []
-    manager.listeners.append(lambda kind, data: events.append((kind, data)))
+    manager = ModelManager(store, settings, ModelEvents.each(lambda e: events.append((e.kind, e.as_dict()))))
     try:
         manager.load_all()
         face = manager.status()["face"]

@@ -10,18 +10,19 @@ import pytest
 
 from edged.config import load_settings
 from edged.errors import BackendError, ModelNotFound, ModelUnavailable
+from edged.models.lifecycle import ModelEvents
 from edged.models.manager import ModelManager
 from tests.conftest import build_tiny_ir, ir_files, wait_until
 
 X = np.array([[1, 2, -3, 0.5]], np.float32)
 
 
-def make_manager(store, tmp_path, **backends) -> ModelManager:
+def make_manager(store, tmp_path, events: ModelEvents | None = None, **backends) -> ModelManager:
     settings = load_settings(
         None, store={"path": str(store.root)},
         backends={"openvino_cache_dir": str(tmp_path / "cache"), "probe_runs": 3, **backends},
     )
-    manager = ModelManager(store, settings)
+    manager = ModelManager(store, settings, events)
     manager.load_all()
     return manager
 
@@ -139,9 +140,10 @@ def test_unversioned_and_versioned_lookup(sample_store, tmp_path):
 
 
 def test_a_new_version_that_fails_leaves_the_old_one_serving(sample_store, tmp_path):
-    manager = make_manager(sample_store, tmp_path)
     events: list[tuple[str, dict]] = []
-    manager.listeners.append(lambda kind, data: events.append((kind, data)))
+    record = ModelEvents.each(lambda e: events.append((e.kind, e.as_dict())))
+    manager = make_manager(sample_store, tmp_path, record)
+    events.clear()  # what the first load said
     try:
         garbage = tmp_path / "garbage.tflite"
         garbage.write_bytes(b"TFL3" + bytes(range(256)) * 4)
