@@ -107,12 +107,6 @@ class ModelState:
             return None
         return adopted
 
-    @property
-    def idle(self) -> bool:
-        """Nothing left to know: the state can go."""
-        return (self.served is None and self.failure is None and not self.pending
-                and self.adopted is None and self.stats is None)
-
 
 # --- the lifecycle events: their fields are what MQTT events carry ------------------------
 
