@@ -1,6 +1,6 @@
 """The durable store-and-forward outbox: everything edged publishes over MQTT waits here.
 
-Producers (pipelines, model manager listeners, the health timer) `put` from any thread;
+Producers (pipelines, the model manager's event hooks, the health timer) `put` from any thread;
 the link thread reads `pending` in id order while connected and `ack`s a message when its
 PUBACK arrives, so a message leaves only once the broker has it (QoS 1: what was sent but
 not acked goes again after a reconnect, and the broker may see it twice).
