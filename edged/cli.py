@@ -34,7 +34,10 @@ def _settings(args: argparse.Namespace) -> Settings:
 def cmd_run(args: argparse.Namespace) -> int:
     from edged import systemd
     from edged.daemon import Daemon, configure_logging
+    from edged.shutdown import Signals, exit_now
 
+    # From the first moment: a SIGTERM while the config is read or models load is seen.
+    signals = None if args.check else Signals.install()
     settings = _settings(args)
     configure_logging(settings.logging.level)
     if args.check:
@@ -44,13 +47,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     faulthandler.enable()
     listener = systemd.listen_socket()  # socket activation; None: the daemon binds the socket itself
     daemon = Daemon(settings, listener, reload_settings=lambda: _settings(args))
-    daemon.install_signal_handlers()
     if listener is not None and daemon.server.path != settings.socket.path:
         logging.getLogger("edged").warning("serving on %s, the socket systemd passed; [socket] path %s "
                                            "is not used", daemon.server.path, settings.socket.path)
     print(f"edged {__version__}: serving the models in {settings.store.path} on {daemon.server.path}"
           + (" (socket from systemd)" if listener else ""), file=sys.stderr, flush=True)
-    return daemon.run()
+    code = daemon.run(signals)
+    if daemon.loading_abandoned:  # a runtime still compiling: exiting normally could wait for it
+        exit_now(code, "exiting while a model is still loading")
+    return code
 
 
 def _check(settings: Settings) -> int:

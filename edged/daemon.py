@@ -1,20 +1,17 @@
 """Wires the store, the model manager, the socket API, the pipelines and the MQTT
 link, and runs until told to stop.
 
-Signal handlers only write a byte to a pipe; the main loop reads it and does
-the work: reload on SIGHUP, the single shutdown path on SIGTERM and SIGINT,
-the watchdog and the status line systemd shows. The store is synced on a
-thread of its own, since loading a new version may take longer than the
-watchdog allows the loop to be away.
+`run()` is three phases: `_start` (models load on a thread while the main thread
+watches for a stop), `_serve` (the main loop: reload on SIGHUP, the watchdog, the
+status line systemd shows) and `_stop` (every step guarded, see edged.shutdown,
+which also catches the signals). The store is synced on a thread of its own, since
+loading a new version may take longer than the watchdog allows the loop to be away.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import select
-import signal
 import socket
 import threading
 import time
@@ -31,6 +28,7 @@ from edged.models.lifecycle import ModelEvent, ModelEvents
 from edged.models.manager import ModelManager
 from edged.models.store import ModelStore
 from edged.pipelines.group import Pipelines
+from edged.shutdown import Signals, run_steps
 
 log = logging.getLogger("edged")
 
@@ -74,61 +72,114 @@ class Daemon:
         self._reload_lock = threading.Lock()
         self._status = ""
 
-    def run(self, on_ready: Callable[[], None] | None = None) -> int:
+    def run(self, signals: Signals | None = None) -> int:
+        """Start, serve until SIGTERM or SIGINT, stop; 0, or 1 when a stop step failed.
+        `signals`: those `edged run` caught from its first moment (else caught from here)."""
+        self.signals = signals or Signals.install()
+        self._loader: threading.Thread | None = None
+        try:
+            if self._start():
+                self._serve()
+        finally:
+            failed = self._stop()
+        return 1 if failed else 0
+
+    def _start(self) -> bool:
+        """Everything before READY=1; False when told to stop meanwhile (never ready then)."""
+        log.info("starting")
         started = time.monotonic()
         self.store.root.mkdir(parents=True, exist_ok=True)
         self.store.clean_staging()  # whole models a killed `edged models remove` left
         for name in self.store.names():
             self.store.clean_staging(name)
+        if self.signals.stop.is_set():
+            return False
         if not self.server.inherited:  # ours: answers at once, 503 to inferences until loaded
             self.start_serving()
-        try:
-            if self.mqtt is not None:
-                self.mqtt.start_reporting()  # loading's events are queued in the outbox
-            count = len(self.store.names())
-            systemd.status(f"loading {count} model{'' if count == 1 else 's'}")
-            self.manager.load_all()
-            if self.mqtt is not None:
-                self.mqtt.link.start()  # `online` once the models serve
-            names = ", ".join(
-                f"{n} {m.version} ({m.selection.backend})" for n, m in sorted(self.manager.served().items())
-            )
-            log.info("ready in %.2f s: %s", time.monotonic() - started, names or "no models in the store")
-            if not self.manager.served():
-                log.warning("the store %s has no active model: add one with `edged models add`",
-                            self.store.root)
-            self.pipelines.start_enabled()
-            pending = self._read_signals(0)
-            if b"T" in pending:
-                return 0  # told to stop while starting: never say ready
-            self.api.startup_done.set()
-            if self.server.inherited:  # systemd's: what waited in its backlog gets a ready edged
-                self.start_serving()
-            self._tell_systemd(ready=True)  # the socket answers from here on
-            if on_ready is not None:
-                on_ready()
-            threading.Thread(target=self._sync_loop, name="store-sync", daemon=True).start()
-            while b"T" not in pending:
-                if b"H" in pending:
-                    self._reload_on_signal()
-                self.server.check_path()  # a socket deleted under us is bound again, or not ready
-                for lock in self.locks:  # and a lock file deleted with it is taken again
-                    lock.check()
-                self.watchdog.tick()
-                self._tell_systemd()
-                pending = self._read_signals(self.watchdog.tick_s)
-        finally:
-            log.info("stopping")
-            systemd.stopping()
-            self.stopping.set()
-            self.pipelines.stop_all()
-            self.server.stop(timeout=self.settings.socket.request_timeout_s)
-            if self.mqtt is not None:
-                self.mqtt.stop()
-            self.manager.close()
-            for lock in self.locks:
-                lock.close()
-        return 0
+        if self.mqtt is not None:
+            self.mqtt.start_reporting()  # loading's events are queued in the outbox
+        count = len(self.store.names())
+        systemd.status(f"loading {count} model{'' if count == 1 else 's'}")
+        if not self._load_models():
+            return False
+        if self.mqtt is not None:
+            self.mqtt.link.start()  # `online` once the models serve
+        names = ", ".join(
+            f"{n} {m.version} ({m.selection.backend})" for n, m in sorted(self.manager.served().items())
+        )
+        log.info("ready in %.2f s: %s", time.monotonic() - started, names or "no models in the store")
+        if not self.manager.served():
+            log.warning("the store %s has no active model: add one with `edged models add`",
+                        self.store.root)
+        self.pipelines.start_enabled()
+        if self.signals.stop.is_set():
+            return False  # told to stop while starting: never say ready
+        self.api.startup_done.set()
+        if self.server.inherited:  # systemd's: what waited in its backlog gets a ready edged
+            self.start_serving()
+        self._tell_systemd(ready=True)  # the socket answers from here on
+        return True
+
+    def _load_models(self) -> bool:
+        """Load on a thread while this one watches for a stop, which ends the wait at once:
+        a load that does not return (a runtime compiling) is left behind. False on a stop."""
+        failure: list[BaseException] = []
+
+        def load() -> None:
+            try:
+                self.manager.load_all()
+            except BaseException as exc:  # raised again on the main thread, as before
+                failure.append(exc)
+            finally:
+                self.signals.wake()
+
+        self._loader = threading.Thread(target=load, name="model-loading", daemon=True)
+        self._loader.start()
+        while self._loader.is_alive() and not self.signals.stop.is_set():
+            self.signals.wait(1.0)
+        if failure:
+            raise failure[0]
+        return not self.signals.stop.is_set()
+
+    @property
+    def loading_abandoned(self) -> bool:
+        """A stop came while models were loading and their load has not returned."""
+        return self._loader is not None and self._loader.is_alive()
+
+    def _serve(self) -> None:
+        """The main loop: reload on SIGHUP, the socket and locks checked, watchdog, STATUS=."""
+        threading.Thread(target=self._sync_loop, name="store-sync", daemon=True).start()
+        while not self.signals.stop.is_set():
+            if self.signals.take_reload():
+                self._reload_on_signal()
+            self.server.check_path()  # a socket deleted under us is bound again, or not ready
+            for lock in self.locks:  # and a lock file deleted with it is taken again
+                lock.check()
+            self.watchdog.tick()
+            self._tell_systemd()
+            self.signals.wait(self.watchdog.tick_s)
+
+    def _stop(self) -> list[str]:
+        """Every stop step, each guarded: one that raises is logged and the next runs.
+        The names of those that failed."""
+        log.info("stopping")
+        started = time.monotonic()
+        self.stopping.set()
+        steps: list[tuple[str, Callable[[], object]]] = [
+            ("systemd", systemd.stopping), ("pipelines", self.pipelines.stop_all),
+            ("socket", lambda: self.server.stop(timeout=self.settings.socket.request_timeout_s)),
+        ]
+        if self.mqtt is not None:
+            steps.append(("mqtt", self.mqtt.stop))
+        if self.loading_abandoned:  # closing would wait for the load's lock, maybe for ever
+            log.warning("stopping: models are still loading; not waiting for them")
+        else:
+            steps.append(("models", self.manager.close))
+        steps += [(f"lock {lock.path}", lock.close) for lock in self.locks]
+        failed = run_steps(steps)
+        log.info("stopped in %.2f s%s", time.monotonic() - started,
+                 f"; failed: {', '.join(failed)}" if failed else "")
+        return failed
 
     def _model_event(self, event: ModelEvent) -> None:
         if self.mqtt is not None:
@@ -145,11 +196,6 @@ class Daemon:
                 self.manager.sync()
             except Exception:  # the daemon outlives whatever the store throws at it
                 log.exception("syncing with the model store failed; serving what is loaded")
-
-    def _read_signals(self, timeout: float) -> bytes:
-        """What the signal handlers wrote: T to stop, H to reload; waits up to `timeout`."""
-        readable, _, _ = select.select([self._signals_r], [], [], timeout)
-        return os.read(self._signals_r, 256) if readable else b""
 
     def _reload_on_signal(self) -> None:
         try:
@@ -226,14 +272,6 @@ class Daemon:
         elif line != self._status:
             systemd.status(line)
         self._status = line
-
-    def install_signal_handlers(self) -> None:
-        def handler(signum: int, frame: object) -> None:
-            with contextlib.suppress(BlockingIOError):  # a full pipe already holds the news
-                os.write(self._signals_w, b"H" if signum == signal.SIGHUP else b"T")
-
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(signum, handler)
 
 
 class MqttParts:
