@@ -100,7 +100,9 @@ class Daemon:
             self.mqtt.start_reporting()  # loading's events are queued in the outbox
         count = len(self.store.names())
         systemd.status(f"loading {count} model{'' if count == 1 else 's'}")
-        if not self._load_models():
+        # On a thread: a stop ends the wait at once, leaving a load that does not return behind.
+        self._loader = self.signals.run_until_stop(self.manager.load_all, "model-loading")
+        if self.signals.stop.is_set():
             return False
         if self.mqtt is not None:
             self.mqtt.link.start()  # `online` once the models serve
@@ -119,27 +121,6 @@ class Daemon:
             self.start_serving()
         self._tell_systemd(ready=True)  # the socket answers from here on
         return True
-
-    def _load_models(self) -> bool:
-        """Load on a thread while this one watches for a stop, which ends the wait at once:
-        a load that does not return (a runtime compiling) is left behind. False on a stop."""
-        failure: list[BaseException] = []
-
-        def load() -> None:
-            try:
-                self.manager.load_all()
-            except BaseException as exc:  # raised again on the main thread, as before
-                failure.append(exc)
-            finally:
-                self.signals.wake()
-
-        self._loader = threading.Thread(target=load, name="model-loading", daemon=True)
-        self._loader.start()
-        while self._loader.is_alive() and not self.signals.stop.is_set():
-            self.signals.wait(1.0)
-        if failure:
-            raise failure[0]
-        return not self.signals.stop.is_set()
 
     @property
     def loading_abandoned(self) -> bool:

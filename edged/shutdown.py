@@ -1,4 +1,5 @@
-"""How the daemon is told to stop and how it stops: the signals, and the guarded stop steps.
+"""How the daemon is told to stop and how it stops: the signals, a wait for start-up work
+that a stop cuts short (`run_until_stop`), and the guarded stop steps (`run_steps`).
 
 Signals are caught from the first moment of `edged run` (before the config is read, the
 locks taken or a model loaded). The C-level handler writes the signal's number to a pipe
@@ -76,6 +77,29 @@ class Signals:
         """Return when a signal arrived or `wake` was called since the last call, or after `timeout`."""
         self._news.wait(timeout)
         self._news.clear()  # the state (stop, reloads) is read after this, so nothing is lost
+
+    def run_until_stop(self, work: Callable[[], object], name: str) -> threading.Thread:
+        """Run `work` on a thread called `name` and wait until it returns or a stop is asked,
+        whichever comes first: a call that does not return (a runtime compiling a large
+        model) never holds up a stop. What `work` raised is raised here. The thread, alive
+        when it was left behind."""
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                work()
+            except BaseException as exc:  # raised again in the waiting thread
+                failure.append(exc)
+            finally:
+                self.wake()
+
+        thread = threading.Thread(target=run, name=name, daemon=True)
+        thread.start()
+        while thread.is_alive() and not self.stop.is_set():
+            self.wait(1.0)
+        if failure:
+            raise failure[0]
+        return thread
 
     def take_reload(self) -> bool:
         """True once for any number of SIGHUPs since the last call."""
