@@ -23,8 +23,8 @@ DEVICE = "cam-1"
 
 @pytest.fixture(scope="module")
 def huge_ir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An IR OpenVINO takes many seconds to compile (2048 MatMuls: ~14 s on a loaded 2-core
-    machine), far longer than a stop takes."""
+    """An IR OpenVINO takes many seconds to compile (2048 MatMuls: 9 to 14 s on a loaded
+    2-core machine), far longer than a stop takes."""
     return build_slow_ir(tmp_path_factory.mktemp("huge-ir"), layers=2048)
 
 
