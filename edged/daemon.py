@@ -11,11 +11,11 @@ loading a new version may take longer than the watchdog allows the loop to be aw
 from __future__ import annotations
 
 import logging
-import os
 import socket
 import threading
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from edged import __version__, systemd
 from edged.api.routes import Api
@@ -29,6 +29,9 @@ from edged.models.manager import ModelManager
 from edged.models.store import ModelStore
 from edged.pipelines.group import Pipelines
 from edged.shutdown import Signals, run_steps
+
+if TYPE_CHECKING:
+    from edged.mqtt.parts import MqttParts
 
 log = logging.getLogger("edged")
 
@@ -51,24 +54,31 @@ class Daemon:
                                        "(edged, pid {pid})"))
         self.store = ModelStore(settings.store.path)
         self.mqtt: MqttParts | None = None
-        # What happens to models is reported over MQTT, whose parts are built below.
+        # What happens to models is reported over MQTT, whose parts need the manager: the
+        # hooks reach them through _model_event.
         self.manager = ModelManager(self.store, settings, ModelEvents.each(self._model_event))
         self.control = Control(self.manager)  # activate, roll back, trial-load: for every transport
         self.health = Health(self.manager, self.store.root)
-        self.api = Api(self.manager, settings, self.health)
+        pipe = None
+        if settings.mqtt.enabled:
+            from edged.mqtt.parts import MqttParts, MqttPipe
+
+            pipe = MqttPipe(settings, self._hello)
+        self.pipelines = Pipelines(settings.pipelines, self.manager, pipe)  # results and sensors over MQTT
+        # Ready once models are loaded and pipelines started (_start).
+        self.api = Api(self.manager, settings, self.health, self.pipelines, startup_done=False)
         self.server = ApiServer(settings.socket, self.api, listener)
-        self.pipelines = Pipelines(settings.pipelines, self.manager)
-        self.api.pipelines = self.pipelines
-        self.api.startup_done.clear()  # ready once models are loaded and pipelines started
-        self.mqtt = MqttParts(self) if settings.mqtt.enabled else None
-        self.pipelines.use_mqtt(self.mqtt)  # results and sensor topics over the link
-        self.health.sections["mqtt"] = self.mqtt.link.status if self.mqtt else (lambda: {"enabled": False})
+        if pipe is not None:
+            self.mqtt = MqttParts(settings, pipe, self.manager, self.control, self.health, self.pipelines,
+                                  self.reload_config if reload_settings else None)
         self.watchdog = systemd.Watchdog(systemd.inference_check(self.manager), systemd.watchdog_interval())
-        self.health.sections["watchdog"] = self.watchdog.status
+        self.health.sections.update({
+            "pipelines": self.pipelines.status, "api": self.api.api_status, "watchdog": self.watchdog.status,
+            **(self.mqtt.health_sections() if self.mqtt else {"mqtt": lambda: {"enabled": False}}),
+        })
+        self.health.ready_checks.append(self.api.socket_reachable)
         self.stopping = threading.Event()
         self.restart_needed: list[str] = []  # config sections changed on disk that only a restart applies
-        self._signals_r, self._signals_w = os.pipe()
-        os.set_blocking(self._signals_w, False)
         self._reload_lock = threading.Lock()
         self._status = ""
 
@@ -97,7 +107,7 @@ class Daemon:
         if not self.server.inherited:  # ours: answers at once, 503 to inferences until loaded
             self.start_serving()
         if self.mqtt is not None:
-            self.mqtt.start_reporting()  # loading's events are queued in the outbox
+            self.mqtt.start()  # loading's events are queued in the outbox
         count = len(self.store.names())
         systemd.status(f"loading {count} model{'' if count == 1 else 's'}")
         # On a thread: a stop ends the wait at once, leaving a load that does not return behind.
@@ -164,7 +174,12 @@ class Daemon:
 
     def _model_event(self, event: ModelEvent) -> None:
         if self.mqtt is not None:
-            self.mqtt.reporter.on_model_event(event)
+            self.mqtt.on_model_event(event)
+
+    def _hello(self) -> dict:
+        """What the link says when it comes online (retained on its status topic)."""
+        return {"version": __version__, "started_at": self.health.started,
+                "models": {name: m.version for name, m in self.manager.served().items()}}
 
     def start_serving(self) -> None:
         self.server.start()
@@ -253,67 +268,6 @@ class Daemon:
         elif line != self._status:
             systemd.status(line)
         self._status = line
-
-
-class MqttParts:
-    """The MQTT side of a daemon: the link, its outbox, reports and commands."""
-
-    def __init__(self, daemon: Daemon) -> None:
-        from edged.mqtt.commands import Commands
-        from edged.mqtt.link import MqttLink
-        from edged.mqtt.outbox import Outbox
-        from edged.mqtt.reports import Reporter
-
-        settings = daemon.settings.mqtt
-        self.outbox = Outbox(settings.outbox_path, settings.outbox_max_messages, settings.outbox_max_bytes)
-        self.link = MqttLink(settings, self.outbox, lambda: {
-            "version": __version__, "started_at": daemon.health.started,
-            "models": {name: m.version for name, m in daemon.manager.served().items()},
-        })
-        self.reporter = Reporter(self.link, daemon.health, daemon.manager, daemon.pipelines,
-                                 settings.health_interval_s)
-        self.commands = Commands(self.link, daemon.control, daemon.health, daemon.pipelines,
-                                 daemon.reload_config if daemon.reload_settings else None,
-                                 settings.command_senders) if settings.commands else None
-        self.updates = None
-        if daemon.settings.updates.enabled:
-            from edged.mqtt.updates import UpdateAgent
-
-            self.updates = UpdateAgent(daemon.settings.updates, self.link, daemon.control,
-                                       self.reporter.event, self.reporter.set_desired)
-        daemon.health.sections["updates"] = self.update_status
-
-    # What pipelines use (edged.pipelines.mqtt_port.MqttPort), without importing edged.mqtt.
-    @property
-    def connected(self) -> threading.Event:
-        return self.link.connected
-
-    def put_result(self, pipeline: str, document: dict) -> bool:
-        return self.link.put("result", self.link.topics.results(pipeline), document)
-
-    def subscribe(self, topic_filter: str, handler: Callable[[str, bytes], None]) -> None:
-        self.link.subscribe(topic_filter, lambda message: handler(message.topic, message.payload))
-
-    def start_reporting(self) -> None:
-        self.reporter.start()
-        if self.commands is not None:
-            self.commands.start()
-        if self.updates is not None:
-            self.updates.start()
-
-    def update_status(self) -> dict:
-        from edged.mqtt.updates import describe
-
-        return describe(self.updates)
-
-    def stop(self) -> None:
-        if self.updates is not None:
-            self.updates.stop()
-        if self.commands is not None:
-            self.commands.stop()
-        self.reporter.stop()
-        self.link.stop()
-        self.outbox.close()
 
 
 def configure_logging(level: str) -> None:

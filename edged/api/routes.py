@@ -50,15 +50,12 @@ def error_response(status: int, message: str) -> Response:
 
 
 class Api:
-    def __init__(self, manager: ModelManager, settings: Settings, health: Health | None = None) -> None:
+    def __init__(self, manager: ModelManager, settings: Settings, health: Health | None = None,
+                 pipelines: Pipelines | None = None, startup_done: bool = True) -> None:
+        """`startup_done`: False while the daemon loads its models and starts its pipelines."""
         self.manager = manager
         self.settings = settings
         self.health = health or Health(manager, manager.store.root)
-        self.health.sections["pipelines"] = lambda: self.pipelines.status() if self.pipelines else {}
-        self.health.sections["api"] = self.api_status
-        # The document's `ready` is the readiness clients see: models loaded and the socket
-        # reachable at its path (a transport's fact, so it comes from here, not from health.py).
-        self.health.ready_checks.append(lambda: self.socket_problem is None)
         self.started = self.health.started
         self.socket_rule = Rule.build(
             settings.socket.allowed_users, settings.socket.allowed_groups, "socket"
@@ -72,10 +69,11 @@ class Api:
         self.header_cache = codec.HeaderCache()
         self.pending = 0
         self.counters: dict[str, int] = {}
-        self.pipelines: Pipelines | None = None  # set by the daemon
-        # Ready also means started: the daemon clears this until its pipelines have started.
+        self.pipelines = pipelines
+        # Ready also means started: the daemon sets this once its pipelines have started.
         self.startup_done = threading.Event()
-        self.startup_done.set()
+        if startup_done:
+            self.startup_done.set()
         self.stopping = threading.Event()
         self.socket_problem: str | None = None  # set by the server while its path cannot be reached
         self._lock = threading.Lock()
@@ -267,6 +265,11 @@ class Api:
 
     def status_document(self) -> dict:
         return self.health.document()
+
+    def socket_reachable(self) -> bool:
+        """The document's `ready` is the readiness clients see: models loaded and the socket
+        reachable at its path (a transport's fact, so it comes from here, not health.py)."""
+        return self.socket_problem is None
 
     def api_status(self) -> dict:
         """This transport's own section of the health document."""

@@ -109,10 +109,13 @@ class Commands:
         settings, topics = link.settings, link.topics
         self.own_replies = topics.replies
         self.reply_prefix = settings.reply_topic_prefix.replace("{topic_prefix}", topics.prefix)
-        health.sections["commands"] = lambda: dict(self.counts)
         self._replies: collections.OrderedDict[bytes, dict] = collections.OrderedDict()
         self._queue: queue.Queue[mqtt.MQTTMessage | None] = queue.Queue(maxsize=16)
         self._thread = threading.Thread(target=self._work, name="mqtt-commands", daemon=True)
+
+    def status(self) -> dict[str, int]:
+        """The health document's `commands` section."""
+        return dict(self.counts)
 
     def start(self) -> None:
         self._thread.start()

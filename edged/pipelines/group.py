@@ -19,18 +19,16 @@ class PipelineNotFound(EdgedError):
 
 
 class Pipelines:
-    def __init__(self, settings: dict[str, PipelineSettings], manager: ModelManager) -> None:
+    def __init__(self, settings: dict[str, PipelineSettings], manager: ModelManager,
+                 mqtt: MqttPort | None = None) -> None:
+        """`mqtt`: the daemon's link (None without one), for mqtt sources and sinks."""
         self.settings = settings
         self.manager = manager
         self.running: dict[str, Pipeline] = {}
         self.failures: dict[str, str] = {}  # pipelines that could not start, and why
-        self.mqtt: SharedPort | None = None  # for mqtt sources and sinks
+        self.mqtt = SharedPort(mqtt) if mqtt is not None else None
         # One control operation at a time: start, stop and restart never interleave.
         self._lock = threading.RLock()
-
-    def use_mqtt(self, port: MqttPort | None) -> None:
-        """The daemon's MQTT link (None without one), for pipelines started from now on."""
-        self.mqtt = SharedPort(port) if port is not None else None
 
     def start_enabled(self) -> None:
         """Start every enabled pipeline; one that cannot start is reported, the rest run."""

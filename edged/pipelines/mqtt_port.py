@@ -1,7 +1,7 @@
 """What pipelines need from the daemon's MQTT link, so that they never import `edged.mqtt`.
 
-`MqttParts` (the daemon's MQTT side) implements `MqttPort` over its link and is handed to
-`Pipelines.use_mqtt`, which wraps it in one `SharedPort` for all pipelines. The link adds a
+`MqttPipe` (edged/mqtt/parts.py: the daemon's outbox and link) implements `MqttPort` and is
+given to `Pipelines` when it is built, which wraps it in one `SharedPort` for all pipelines. The link adds a
 handler per `subscribe` call and never removes one (it has no unsubscribe), so a pipeline
 that stopped would still be called and every restart would add another handler.
 `SharedPort` subscribes the link once per topic filter, for good, and passes each message

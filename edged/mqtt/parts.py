@@ -1,0 +1,89 @@
+"""The daemon's MQTT side, built in two complete pieces because pipelines and MQTT need
+each other: `MqttPipe` (the outbox and the link: what pipelines publish results to and
+read sensor topics from) comes first, the pipelines are built on it, then `MqttParts`
+(reports, commands, updates) on both.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from edged.config import Settings
+from edged.control import Control
+from edged.health import Health
+from edged.models.lifecycle import ModelEvent
+from edged.models.manager import ModelManager
+from edged.mqtt.commands import Commands
+from edged.mqtt.link import MqttLink
+from edged.mqtt.outbox import Outbox
+from edged.mqtt.reports import Reporter
+from edged.pipelines.group import Pipelines
+
+
+class MqttPipe:
+    """The outbox and the link; to pipelines, an `edged.pipelines.mqtt_port.MqttPort`."""
+
+    def __init__(self, settings: Settings, hello: Callable[[], dict[str, Any]]) -> None:
+        mqtt = settings.mqtt
+        self.outbox = Outbox(mqtt.outbox_path, mqtt.outbox_max_messages, mqtt.outbox_max_bytes)
+        self.link = MqttLink(mqtt, self.outbox, hello)
+
+    @property
+    def connected(self) -> threading.Event:
+        return self.link.connected
+
+    def put_result(self, pipeline: str, document: dict) -> bool:
+        return self.link.put("result", self.link.topics.results(pipeline), document)
+
+    def subscribe(self, topic_filter: str, handler: Callable[[str, bytes], None]) -> None:
+        self.link.subscribe(topic_filter, lambda message: handler(message.topic, message.payload))
+
+
+class MqttParts:
+    """Reports, commands and updates over the link; started before the models load (their
+    events are queued in the outbox) and stopped in reverse order."""
+
+    def __init__(self, settings: Settings, pipe: MqttPipe, manager: ModelManager, control: Control,
+                 health: Health, pipelines: Pipelines,
+                 reload_config: Callable[[], dict[str, Any]] | None) -> None:
+        self.pipe = pipe
+        self.link = pipe.link
+        self.reporter = Reporter(self.link, health, manager, pipelines, settings.mqtt.health_interval_s)
+        self.commands = Commands(self.link, control, health, pipelines, reload_config,
+                                 settings.mqtt.command_senders) if settings.mqtt.commands else None
+        self.updates = None
+        if settings.updates.enabled:
+            from edged.mqtt.updates import UpdateAgent
+
+            self.updates = UpdateAgent(settings.updates, self.link, control,
+                                       self.reporter.event, self.reporter.set_desired)
+
+    def health_sections(self) -> dict[str, Callable[[], dict[str, Any]]]:
+        """This transport's sections of the health document."""
+        from edged.mqtt.updates import describe
+
+        sections = {"mqtt": self.link.status, "updates": lambda: describe(self.updates)}
+        if self.commands is not None:
+            sections["commands"] = self.commands.status
+        return sections
+
+    def on_model_event(self, event: ModelEvent) -> None:
+        self.reporter.on_model_event(event)
+
+    def start(self) -> None:
+        self.reporter.start()
+        if self.commands is not None:
+            self.commands.start()
+        if self.updates is not None:
+            self.updates.start()
+
+    def stop(self) -> None:
+        if self.updates is not None:
+            self.updates.stop()
+        if self.commands is not None:
+            self.commands.stop()
+        self.reporter.stop()
+        self.link.stop()
+        self.pipe.outbox.close()
