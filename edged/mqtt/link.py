@@ -20,9 +20,7 @@ raise here, and what the outbox says about its file shows in the health document
 
 from __future__ import annotations
 
-import collections
 import logging
-import random
 import socket
 import threading
 import time
@@ -38,10 +36,10 @@ from edged.config import MqttSettings
 from edged.errors import OutboxError
 from edged.mqtt.client import build_client, no_delay
 from edged.mqtt.outbox import Outbox
+from edged.mqtt.reconnect import WINDOW, Attempts, Backoff, SendWindow
 from edged.topics import Topics
 
 log = logging.getLogger(__name__)
-WINDOW = 64  # outbox messages published and not yet acknowledged
 MessageHandler = Callable[[mqtt.MQTTMessage], None]
 
 
@@ -54,21 +52,16 @@ class MqttLink:
         self.broker = f"{settings.host}:{settings.port}"
         self.online_document = online_document
         self.connected = threading.Event()
-        self.connections = 0  # successful CONNACKs
-        self.failures = 0  # connection attempts that failed or were refused
-        self.last_error = ""
+        self.attempts = Attempts()  # connections, failed attempts, the last problem
         self.put_failures = 0  # messages the outbox refused (disk trouble, oversize)
         self.max_packet_size: int | None = None  # the broker's limit, from its CONNACK
         self.on_connected: list[Callable[[], None]] = []
         self._handlers: dict[str, list[MessageHandler]] = {}  # topic filter -> handlers
         self._subscribing = threading.Lock()  # a filter added while connecting is never missed
         self._subscribed = False  # this connection has the filters (set under `_subscribing`)
-        self._attempt = 0
-        self._inflight: dict[int, int] = {}  # paho mid -> outbox id; touched by the sender thread only
-        self._acked: collections.deque[int] = collections.deque()  # mids paho saw acknowledged
+        self._backoff = Backoff(settings.reconnect_min_s, settings.reconnect_max_s)
+        self._window = SendWindow(WINDOW)  # the sender thread's, but for paho's PUBACKs
         self._send_error = ""  # the sender's last failure, logged once
-        self._to_ack: list[int] = []  # outbox ids acknowledged, not yet handed to the outbox
-        self._cursor = 0  # highest outbox id handed to paho
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._sender = threading.Thread(target=self._send_loop, name="mqtt-sender", daemon=True)
@@ -184,32 +177,29 @@ class MqttLink:
     def _apply_acks(self) -> None:
         """Hand the outbox what the broker acknowledged; kept for the next round if it fails
         (a full disk never makes it fail: the outbox keeps what it cannot write yet)."""
-        while self._acked:
-            outbox_id = self._inflight.pop(self._acked.popleft(), None)
-            if outbox_id is not None:
-                self._to_ack.append(outbox_id)
-        if self._to_ack:
-            self.outbox.ack(*self._to_ack)
-            self._to_ack.clear()
+        acked = self._window.acks()
+        if acked:
+            self.outbox.ack(*acked)
+            self._window.recorded()
 
     def _send_some(self) -> None:
         self._apply_acks()
         self.outbox.recover()  # a full disk is looked at again even while nothing is sent
         if not self.connected.is_set():
             return
-        room = WINDOW - len(self._inflight)
+        room = self._window.room()
         if room <= 0:
             return
-        batch = self.outbox.pending(after_id=self._cursor, limit=room)
+        batch = self.outbox.pending(after_id=self._window.cursor, limit=room)
         for message in batch:
             info = self.client.publish(message.topic, message.payload, qos=message.qos, retain=message.retain)
             if info.rc == mqtt.MQTT_ERR_QUEUE_SIZE:
                 break
-            self._cursor = message.id
             if message.qos == 0:
+                self._window.handed(message.id, None)
                 self.outbox.ack(message.id)
             else:  # sent now, or queued by paho and sent again after a reconnect
-                self._inflight[info.mid] = message.id
+                self._window.handed(message.id, info.mid)
         if batch:
             self._wake.set()  # more may be waiting behind this batch
 
@@ -217,16 +207,14 @@ class MqttLink:
     def _on_connect(self, client: mqtt.Client, userdata: object, flags: mqtt.ConnectFlags,
                     reason: mqtt.ReasonCode, properties: Properties | None) -> None:
         if reason.is_failure:
-            self.failures += 1
-            self._problem(f"MQTT broker {self.broker} refused the connection: {reason}; retrying")
+            self._failed(f"MQTT broker {self.broker} refused the connection: {reason}; retrying")
             return
-        self.connections += 1
+        self.attempts.connected()
         self.max_packet_size = getattr(properties, "MaximumPacketSize", None)  # paho does not enforce it
-        self._attempt = 0
+        self._backoff.reset()
         self._set_next_wait()
-        self.last_error = ""
-        log.info("MQTT: connected to %s%s", self.broker,
-                 f" (reconnect {self.connections - 1})" if self.connections > 1 else "")
+        reconnects = self.attempts.reconnects
+        log.info("MQTT: connected to %s%s", self.broker, f" (reconnect {reconnects})" if reconnects else "")
         no_delay(client)
         with self._subscribing:  # before `online`: whoever sees it can send commands at once
             for topic_filter in self._handlers:
@@ -242,8 +230,7 @@ class MqttLink:
                 log.exception("MQTT: on-connect hook failed")
 
     def _on_connect_fail(self, client: mqtt.Client, userdata: object) -> None:
-        self.failures += 1
-        self._problem(f"cannot connect to MQTT broker {self.broker}: {self._diagnose()}; retrying")
+        self._failed(f"cannot connect to MQTT broker {self.broker}: {self._diagnose()}; retrying")
         self._set_next_wait()
 
     def _on_disconnect(self, client: mqtt.Client, userdata: object, flags: mqtt.DisconnectFlags,
@@ -261,7 +248,7 @@ class MqttLink:
     def _on_publish(self, client: mqtt.Client, userdata: object, mid: int,
                     reason: mqtt.ReasonCode, properties: Properties | None) -> None:
         # paho holds its message lock here: only record the mid, the sender does the rest.
-        self._acked.append(mid)
+        self._window.acknowledged(mid)
         self._wake.set()
 
     def _on_message(self, client: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:
@@ -277,10 +264,7 @@ class MqttLink:
     # --- helpers ------------------------------------------------------------------------
     def _set_next_wait(self) -> None:
         """Tell paho how long to wait before its next attempt: doubling, capped, jittered."""
-        s = self.settings
-        ceiling = min(s.reconnect_max_s, s.reconnect_min_s * 2 ** min(self._attempt, 30))
-        self._attempt += 1
-        wait = random.uniform(ceiling / 2, ceiling)  # noqa: S311 (jitter, not secrecy)
+        wait = self._backoff.next_wait()
         self.client.reconnect_delay_set(wait, wait)  # type: ignore[arg-type]  # paho takes floats
 
     def _diagnose(self) -> str:
@@ -296,9 +280,13 @@ class MqttLink:
 
     def _problem(self, message: str) -> None:
         """One log line per new problem, not one per retry."""
-        if message != self.last_error:
+        if self.attempts.problem(message):
             log.error("%s", message)
-        self.last_error = message
+
+    def _failed(self, message: str) -> None:
+        """A connection attempt failed or was refused: counted, and said once per new problem."""
+        if self.attempts.failed(message):
+            log.error("%s", message)
 
     def _status_payload(self, state: str, reason: str = "") -> bytes:
         document: dict[str, Any] = {"state": state, "device": self.settings.device_id, "time": time.time()}
@@ -311,11 +299,11 @@ class MqttLink:
     def status(self) -> dict[str, Any]:
         return {
             "enabled": True, "broker": self.broker, "connected": self.connected.is_set(),
-            "reconnects": max(self.connections - 1, 0), "failed_attempts": self.failures,
-            "last_error": self.last_error,
+            "reconnects": self.attempts.reconnects, "failed_attempts": self.attempts.failures,
+            "last_error": self.attempts.last_error,
             "outbox": {"backlog": self.outbox.backlog(), "by_kind": self.outbox.backlog_by_kind(),
                        "bytes": self.outbox.backlog_bytes(), "dropped": self.outbox.dropped(),
-                       "in_flight": len(self._inflight), "refused": self.put_failures,
+                       "in_flight": len(self._window.inflight), "refused": self.put_failures,
                        **self.outbox.condition()},
         }
 
