@@ -51,6 +51,28 @@ def build_tiny_ir(directory: Path, scale: float = 2.0, name: str = "tiny") -> Pa
     return path
 
 
+def build_slow_ir(directory: Path, layers: int = 128, width: int = 1024) -> Path:
+    """A real OpenVINO IR whose time grows with its input: "x" [rows, 1] through `layers` MatMuls.
+
+    One row (what the watchdog's check sends for a dynamic dimension) takes milliseconds;
+    thousands take seconds, holding the model's only worker with `backends.workers = 1`.
+    """
+    import openvino as ov
+    from openvino import opset13 as ops
+
+    x = ops.parameter([-1, 1], np.float32, name="x")
+    h = ops.multiply(x, np.ones([1, width], np.float32))
+    weights = ops.constant(np.full([width, width], 1.0 / width, np.float32))
+    for _ in range(layers):
+        h = ops.matmul(h, weights, False, False)
+    y = ops.reduce_sum(h, np.array([1], np.int64), keep_dims=False)
+    y.output(0).get_tensor().set_names({"y"})
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "slow.xml"
+    ov.save_model(ov.Model([y], [x], "slow"), str(path), compress_to_fp16=False)
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_ir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_ir(tmp_path_factory.mktemp("tiny-ir"))

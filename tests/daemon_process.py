@@ -1,5 +1,7 @@
-"""`edged run` as a real subprocess, and waiting until something holds: written once for
-the tests (conftest's `start_daemon` fixtures) and for tools/ (the benchmarks).
+"""Child processes for the tests, and waiting until something holds: written once for the
+tests (conftest's `start_daemon` fixtures, the registry's `serve`) and for tools/ (the
+benchmarks). `ChildProcess` is any command with its output in a log file; `DaemonProcess`
+is `edged run` on top of it.
 
 Plain Python, no pytest, so a tool imports it with the repository on `sys.path`
 (`from tests.daemon_process import DaemonProcess`). Failures raise AssertionError with
@@ -55,28 +57,25 @@ def to_toml(data: dict, prefix: str = "") -> str:
     return text
 
 
-class DaemonProcess:
-    """`edged run --config workdir/edged.toml` in a subprocess, stdout and stderr in
-    workdir/daemon.log; `settings` must name the socket path. EDGED_* variables of this
-    process are not passed on (the config file decides), `env` is added."""
+def environment(extra: dict | None = None) -> dict[str, str]:
+    """This process's environment without its EDGED_* variables (a config file decides), plus `extra`."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("EDGED_")} | (extra or {})
 
-    def __init__(self, workdir: Path, settings: dict, env: dict | None = None, *,
-                 launcher: list[str] | None = None, pass_fds: tuple[int, ...] = ()) -> None:
-        self.workdir = workdir
-        self.socket = Path(settings["socket"]["path"])
-        self.log_path = workdir / "daemon.log"
-        self.config_path = workdir / "edged.toml"
-        self.config_path.write_text(to_toml(settings))
-        full_env = {k: v for k, v in os.environ.items() if not k.startswith("EDGED_")} | (env or {})
-        self.log = self.log_path.open("wb")
-        self.ready_s: float | None = None  # seconds from spawn to ready, once wait_ready saw it
+
+class ChildProcess:
+    """`command` in a subprocess, stdout and stderr in `log_path` (truncated first); `name`
+    says what it is in failures."""
+
+    def __init__(self, command: list[str], log_path: Path, *, name: str = "child process",
+                 env: dict | None = None, cwd: Path | None = None, pass_fds: tuple[int, ...] = ()) -> None:
+        self.name = name
+        self.log_path = log_path
+        self.log = log_path.open("wb")
         self.started = time.monotonic()
-        self.proc = subprocess.Popen(  # launcher: what runs `-m edged run ...` (default: this Python)
-            [*(launcher or [sys.executable]), "-m", "edged", "run", "--config", str(self.config_path)],
-            stdout=self.log, stderr=subprocess.STDOUT, env=full_env, cwd=workdir, pass_fds=pass_fds,
-        )
+        self.proc = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=cwd,
+                                     pass_fds=pass_fds)
 
-    def __enter__(self) -> DaemonProcess:
+    def __enter__(self) -> ChildProcess:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -85,9 +84,66 @@ class DaemonProcess:
     def output(self) -> str:
         return self.log_path.read_text(errors="replace")
 
-    def _ready(self) -> bool:
+    def check_running(self) -> None:
+        """AssertionError with the output if it has exited."""
         if self.proc.poll() is not None:
-            raise AssertionError(f"daemon exited with {self.proc.returncode}:\n{self.output()}")
+            raise AssertionError(f"{self.name} exited with {self.proc.returncode}:\n{self.output()}")
+
+    def wait_for(self, predicate: Callable[[], object], timeout: float = 60.0, what: str = "condition",
+                 interval: float = 0.02) -> object:
+        """`wait_until(predicate)` while it runs: fails at once if it exits, and with its output
+        on a timeout."""
+        def check() -> object:
+            self.check_running()
+            return predicate()
+
+        return wait_until(check, timeout, lambda: f"{what}:\n{self.output()}", interval)
+
+    def kill(self) -> int:
+        """SIGKILL: gone at once, no goodbye; its exit code."""
+        self.proc.kill()
+        return self.proc.wait()
+
+    def stop(self, timeout: float = 20.0, *, must_exit: bool = False) -> int:
+        """SIGTERM (and SIGCONT, should a test have stopped it), then SIGKILL if it has not
+        exited after `timeout` s; its exit code. `must_exit`: needing the SIGKILL is an
+        AssertionError (raised after the kill)."""
+        killed = False
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                killed = True
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+        if killed and must_exit:
+            raise AssertionError(f"{self.name} did not exit within {timeout} s of SIGTERM:\n{self.output()}")
+        return self.proc.returncode
+
+
+class DaemonProcess(ChildProcess):
+    """`edged run --config workdir/edged.toml` in a subprocess, stdout and stderr in
+    workdir/daemon.log; `settings` must name the socket path. EDGED_* variables of this
+    process are not passed on (the config file decides), `env` is added."""
+
+    def __init__(self, workdir: Path, settings: dict, env: dict | None = None, *,
+                 launcher: list[str] | None = None, pass_fds: tuple[int, ...] = ()) -> None:
+        self.workdir = workdir
+        self.socket = Path(settings["socket"]["path"])
+        self.config_path = workdir / "edged.toml"
+        self.config_path.write_text(to_toml(settings))
+        self.ready_s: float | None = None  # seconds from spawn to ready, once wait_ready saw it
+        super().__init__(  # launcher: what runs `-m edged run ...` (default: this Python)
+            [*(launcher or [sys.executable]), "-m", "edged", "run", "--config", str(self.config_path)],
+            workdir / "daemon.log", name="daemon", env=environment(env), cwd=workdir, pass_fds=pass_fds)
+
+    def __enter__(self) -> DaemonProcess:
+        return self
+
+    def _ready(self) -> bool:
         if not self.socket.exists():
             return False
         try:
@@ -102,7 +158,7 @@ class DaemonProcess:
 
     def wait_ready(self, timeout: float = 60.0) -> DaemonProcess:
         """Return once /v2/health/ready says ready; fail at once if the daemon exits."""
-        wait_until(self._ready, timeout, lambda: f"the daemon to be ready:\n{self.output()}")
+        self.wait_for(self._ready, timeout, "the daemon to be ready")
         self.ready_s = time.monotonic() - self.started
         return self
 
@@ -112,18 +168,6 @@ class DaemonProcess:
     def predicting(self, model: str, inputs: dict[str, np.ndarray], clients: int = 1) -> PredictLoad:
         """`with daemon.predicting(...) as load:` clients keep predicting until the block ends."""
         return PredictLoad(self, model, inputs, clients)
-
-    def stop(self, timeout: float = 20.0) -> int:
-        """SIGTERM, then SIGKILL if it has not exited after `timeout` s; its exit code."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
-        return self.proc.returncode
 
 
 class PredictLoad:

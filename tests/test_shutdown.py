@@ -15,8 +15,7 @@ import pytest
 
 from edged.models.store import ModelStore
 from edged.shutdown import TEST_FAIL_STOP_VARIABLE
-from tests.conftest import ir_files, wait_until
-from tests.test_systemd import build_slow_ir
+from tests.conftest import build_slow_ir, ir_files, wait_until
 
 DEVICE = "cam-1"
 

@@ -35,7 +35,15 @@ from edged.models.manager import ModelManager
 from edged.models.store import ModelStore
 from edged.systemd import JOURNAL_SOCKET, JournalHandler
 from tests.broker import Broker
-from tests.conftest import DaemonProcess, build_tiny_ir, daemon_settings, ir_files, to_toml, wait_until
+from tests.conftest import (
+    DaemonProcess,
+    build_slow_ir,
+    build_tiny_ir,
+    daemon_settings,
+    ir_files,
+    to_toml,
+    wait_until,
+)
 
 X = np.array([[1, 2, -3, 0.5]], np.float32)
 WATCHDOG_USEC = 2_000_000  # WatchdogSec=2s: a ping every second, a check must finish in 0.5 s
@@ -132,28 +140,6 @@ def start_notified(start_daemon, notify: Notifications, store: Path, config: dic
                           **spawn)
     notify.daemon = daemon
     return daemon
-
-
-def build_slow_ir(directory: Path, layers: int = 128, width: int = 1024) -> Path:
-    """A real OpenVINO IR whose time grows with its input: "x" [rows, 1] through `layers` MatMuls.
-
-    One row (what the watchdog's check sends for a dynamic dimension) takes milliseconds;
-    thousands take seconds, holding the model's only worker with `backends.workers = 1`.
-    """
-    import openvino as ov
-    from openvino import opset13 as ops
-
-    x = ops.parameter([-1, 1], np.float32, name="x")
-    h = ops.multiply(x, np.ones([1, width], np.float32))
-    weights = ops.constant(np.full([width, width], 1.0 / width, np.float32))
-    for _ in range(layers):
-        h = ops.matmul(h, weights, False, False)
-    y = ops.reduce_sum(h, np.array([1], np.int64), keep_dims=False)
-    y.output(0).get_tensor().set_names({"y"})
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / "slow.xml"
-    ov.save_model(ov.Model([y], [x], "slow"), str(path), compress_to_fp16=False)
-    return path
 
 
 @pytest.fixture(scope="module")

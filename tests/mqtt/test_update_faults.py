@@ -141,7 +141,7 @@ def test_an_update_that_failed_while_the_registry_was_down_completes_when_it_ret
         size = publish_v2(registry, tmp_path)
         wait_until(lambda: progress(downloads) > 0, 120, "the download to start")
         if gone == "hung":
-            registry.server.send_signal(signal.SIGSTOP)
+            registry.server.proc.send_signal(signal.SIGSTOP)
         else:
             registry.kill()  # gone mid-download, no goodbye: the broker publishes its Last Will
     else:
@@ -159,7 +159,7 @@ def test_an_update_that_failed_while_the_registry_was_down_completes_when_it_ret
 
     returned = time.monotonic()
     if gone == "hung":
-        registry.server.send_signal(signal.SIGCONT)
+        registry.server.proc.send_signal(signal.SIGCONT)
     else:
         registry.serve()
         online = status.wait_for(lambda m: m.payload and m.json()["state"] == "online"
@@ -198,11 +198,14 @@ def test_kill_9_during_the_copy_into_the_store_leaves_nothing_behind_after_the_r
     def copying() -> list[Path]:
         return [p for p in model_dir.glob(f"{STAGING_PREFIX}*") if any(p.iterdir())]
 
-    deadline = time.monotonic() + 180
-    while not (staging := copying()):  # poll tightly: the copy lasts a fraction of a second
-        assert time.monotonic() < deadline and daemon.proc.poll() is None, "the copy never started"
+    def copy_under_way() -> list[Path]:
+        if staging := copying():
+            return staging
         assert "update_staged" not in kinds(events), "missed the copy"
-        time.sleep(0.001)
+        return []
+
+    # Poll tightly: the copy lasts a fraction of a second; fails at once if the daemon exits.
+    staging = daemon.wait_for(copy_under_way, 180, "the copy to start", interval=0.001)
     daemon.proc.send_signal(signal.SIGKILL)
     daemon.proc.wait()
     assert staging[0].is_dir() and "update_staged" not in kinds(events)  # killed mid-copy

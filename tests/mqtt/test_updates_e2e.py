@@ -15,6 +15,7 @@ import pytest
 
 from edged.models.store import ModelStore
 from tests.conftest import ir_files, wait_until
+from tests.daemon_process import ChildProcess
 
 DEVICE = "cam-1"
 EVENTS = f"edged/devices/{DEVICE}/events"
@@ -38,14 +39,14 @@ class Registry:
     """`edged-registry` with its own store, on the test's broker."""
 
     def __init__(self, workdir: Path, broker) -> None:
+        self.workdir = workdir
         self.broker = broker
         self.config = workdir / "registry.toml"
         self.config.write_text(f'root = "{workdir / "registry"}"\nreload_interval_s = 0.2\n'
                                f'[mqtt]\nhost = "{broker.host}"\nport = {broker.port}\n')
-        self.log = (workdir / "registry.log").open("wb")
         out = self.run("keygen")
         self.public_key = next(line.split()[-1] for line in out.splitlines() if "public key" in line)
-        self.server: subprocess.Popen | None = None
+        self.servers: list[ChildProcess] = []  # every `serve` started, the last one running
 
     def run(self, *args: str) -> str:
         done = subprocess.run([sys.executable, "-m", "edged.registry", *args, "--config", str(self.config)],
@@ -53,24 +54,27 @@ class Registry:
         assert done.returncode == 0, done.stderr
         return done.stdout
 
+    @property
+    def server(self) -> ChildProcess:
+        return self.servers[-1]
+
     def serve(self) -> None:
-        self.server = subprocess.Popen([sys.executable, "-m", "edged.registry", "serve", "--config",
-                                        str(self.config)], stdout=self.log, stderr=subprocess.STDOUT)
+        self.servers.append(ChildProcess(
+            [sys.executable, "-m", "edged.registry", "serve", "--config", str(self.config)],
+            self.workdir / f"registry-{len(self.servers)}.log", name="serve"))
 
     def output(self) -> str:
-        return Path(self.log.name).read_text(errors="replace")
+        """What every `serve` said, oldest first."""
+        return "".join(server.output() for server in self.servers)
 
     def stop(self) -> None:
-        if self.server is not None and self.server.poll() is None:
-            self.server.send_signal(signal.SIGCONT)  # a test may have stopped it
-            self.server.terminate()
-            self.server.wait(timeout=20)
-        self.log.close()
+        """SIGTERM (after SIGCONT: a test may have stopped it); exiting within 20 s is part of the test."""
+        for server in self.servers:
+            server.stop(timeout=20, must_exit=True)
 
     def kill(self) -> None:
         """SIGKILL `serve`: the registry is gone at once (the broker sends its Last Will)."""
         self.server.kill()
-        self.server.wait()
 
 
 @pytest.fixture

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -17,7 +15,7 @@ import pytest
 from edged.registry.store import RegistryStore
 from edged.signing import MAX_ENVELOPE_BYTES, Release, load_public_key, trusted_keys, verify_envelope
 from tests.broker import Broker, Message, Subscriber
-from tests.conftest import to_toml
+from tests.daemon_process import ChildProcess, environment, to_toml
 
 
 class Registry:
@@ -37,8 +35,8 @@ class Registry:
             else:
                 values[key] = value
         self.config.write_text(to_toml(values))
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("EDGED_")}
-        self.servers: list[subprocess.Popen] = []
+        self.env = environment()
+        self.servers: list[ChildProcess] = []
 
     def run(self, *args: str | Path, expect: int | None = 0,
             timeout: float = 60) -> subprocess.CompletedProcess:
@@ -66,34 +64,28 @@ class Registry:
     def manifest(self, name: str, version: str) -> dict:
         return json.loads((self.root / "models" / name / version / "manifest.json").read_text())
 
-    def serve(self, watcher: Subscriber) -> subprocess.Popen:
-        """Start `serve` and return once it says online on its retained status topic."""
+    def serve(self, watcher: Subscriber) -> ChildProcess:
+        """Start `serve` and return once it says online on its retained status topic (`watcher`
+        subscribes to it); fail at once, with its log, if it exits first."""
         started = time.time()
-        with (self.workdir / f"serve-{len(self.servers)}.log").open("wb") as log:
-            proc = subprocess.Popen([sys.executable, "-m", "edged.registry", "serve", "--config",
-                                     str(self.config)], stdout=log, stderr=subprocess.STDOUT, env=self.env,
-                                    cwd=self.workdir)
-        self.servers.append(proc)
-        try:
-            watcher.wait_for(lambda m: m.payload and m.json()["state"] == "online" and
-                             m.json()["time"] >= started - 1, timeout=20, topic="edged/registry/status")
-        except AssertionError:
-            raise AssertionError(f"serve did not come online:\n{self.serve_log()}") from None
-        return proc
+        server = ChildProcess([sys.executable, "-m", "edged.registry", "serve", "--config", str(self.config)],
+                              self.workdir / f"serve-{len(self.servers)}.log", name="serve", env=self.env,
+                              cwd=self.workdir)
+        self.servers.append(server)
+
+        def online() -> bool:
+            return any(m.payload and m.json()["state"] == "online" and m.json()["time"] >= started - 1
+                       for m in watcher.messages("edged/registry/status"))
+
+        server.wait_for(online, 20, "serve to come online")
+        return server
 
     def serve_log(self, index: int = -1) -> str:
-        logs = sorted(self.workdir.glob("serve-*.log"))
-        return logs[index].read_text(errors="replace") if logs else ""
+        return self.servers[index].output() if self.servers else ""
 
     def stop(self) -> None:
-        for proc in self.servers:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+        for server in self.servers:
+            server.stop(timeout=15)
 
 
 @pytest.fixture

@@ -16,16 +16,22 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None,
                                 reason="mounts a tmpfs in a mount namespace: needs root and unshare")
 
+ROOT = Path(__file__).resolve().parents[2]
+
 # Runs inside `unshare --mount`: journald's socket, then `serve` until it is online, then SIGTERM.
 STAND_IN = r'''
-import json, os, signal, socket, subprocess, sys, time
-config, stderr_path = sys.argv[1], sys.argv[2]
+import json, os, socket, subprocess, sys
+from pathlib import Path
+config, stderr_path, root = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
+sys.path.insert(0, root)
+from tests.daemon_process import ChildProcess, wait_until
 subprocess.run(["mount", "-t", "tmpfs", "tmpfs", "/run/systemd"], check=True)
 os.mkdir("/run/systemd/journal")
 journal = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -49,33 +55,35 @@ def parse(data):
     return fields
 
 entries = []
-def read_until(text, timeout):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if any(e.get("MESSAGE", "").startswith(text) for e in entries):
-            return
-        try:
-            entries.append(parse(journal.recv(65536)))
-        except TimeoutError:
-            pass
+def logged(text):
+    """True once an entry starting with `text` arrived; else reads one more (waiting 0.2 s at most)."""
+    if any(e.get("MESSAGE", "").startswith(text) for e in entries):
+        return True
+    try:
+        entries.append(parse(journal.recv(65536)))
+    except TimeoutError:
+        pass
+    return False
 
-with open(stderr_path, "wb") as err:
-    st = os.fstat(err.fileno())
-    env = dict(os.environ, JOURNAL_STREAM=f"{st.st_dev}:{st.st_ino}")
-    proc = subprocess.Popen([sys.executable, "-m", "edged.registry", "serve", "--config", config],
-                            stdout=err, stderr=err, env=env)
-read_until("online:", 30)
-proc.send_signal(signal.SIGTERM)
-proc.wait(timeout=30)
-read_until("stopped:", 5)
-print(json.dumps({"returncode": proc.returncode, "entries": entries}))
+def awaited(text):
+    return lambda: f"an entry {text!r}; entries: {[e.get('MESSAGE') for e in entries]}"
+
+stderr_path.touch()  # ChildProcess truncates it: the same inode stays serve's stderr
+st = os.stat(stderr_path)
+env = dict(os.environ, JOURNAL_STREAM=f"{st.st_dev}:{st.st_ino}")
+with ChildProcess([sys.executable, "-m", "edged.registry", "serve", "--config", config], stderr_path,
+                  name="serve", env=env) as serve:
+    wait_until(lambda: logged("online:"), 30, awaited("online:"), interval=0)
+    returncode = serve.stop(30, must_exit=True)
+wait_until(lambda: logged("stopped:"), 5, awaited("stopped:"), interval=0)
+print(json.dumps({"returncode": returncode, "entries": entries}))
 '''
 
 
 def test_serve_under_systemd_logs_journal_entries_without_a_time_of_their_own(registry, tmp_path):
     stderr = tmp_path / "stderr"
     done = subprocess.run(["unshare", "--mount", "--propagation", "private", sys.executable, "-c", STAND_IN,
-                           str(registry.config), str(stderr)],
+                           str(registry.config), str(stderr), str(ROOT)],
                           capture_output=True, text=True, env=registry.env, cwd=registry.workdir, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
     result = json.loads(done.stdout)

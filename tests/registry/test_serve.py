@@ -166,7 +166,7 @@ def test_retire_stops_serving_sighup_reloads_restart_reannounces_sigterm_says_of
     files = ir_files(build_tiny_ir(tmp_path / "ir", scale=7.0))
     registry.run("publish", "tiny", *files, "--version", "1")
     status = mqtt_subscriber(broker, "edged/registry/status")
-    proc = registry.serve(status)
+    proc = registry.serve(status).proc
     client = device(mqtt_subscriber, registry, "cam-4")
     bin_sha = sha256_of(files[1])
     first = fetch(client, {"sha256": bin_sha, "offset": 0, "length": 8}, "cam-4")
