@@ -8,7 +8,9 @@ imports neither MQTT nor HTTP, and its errors are domain errors the transports w
 
 `trial_load` is the update path's: it loads a staged version once, runs the caller's
 self-test on that load, and hands the load to the manager, which serves it as it is once
-the version is activated: an update loads and probes a model once, not twice.
+the version is activated (if the store's version is still the one loaded): an update loads
+and probes a model once, not twice. An update that stops before the activation drops it
+(`drop_trial`); so does a sync once the version is no longer in the store.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from edged.backends.base import LoadedModel
 from edged.backends.selection import Selection
 from edged.errors import EdgedError
 from edged.fsio import Fingerprint
+from edged.models.lifecycle import Adopted
 from edged.models.manager import ModelManager
 from edged.models.manifest import Manifest
 from edged.models.store import ModelStore, version_key
@@ -120,15 +123,20 @@ class Control:
         """Load a staged version with the model's settings and backend, run `self_test` on
         that load, and hand it to the manager to serve once `version` is activated. The
         backend selection it ran on; raises EdgedError (the load is closed) when it fails."""
-        _manifest, loaded, selection = self.manager.load_version(name, version)
+        manifest, loaded, selection = self.manager.load_version(name, version)
         try:
             if self_test is not None:
                 self_test(loaded)
         except BaseException:
             loaded.close()
             raise
-        self.manager.adopt(name, version, loaded, selection)
+        self.manager.adopt(name, Adopted(version, manifest, loaded, selection))
         return selection
+
+    def drop_trial(self, name: str, version: str) -> None:
+        """Close `version`'s trial load if no activation took it (its update failed, or the
+        version already served): a compiled model is not kept for nothing."""
+        self.manager.drop_adopted(name, version)
 
     def verify(self, name: str, version: str, *, full: bool = False) -> None:
         """Its files still match (every byte when `full`, else as `ModelStore.verify` does:

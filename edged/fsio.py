@@ -65,7 +65,8 @@ class Fingerprint:
         return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
     def unwritten_since(self, earlier: Fingerprint) -> bool:
-        """The same file, size and mtime as `earlier`: linked or renamed since (which moves
-        only ctime), not written."""
+        """The same file, size and mtime as `earlier`: renamed or linked since (which moves
+        only ctime), or written with its mtime put back. Only for the moment right after a
+        rename of our own; trusting a proof takes equality, ctime included."""
         return (self.dev, self.ino, self.size, self.mtime_ns) == (
             earlier.dev, earlier.ino, earlier.size, earlier.mtime_ns)

@@ -14,7 +14,7 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -80,9 +80,12 @@ class ServedModel:
 @dataclass
 class Adopted:
     """A version loaded and tested before its activation (an update's trial load): served
-    as it is once activated, instead of being loaded and probed a second time."""
+    as it is once activated, instead of being loaded and probed a second time, if the
+    store's version is still the one loaded (its manifest, so its files' hashes, equal):
+    one removed and added again with other files is loaded afresh."""
 
     version: str
+    manifest: Manifest  # as verified when it was loaded
     loaded: LoadedModel
     selection: Selection
 
@@ -99,13 +102,41 @@ class ModelState:
     adopted: Adopted | None = None
     stats: ModelStats | None = None  # from its first load on
 
-    def drop_adopted(self, keep: str | None = None) -> Adopted | None:
-        """Take the adopted load for version `keep` (None: for none); any other is closed."""
-        adopted, self.adopted = self.adopted, None
-        if adopted is not None and adopted.version != keep:
+    def drop_adopted(self, version: str | None = None) -> None:
+        """Close the adopted load (only `version`'s, when given)."""
+        adopted = self.adopted
+        if adopted is not None and version in (None, adopted.version):
+            self.adopted = None
             adopted.loaded.close()
+
+    def drop_removed(self, versions: Callable[[str], Collection[str]]) -> None:
+        """Close the adopted load of a version no longer in the store (`versions`)."""
+        if self.adopted is None:
+            return
+        try:
+            held = versions(self.name)
+        except OSError:  # the store changing under the listing: decided at the next sync
+            return
+        if self.adopted.version not in held:
+            self.drop_adopted()
+
+    def take_adopted(self, version: str, verify: Callable[[str, str], Manifest]) -> Adopted | None:
+        """The adopted load of `version`, handed to the caller to serve, if `verify(name,
+        version)` (the store's manifest, its files checked) is the one it was loaded from;
+        else it is closed. Another version's adopted load is left waiting for its own
+        activation."""
+        adopted = self.adopted
+        if adopted is None or adopted.version != version:
             return None
-        return adopted
+        self.adopted = None
+        try:
+            if verify(self.name, version) == adopted.manifest:
+                return adopted
+        except BaseException:
+            adopted.loaded.close()
+            raise
+        adopted.loaded.close()  # removed and added again with other files since
+        return None
 
 
 # --- the lifecycle events: their fields are what MQTT events carry ------------------------

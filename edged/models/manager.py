@@ -9,6 +9,7 @@ model to another backend when its backend starts failing.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
@@ -171,6 +172,7 @@ class ModelManager:
                     continue
                 self._load(name, version, reason="activated")
             for name, state in list(self._states.items()):
+                state.drop_removed(self.store.versions)  # a trial load of a version removed since
                 if name in wanted or name in unreadable:
                     continue  # a model whose pointer cannot be read keeps serving what it served
                 state.pending = False  # removed meanwhile: nothing left to wait for
@@ -199,13 +201,14 @@ class ModelManager:
                 wanted[name] = version
         return wanted, unreadable
 
-    def load_options(self, settings: ModelSettings) -> dict[str, LoadOptions]:
+    def load_options(self, settings: ModelSettings, manifest: Manifest) -> dict[str, LoadOptions]:
+        """OpenVINO's cache is kept per content: it tells models apart by path, size and mtime only."""
         b = self.settings.backends
+        content = hashlib.sha256(" ".join(f.sha256 for f in manifest.files).encode()).hexdigest()[:16]
         return {
             "openvino": LoadOptions(
-                precision=settings.precision, workers=b.workers,
-                threads_per_worker=b.openvino_threads,
-                cache_dir=b.openvino_cache_dir, performance_hint=b.openvino_performance_hint,
+                precision=settings.precision, workers=b.workers, threads_per_worker=b.openvino_threads,
+                cache_dir=b.openvino_cache_dir / content, performance_hint=b.openvino_performance_hint,
             ),
             "litert": LoadOptions(
                 precision=settings.precision, workers=b.workers, threads_per_worker=b.litert_threads,
@@ -216,9 +219,8 @@ class ModelManager:
              exclude: frozenset[str] = frozenset()) -> tuple[Manifest, LoadedModel, Selection]:
         """Verify and load `version` with this model's settings and backend (or `wanted`),
         recorded against crash loops, without serving it; raises EdgedError."""
-        settings = self.settings.model(name)
-        options = self.load_options(settings)
-        manifest = self.store.verify(name, version)
+        settings, manifest = self.settings.model(name), self.store.verify(name, version)
+        options = self.load_options(settings, manifest)
         path = self.store.version_dir(name, version) / manifest.entry
         loaded, selection = select(
             path, manifest.format, wanted or settings.backend, options, self.settings.backends.probe_runs,
@@ -226,36 +228,39 @@ class ModelManager:
         )
         return manifest, loaded, selection
 
-    def adopt(self, name: str, version: str, loaded: LoadedModel, selection: Selection) -> None:
-        """Serve `version`, once activated, as this load (tested by an update's trial load)
-        instead of loading and probing it again: what was tested is what serves. Another
-        version's earlier adopted load is closed."""
+    def adopt(self, name: str, adopted: Adopted) -> None:
+        """Serve `adopted.version`, once activated, as this load (an update's tested trial load),
+        not loaded and probed again. Another version's earlier adopted load is closed."""
         with self._swap_lock:
             state = self._state(name)
             state.drop_adopted()
-            state.adopted = Adopted(version, loaded, selection)
+            state.adopted = adopted
+
+    def drop_adopted(self, name: str, version: str) -> None:
+        """Close `version`'s adopted load, if still waiting (its update stopped before activation)."""
+        with self._swap_lock:
+            self._state(name).drop_adopted(version)
 
     def _load(self, name: str, version: str, reason: str, exclude: frozenset[str] = frozenset(),
               why_here: str | None = None) -> bool:
         """Load and swap in; `exclude` (a fallback) sets the retry time and `why_here` the
         reason shown, both before the swap, so no reader sees a half-described model."""
         state = self._state(name)
-        adopted = None if exclude else state.drop_adopted(keep=version)
-        try:
-            if adopted is not None:  # tested by a trial load: only the files are checked again
-                manifest, loaded = self.store.verify(name, version), adopted.loaded
+        try:  # a trial load of this version serves if the store's files are still the ones it loaded
+            adopted = None if exclude else state.take_adopted(version, self.store.verify)
+            if adopted is not None:
+                manifest, loaded, selection = adopted.manifest, adopted.loaded, adopted.selection
             else:
                 wanted = "auto" if exclude else None
                 manifest, loaded, selection = self.load_version(name, version, wanted, exclude)
         except EdgedError as exc:
-            self._fail_load(name, version, str(exc), adopted)
+            self._fail(name, version, str(exc))
             return False
         except (OSError, ValueError, TypeError) as exc:  # whatever a damaged store throws
-            self._fail_load(name, version, f"{type(exc).__name__}: {exc}", adopted)
+            self._fail(name, version, f"{type(exc).__name__}: {exc}")
             return False
         if adopted is not None:  # the tested choice, its probe figures and its reason
-            tested = adopted.selection
-            selection = replace(tested, reason=f"{tested.reason}, when its update was tested")
+            selection = replace(selection, reason=f"{selection.reason}, when its update was tested")
         selection.reason = why_here or selection.reason
         served = ServedModel(manifest, loaded, selection, self.settings.model(name))
         if exclude:
@@ -273,11 +278,6 @@ class ModelManager:
         if old is not None:
             old.retire()
         return True
-
-    def _fail_load(self, name: str, version: str, reason: str, adopted: Adopted | None) -> None:
-        if adopted is not None:
-            adopted.loaded.close()
-        self._fail(name, version, reason)
 
     def _fail(self, name: str, version: str | None, reason: str) -> None:
         state = self._state(name)

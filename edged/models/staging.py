@@ -1,6 +1,7 @@
 """Writing one version into the store (`store.py`): a staging directory that becomes
 `{version}/` by one rename once complete and fsynced, and the two ways a file gets in:
-copied while hashed (one read), or hard-linked when its bytes were hashed already.
+copied while hashed (one read), or moved in unread (a rename) when its bytes were hashed
+already and its whole stat fingerprint, ctime included, is still the one taken then.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from edged.fsio import Fingerprint, atomic_write, fsync_dir
 from edged.models.manifest import Manifest, ManifestFile
 
 STAGING_PREFIX = ".staging-"
-# A link the filesystem refuses (another filesystem, no hard links, too many): copy instead.
-NO_LINK = frozenset({errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP})
+# A move the filesystem refuses (another filesystem, not permitted): copy instead.
+NO_MOVE = frozenset({errno.EXDEV, errno.EPERM, errno.ENOTSUP})
 
 
 @contextlib.contextmanager
@@ -60,23 +61,33 @@ def copy_hashed(source: Path, target: Path) -> ManifestFile:
     return ManifestFile(name=target.name, sha256=digest.hexdigest(), size=size)
 
 
-def link_unwritten(source: Path, proof: Fingerprint, target: Path) -> bool:
-    """Hard-link `source` as `target` and sync it, if it was not written since `proof` (taken
-    when its bytes were hashed); False when it was, or the filesystem will not link."""
-    if not Fingerprint.of(source.lstat()).unwritten_since(proof):
+def move_unwritten(source: Path, proof: Fingerprint, target: Path) -> bool:
+    """Move `source` to `target` (same filesystem: a rename, no byte read) and sync it, if its
+    fingerprint is still `proof` (taken when its bytes were hashed), ctime included: a write
+    with its mtime put back moves ctime, which cannot be set back. False (`source` left
+    where it was) when it changed, or the filesystem will not move it."""
+    if Fingerprint.of(source.lstat()) != proof:
         return False
     try:
-        os.link(source, target)
+        os.rename(source, target)
     except OSError as exc:
-        if exc.errno in NO_LINK:
+        if exc.errno in NO_MOVE:
             return False
         raise
-    if not Fingerprint.of(target.lstat()).unwritten_since(proof):  # written in between
-        target.unlink()
-        return False
     fd = os.open(target, os.O_RDONLY)
-    try:
+    try:  # the rename moves ctime (on most filesystems) but not mtime, size or inode
+        if not Fingerprint.of(os.fstat(fd)).unwritten_since(proof):  # written in between
+            os.rename(target, source)
+            return False
         os.fsync(fd)  # a download is not synced as it arrives: the store's file must be
     finally:
         os.close(fd)
     return True
+
+
+def put_back(moved: dict[Path, Path]) -> None:
+    """A version not added: the downloads `move_unwritten` took ({source: target}) go back
+    to where they came from, so a download is not lost with it (best effort)."""
+    for source, target in moved.items():
+        with contextlib.suppress(OSError):
+            os.rename(target, source)

@@ -40,7 +40,7 @@ from edged.models.manifest import (
     one_line,
     sha256_of,
 )
-from edged.models.staging import STAGING_PREFIX, copy_hashed, link_unwritten, new_version
+from edged.models.staging import STAGING_PREFIX, copy_hashed, move_unwritten, new_version, put_back
 
 ACTIVE_FILE = ".active.json"
 MAX_HISTORY = 32
@@ -219,31 +219,40 @@ class ModelStore:
 
     def add_verified(self, manifest: Manifest, sources: dict[str, tuple[Path, Fingerprint]]) -> None:
         """Move in files the caller has already hashed to the manifest's sha256 (a download,
-        checked as it arrived), each with its fingerprint from then. One that was not written
-        since is hard-linked (no byte read); otherwise (another filesystem, a write since) it
-        is copied while hashed and checked: one read. The sources' names go once the version
-        is in place."""
+        checked as it arrived), each with its fingerprint from then. One whose fingerprint is
+        still that one, ctime included, is moved in by a rename (no byte read); otherwise
+        (another filesystem, a write since, even with its mtime put back) it is copied while
+        hashed and checked: one read. The sources' names go once the version is in place
+        (a moved one at once; it is put back if the version is not added)."""
         name, version = manifest.name, manifest.version
         final = self.version_dir(name, version)
         if final.exists():
             raise StoreError(f"{name} {version} already exists in {self.root}")
         self.clean_staging(name)
-        written: dict[str, Fingerprint] = {}
+        written: dict[str, Fingerprint] = {}  # taken after the move: nothing of ours moves it again
+        moved: dict[Path, Path] = {}  # download -> where it went in the staging directory
         with new_version(self._model_dir(name), final, manifest) as staging:
-            for entry in manifest.files:
-                source, proof = sources[entry.name]
-                target = staging / entry.name
-                if not link_unwritten(source, proof, target) and copy_hashed(source, target) != entry:
-                    raise StoreError(f"{name} {version}: {entry.name} does not match its sha256")
-                written[entry.name] = Fingerprint.of(target.lstat())
+            try:
+                for entry in manifest.files:
+                    source, proof = sources[entry.name]
+                    target = staging / entry.name
+                    earlier = moved.get(source)  # one download for two files of the same bytes
+                    if earlier is None and move_unwritten(source, proof, target):
+                        moved[source] = target
+                    elif copy_hashed(earlier or source, target) != entry:
+                        raise StoreError(f"{name} {version}: {entry.name} does not match its sha256")
+                    written[entry.name] = Fingerprint.of(target.lstat())
+            except BaseException:
+                put_back(moved)
+                raise
         for source, _proof in sources.values():
             source.unlink(missing_ok=True)
         proofs = self._proofs.get((name, version))
         if proofs is None:
             return
-        for entry in manifest.files:  # fingerprints taken after the unlinks, which move ctime
+        for entry in manifest.files:
             now = Fingerprint.of((final / entry.name).lstat())
-            if now.unwritten_since(written[entry.name]):  # else the next verify hashes it
+            if now == written[entry.name]:  # else the next verify hashes it
                 proofs[entry.name] = now
 
     def activate(self, name: str, version: str) -> None:

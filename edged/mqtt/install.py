@@ -6,10 +6,11 @@ try again; this does one install and raises when a step fails.
 The staged version is loaded once: the control service's `trial_load` runs the
 self-test on that load and hands it to the model manager, which serves it as it is once
 the version is activated (no second load or probe), so `update_tested` and
-`update_activated` name the same backend.
+`update_activated` name the same backend. Whatever ends the install before the activation
+has taken that load (a step that raises, a stop) closes it (`Control.drop_trial`).
 
 Each file is hashed once on its way in (as its chunks arrive) and once more at the end of
-probation. In between, the store keeps the proof (`ModelStore.keep_proofs`): staging links
+probation. In between, the store keeps the proof (`ModelStore.keep_proofs`): staging moves
 the download in unread, and every check until then (the staged test, activation, the
 load, probation's checks each second) costs a `stat` per file; a file whose stat moved is
 hashed again, so a file changed under the new version still rolls it back.
@@ -61,13 +62,15 @@ class Installer:
             self.control.stage(manifest, downloads)  # moved in: hashed as they arrived
             self.event("update_staged", model=name, version=version)
         tested = check_staged(self.control, release)  # loaded once: this load is what serves
-        self.event("update_tested", model=name, version=version, backend=tested.backend,
-                   selftest=release.selftest is not None)
         try:
+            self.event("update_tested", model=name, version=version, backend=tested.backend,
+                       selftest=release.selftest is not None)
             serving = self.control.activate(name, version)
         except NotServing as exc:
             self._roll_back(name, version, f"activation failed: {exc.reason}")
             return
+        finally:  # a trial load no activation took (a step failed, or it served already) is closed
+            self.control.drop_trial(name, version)
         self.event("update_activated", model=name, version=version, previous=previous,
                    backend=serving.backend)
         for f in manifest.files:

@@ -7,9 +7,9 @@ chunks on disk is kept in `{sha256}.progress` (written only after the part file 
 synced), so a daemon restart or a broker outage resumes where the transfer stopped
 instead of starting over. A finished file is checked against its size and sha256 (hashed
 as the chunks arrive, so it is never read again) before it is handed over as
-`{sha256}.file`, with the stat fingerprint it had when its hash matched: the store links
-it in unread if it was not written since. That file is not synced: the store syncs it
-(its link or its copy), and a `.file` found at the next start is hashed again before it
+`{sha256}.file`, with its stat fingerprint taken once it has that name: the store moves
+it in unread if that fingerprint (ctime included) has not moved since. That file is not
+synced: the store syncs it (moved or copied), and a `.file` found at the next start is hashed again before it
 is used, so a power cut costs a download, never a wrong model.
 
 A write that fails (a full disk) removes the file's `.part`, `.progress` and `.file` and
@@ -136,14 +136,17 @@ class Transfer:
         try:
             os.ftruncate(fd, size)
             digest = self._pull(fd, sha256, size, chunk, missing, have, progress_path, stop)
-            hashed = Fingerprint.of(os.fstat(fd))  # a write after this moves its mtime
+            if digest != sha256:
+                part.unlink(missing_ok=True)
+                progress_path.unlink(missing_ok=True)
+                raise TransferError(f"file {sha256[:12]}: the received bytes hash to {digest[:12]}; "
+                                    f"discarded")
+            os.replace(part, done_path)
+            # Taken after the rename (which moves ctime), of the file just hashed: any write
+            # from here on moves its ctime, and the store then hashes it again.
+            hashed = Fingerprint.of(os.fstat(fd))
         finally:
             os.close(fd)
-        if digest != sha256:
-            part.unlink(missing_ok=True)
-            progress_path.unlink(missing_ok=True)
-            raise TransferError(f"file {sha256[:12]}: the received bytes hash to {digest[:12]}; discarded")
-        os.replace(part, done_path)
         progress_path.unlink(missing_ok=True)
         return done_path, hashed
 

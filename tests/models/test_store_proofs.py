@@ -132,3 +132,65 @@ def test_a_download_on_another_filesystem_is_copied_in_one_read(
         for path in shm.iterdir():
             path.unlink()
         shm.rmdir()
+
+
+def rewritten_with_mtime_put_back(path: Path, data: bytes) -> None:
+    """Write `data` (the same size) over `path` in place and set its mtime back: only its
+    ctime says it was written."""
+    before = path.stat()
+    with path.open("r+b") as f:
+        f.write(data)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = path.stat()
+    assert (after.st_ino, after.st_size, after.st_mtime_ns) == (before.st_ino, before.st_size,
+                                                                before.st_mtime_ns)
+
+
+def test_a_download_rewritten_with_its_mtime_put_back_is_copied_hashed_and_refused(
+        store: ModelStore, tmp_path: Path, model_bytes: bytes) -> None:
+    source, proof = download(tmp_path / "downloads", model_bytes)
+    rewritten_with_mtime_put_back(source, bytes(SIZE))  # other bytes between download and staging
+    with store.keep_proofs("m", "2"), pytest.raises(StoreError, match="does not match its sha256"):
+        store.add_verified(manifest_for({"model.tflite": model_bytes}), {"model.tflite": (source, proof)})
+    assert store.versions("m") == []
+    assert source.exists() and source.stat().st_ino == proof.ino  # not moved: left to the caller
+
+
+def test_a_download_rewritten_alike_with_its_mtime_put_back_is_copied_not_moved(
+        store: ModelStore, tmp_path: Path, model_bytes: bytes) -> None:
+    source, proof = download(tmp_path / "downloads", model_bytes)
+    rewritten_with_mtime_put_back(source, model_bytes)  # the same bytes: accepted, but read to know it
+    manifest = manifest_for({"model.tflite": model_bytes})
+    with store.keep_proofs("m", "2"):
+        assert read_by(lambda: store.add_verified(manifest, {"model.tflite": (source, proof)})) >= SIZE
+        assert (store.version_dir("m", "2") / "model.tflite").stat().st_ino != proof.ino
+        assert read_by(lambda: store.verify("m", "2")) < SIZE // 4  # what the copy hashed is the proof
+    assert not source.exists()
+    assert store.verify("m", "2") == manifest
+
+
+def test_a_failed_add_puts_a_download_it_moved_back(
+        store: ModelStore, tmp_path: Path, model_bytes: bytes) -> None:
+    first, first_proof = download(tmp_path / "downloads", model_bytes)
+    other = os.urandom(1000)
+    second, second_proof = download(tmp_path / "downloads", other)
+    second.write_bytes(bytes(1000))  # damaged after it was hashed
+    manifest = manifest_for({"a.tflite": model_bytes, "b.bin": other})
+    with pytest.raises(StoreError, match=r"b\.bin does not match its sha256"):
+        store.add_verified(manifest, {"a.tflite": (first, first_proof), "b.bin": (second, second_proof)})
+    assert first.read_bytes() == model_bytes and first.stat().st_ino == first_proof.ino
+    assert store.versions("m") == []
+
+
+def test_one_download_for_two_files_of_the_same_bytes_is_moved_once_and_copied_once(
+        store: ModelStore, tmp_path: Path, model_bytes: bytes) -> None:
+    source, proof = download(tmp_path / "downloads", model_bytes)
+    manifest = manifest_for({"a.tflite": model_bytes, "b.bin": model_bytes})
+    with store.keep_proofs("m", "2"):
+        read = read_by(lambda: store.add_verified(manifest, {"a.tflite": (source, proof),
+                                                             "b.bin": (source, proof)}))
+        assert SIZE <= read < 2 * SIZE
+        assert read_by(lambda: store.verify("m", "2")) < SIZE // 4
+    assert (store.version_dir("m", "2") / "a.tflite").stat().st_ino == proof.ino
+    assert not source.exists()
+    assert store.verify("m", "2") == manifest
