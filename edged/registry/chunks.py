@@ -25,6 +25,7 @@ from edged.topics import Topics
 
 log = logging.getLogger(__name__)
 MAX_REQUEST_BYTES = 4096
+MAX_CORRELATION_BYTES = 256  # devices send 12; an MQTT property may hold 64 KiB
 SHA256 = re.compile(r"[0-9a-f]{64}")
 FIELDS = frozenset({"sha256", "offset", "length"})
 
@@ -57,14 +58,21 @@ def reply_address(message: mqtt.MQTTMessage, allowed: re.Pattern[str]) -> tuple[
     topic = getattr(props, "ResponseTopic", None)
     if not topic or not allowed.fullmatch(topic):
         return None
-    return topic, getattr(props, "CorrelationData", None) or None
+    correlation = getattr(props, "CorrelationData", None) or None
+    if correlation is not None and len(correlation) > MAX_CORRELATION_BYTES:
+        return None  # echoing it would cost what the sender chose
+    return topic, correlation
 
 
 def parse_request(message: mqtt.MQTTMessage, allowed: re.Pattern[str], max_chunk_bytes: int) -> ChunkRequest:
     """The request, or Refused saying in one line what is wrong with it."""
     address = reply_address(message, allowed)
     if address is None:
-        topic = getattr(getattr(message, "properties", None), "ResponseTopic", None)
+        props = getattr(message, "properties", None)
+        if len(getattr(props, "CorrelationData", None) or b"") > MAX_CORRELATION_BYTES:
+            raise Refused("bad correlation data", f"correlation data over {MAX_CORRELATION_BYTES} bytes; "
+                          "not answered")
+        topic = getattr(props, "ResponseTopic", None)
         raise Refused("bad response topic", f"response topic {str(topic)[:100]!r} is not {{prefix}}/devices/"
                       "{id}/fetch; not answered")
     topic, correlation = address

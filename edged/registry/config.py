@@ -60,6 +60,16 @@ class RegistrySettings(TomlSettings):
     serve_threads: int = Field(
         default=4, ge=1, le=64, description="Chunk requests `serve` answers at once."
     )
+    share_group: str = Field(
+        default="edged-registry", pattern=r"^[A-Za-z0-9_.-]{0,64}$",
+        description=(
+            "MQTT 5 shared subscription group of `serve`: every instance subscribed as "
+            "$share/<group>/{prefix}/registry/fetch gets its share of the chunk requests, each request "
+            "goes to one of them. Empty: a plain subscription (one instance per broker, or every "
+            "instance answers every request); also the fallback when the broker has no shared "
+            "subscriptions."
+        ),
+    )
     reload_interval_s: float = Field(
         default=2.0, gt=0, le=3600,
         description="How often `serve` looks for changes to the store (SIGHUP: at once).",

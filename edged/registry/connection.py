@@ -22,6 +22,7 @@ from edged.mqtt.client import no_delay
 
 log = logging.getLogger(__name__)
 MAX_INFLIGHT = 64
+SHARED_NOT_SUPPORTED = 0x9E  # SUBACK reason code
 
 
 class BrokerUnavailable(EdgedError):
@@ -30,6 +31,10 @@ class BrokerUnavailable(EdgedError):
 
 class BrokerRefused(BrokerUnavailable):
     """The broker answered no: bad credentials, or its ACL forbids the topic."""
+
+
+class SharedUnsupported(BrokerRefused):
+    """The broker refused a `$share/...` filter: it has no shared subscriptions."""
 
 
 def build_client(settings: MqttSettings, client_id: str) -> mqtt.Client:
@@ -52,7 +57,9 @@ class Connection:
         self.connected = threading.Event()
         self.on_message: Callable[[mqtt.MQTTMessage], None] | None = None
         self.on_connected: Callable[[], None] | None = None
+        self.on_acked: Callable[[int], None] | None = None  # each PUBACK's mid, in paho's thread
         self.last_error = ""
+        self.shared_subscriptions = True  # what the last CONNACK said (absent: available)
         self._cond = threading.Condition()
         self._connack: ReasonCode | None = None
         self._acks: dict[int, tuple[int, ReasonCode]] = {}  # mid -> (ack number, reason)
@@ -154,6 +161,8 @@ class Connection:
                 raise BrokerUnavailable(f"the MQTT broker {self.broker} did not acknowledge the subscription")
             reasons = self._subacks[mid]
         refused = [(f, r) for f, r in zip(filters, reasons, strict=False) if r.is_failure]
+        if any(r.value == SHARED_NOT_SUPPORTED for _, r in refused):
+            raise SharedUnsupported(f"the MQTT broker {self.broker} has no shared subscriptions")
         if refused:
             raise BrokerRefused(f"the MQTT broker {self.broker} refused the subscription to "
                                     f"{refused[0][0]}: {refused[0][1]}")
@@ -168,6 +177,7 @@ class Connection:
             self._problem(f"the MQTT broker {self.broker} refused the connection: {reason}; retrying")
             return
         self.last_error = ""
+        self.shared_subscriptions = bool(getattr(properties, "SharedSubscriptionAvailable", 1))
         no_delay(client)
         self.connected.set()
         log.info("connected to the MQTT broker %s", self.broker)
@@ -190,6 +200,8 @@ class Connection:
             self._ack_count += 1
             self._acks[mid] = (self._ack_count, reason)
             self._cond.notify_all()
+        if self.on_acked is not None:
+            self.on_acked(mid)
 
     def _on_subscribe(self, client: mqtt.Client, userdata: object, mid: int, reasons: list[ReasonCode],
                       properties: Properties | None) -> None:

@@ -203,11 +203,12 @@ class Publisher:
         timeout = self.settings.connect_timeout_s
         try:
             connection = Connection(self.settings.mqtt, client_id).open(timeout)
-            try:
-                for target in targets:
-                    payload = self.store.retained_for(target) or b""
-                    connection.publish_and_wait(self.topics.release(target.name, target.group), payload,
-                                                timeout, retain=True)
+            try:  # under the lock until acknowledged, as `serve` announces (docs/fleet.md)
+                with self.store.lock():
+                    for target in targets:
+                        payload = self.store.retained_for(target) or b""
+                        connection.publish_and_wait(self.topics.release(target.name, target.group),
+                                                    payload, timeout, retain=True)
             finally:
                 connection.close()
         except BrokerUnavailable as exc:

@@ -1,9 +1,12 @@
 """`edged-registry serve`: answers chunk requests and keeps the releases retained.
 
-Threads: paho's network thread only queues each request; `serve_threads` workers check
-it, read the chunk and reply (each waits for its reply's PUBACK before taking another, so
-memory stays near serve_threads x max_chunk_bytes however slow the broker is); the main
-thread watches the store, re-announces and re-signs releases, and handles signals.
+Any number of instances may serve one store (docs/fleet.md): they share the chunk
+requests through an MQTT 5 shared subscription, and announce and re-sign under the
+store's lock, so the broker always ends up retaining what the store records.
+
+Threads: paho's network thread only checks and queues each request (workers.py);
+`serve_threads` workers read the chunks and reply; the main thread watches the store,
+re-announces and re-signs releases, and handles signals.
 """
 
 from __future__ import annotations
@@ -13,33 +16,24 @@ import logging
 import signal
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+import uuid
 from types import FrameType
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.properties import Properties
 
 from edged.errors import EdgedError
-from edged.registry.chunks import (
-    RateLimitedLog,
-    Refused,
-    parse_request,
-    read_chunk,
-    reply_address,
-    reply_properties,
-    response_topics,
-)
 from edged.registry.config import RegistrySettings
-from edged.registry.connection import BrokerRefused, BrokerUnavailable, Connection
+from edged.registry.connection import BrokerRefused, BrokerUnavailable, Connection, SharedUnsupported
 from edged.registry.publisher import refreshed
 from edged.registry.store import RegistryStore, ServedFile, Target
+from edged.registry.workers import ChunkWorkers
 from edged.topics import Topics
 
 log = logging.getLogger(__name__)
-MAX_WAITING = 1024  # requests queued for the workers; more are answered "busy"
-REPLY_ACK_TIMEOUT_S = 30.0
+MAX_QUEUED = 4096  # replies paho may hold unsent (busy ones are not waited for): bounded memory
 RESIGN_CHECK_S = 600.0  # re-signing is due after days; checking every 10 minutes is plenty
+SUMMARY_EVERY_S = 60.0
 
 
 class ChunkServer:
@@ -48,9 +42,6 @@ class ChunkServer:
         self.store = store
         self.topics = Topics(settings.topic_prefix)
         self.index: dict[str, ServedFile] = {}
-        self.refusals = RateLimitedLog()
-        self.stats = {"chunks": 0, "bytes": 0, "refused": 0}
-        self._stats_lock = threading.Lock()
         self._key = store.signing_key()
         self._generation: tuple[int, int] | None = None
         self._published: dict[Target, bytes] = {}  # what this process last retained per target
@@ -58,15 +49,19 @@ class ChunkServer:
         self._stop = threading.Event()
         self._reload = threading.Event()
         self._reconnected = threading.Event()
-        self._waiting = 0
-        self._waiting_lock = threading.Lock()
-        self._workers = ThreadPoolExecutor(settings.serve_threads, thread_name_prefix="chunk")
-        self._response_topics = response_topics(settings.topic_prefix)
-        self.connection = Connection(settings.mqtt, settings.mqtt.device_id,
+        self._say_online = threading.Event()  # another instance's "offline" covers ours
+        self._online = False
+        self._fetch_filter = self.topics.fetch
+        # Each instance its own client id: instances with one id would push each other off.
+        self.client_id = f"{settings.mqtt.device_id}-{uuid.uuid4().hex[:8]}"
+        self.connection = Connection(settings.mqtt, self.client_id,
                                      will=(self.topics.registry_status,
                                            self._status("offline", "connection lost")))
-        self.connection.on_message = self._on_request
+        self.connection.client.max_queued_messages_set(MAX_QUEUED)
+        self.connection.on_message = self._on_message
         self.connection.on_connected = self._on_connected
+        self.workers = ChunkWorkers(self.connection, settings.topic_prefix, settings.max_chunk_bytes,
+                                    settings.serve_threads, self._index_for)
 
     # --- lifecycle -----------------------------------------------------------------------
     def run(self) -> None:
@@ -75,9 +70,12 @@ class ChunkServer:
                                                                           signal.SIGHUP)}
         try:
             self._reload_store()
+            self.workers.start()
             self.connection.start()
-            log.info("serving the registry %s through %s", self.store.root, self.connection.broker)
+            log.info("serving the registry %s through %s as %s", self.store.root, self.connection.broker,
+                     self.client_id)
             next_resign = time.monotonic() + RESIGN_CHECK_S
+            next_summary, summary = time.monotonic() + SUMMARY_EVERY_S, ""
             while not self._stop.is_set():
                 self._wake.wait(self.settings.reload_interval_s)
                 self._wake.clear()
@@ -92,16 +90,28 @@ class ChunkServer:
                     self._go_online()
                 elif changed or time.monotonic() >= next_resign:
                     self._announce(force=False)
+                if self._say_online.is_set():
+                    self._say_online.clear()
+                    if self._online and self.connection.connected.is_set():
+                        # Not while away: paho would send it first thing on the reconnect,
+                        # before the releases are retained again.
+                        self._publish_online()
                 if time.monotonic() >= next_resign:
                     next_resign = time.monotonic() + RESIGN_CHECK_S
+                if time.monotonic() >= next_summary:  # counts, also of refusals, when they change
+                    next_summary = time.monotonic() + SUMMARY_EVERY_S
+                    if self.workers.summary() != summary:
+                        summary = self.workers.summary()
+                        log.info("%s", summary)
         finally:
             self._shutdown()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
 
     def _shutdown(self) -> None:
-        self.connection.client.unsubscribe(self.topics.fetch)
-        self._workers.shutdown(wait=True, cancel_futures=True)
+        self._online = False
+        self.connection.client.unsubscribe(self._fetch_filter)
+        self.workers.stop()
         if self.connection.connected.is_set():
             try:
                 self.connection.publish_and_wait(self.topics.registry_status,
@@ -110,8 +120,7 @@ class ChunkServer:
             except BrokerUnavailable as exc:
                 log.warning("could not say offline: %s", exc)
         self.connection.close()
-        log.info("stopped: served %d chunks (%d bytes), refused %d requests",
-                 self.stats["chunks"], self.stats["bytes"], self.stats["refused"])
+        log.info("stopped: %s", self.workers.summary())
 
     def stop(self) -> None:
         self._stop.set()
@@ -132,15 +141,15 @@ class ChunkServer:
 
     def _on_connected(self) -> None:
         """paho's thread: leave the work to the main thread."""
+        self._online = False
         self._reconnected.set()
         self._wake.set()
 
     def _go_online(self) -> None:
         """After each connect: subscribe, retain every release again (a restarted broker may
         have lost them), then say online. A broker that refuses the subscription ends `serve`."""
-        timeout = self.settings.connect_timeout_s
         try:
-            self.connection.subscribe([self.topics.fetch], timeout)
+            self._subscribe()
         except BrokerRefused:
             raise
         except BrokerUnavailable as exc:
@@ -148,116 +157,117 @@ class ChunkServer:
             self._reconnected.set()
             return
         self._announce(force=True)
+        if self._publish_online():
+            log.info("online: answering chunk requests on %s", self._fetch_filter)
+
+    def _subscribe(self) -> None:
+        """The fetch topic, shared with the other instances when the broker can, and the
+        status topic (to say online again when another instance's Last Will says offline)."""
+        timeout = self.settings.connect_timeout_s
+        group = self.settings.share_group
+        plain = self.topics.fetch
+        why = ("share_group is empty" if not group else
+               "the broker has no shared subscriptions" if not self.connection.shared_subscriptions else "")
+        if not why:
+            try:
+                self.connection.subscribe([f"$share/{group}/{plain}", self.topics.registry_status], timeout)
+                self._fetch_filter = f"$share/{group}/{plain}"
+                return
+            except SharedUnsupported:
+                why = "the broker refused the shared subscription"
+        log.warning("plain subscription to %s (%s): every instance on this broker answers every "
+                    "request; run one instance", plain, why)
+        self.connection.subscribe([plain, self.topics.registry_status], timeout)
+        self._fetch_filter = plain
+
+    def _publish_online(self) -> bool:
         try:
-            self.connection.publish_and_wait(self.topics.registry_status, self._status("online"), timeout,
-                                             retain=True)
+            self.connection.publish_and_wait(self.topics.registry_status, self._status("online"),
+                                             self.settings.connect_timeout_s, retain=True)
         except BrokerUnavailable as exc:
             log.error("could not say online: %s", exc)
-            return
-        log.info("online: answering chunk requests on %s", self.topics.fetch)
+            return False
+        self._online = True
+        return True
 
     def _announce(self, force: bool) -> None:
-        """Retain what the store records, re-signing releases past 2/3 of their validity."""
+        """Retain what the store records, re-signing releases past 2/3 of their validity.
+
+        All under the store's lock, until the broker acknowledged: an instance or command that
+        changes a release waits, so no instance can retain an envelope older than the store's
+        after a newer one (and a release due for re-signing is re-signed by one instance; the
+        others find it fresh)."""
         now = time.time()
         sent: dict[int, Target] = {}
-        for target, envelope in self.store.retained().items():
-            payload = envelope
-            if envelope:
-                try:
-                    with self.store.lock():  # re-read under the lock: a command may have changed it
-                        current = self.store.retained_for(target) or b""
-                        renewed = None
-                        if current:
-                            renewed = refreshed(current, self._key, self.settings.release_days, now)
-                        if renewed is not None:
-                            self.store.set_retained(target, renewed)
-                            self._generation = self.store.generation()
-                            log.info("re-signed the release of %s", target.describe())
-                        payload = renewed or current
-                except EdgedError as exc:
-                    log.error("not announcing %s: %s", target.describe(), exc)
+        with self.store.lock():
+            for target, current in self.store.retained().items():
+                if current:
+                    try:
+                        renewed = refreshed(current, self._key, self.settings.release_days, now)
+                    except EdgedError as exc:
+                        log.error("not announcing %s: %s", target.describe(), exc)
+                        continue
+                    if renewed is not None:
+                        self.store.set_retained(target, renewed)
+                        self._generation = self.store.generation()
+                        log.info("re-signed the release of %s", target.describe())
+                        current = renewed
+                if not force and self._published.get(target) == current:
                     continue
-            if not force and self._published.get(target) == payload:
-                continue
-            if not self.connection.connected.is_set():
-                break
-            sent[self.connection.publish(self.topics.release(target.name, target.group), payload,
-                                         retain=True)] = target
-            self._published[target] = payload
-        for mid, target in sent.items():
-            try:
-                self.connection.wait_acked([mid], self.settings.connect_timeout_s)
-            except BrokerUnavailable as exc:
-                log.error("announcing %s failed: %s", target.describe(), exc)
-                self._published.pop(target, None)
-            else:
-                payload = self._published.get(target)
-                log.info("%s %s", "withdrew" if not payload else "announced", target.describe())
+                if not self.connection.connected.is_set():
+                    break
+                try:
+                    mid = self.connection.publish(self.topics.release(target.name, target.group), current,
+                                                  retain=True)
+                except BrokerUnavailable as exc:
+                    log.error("announcing %s failed: %s", target.describe(), exc)
+                    continue
+                sent[mid] = target
+                self._published[target] = current
+            for mid, target in sent.items():
+                try:
+                    self.connection.wait_acked([mid], self.settings.connect_timeout_s)
+                except BrokerUnavailable as exc:
+                    log.error("announcing %s failed: %s", target.describe(), exc)
+                    self._published.pop(target, None)
+                else:
+                    log.info("%s %s", "withdrew" if not self._published.get(target) else "announced",
+                             target.describe())
 
     def _status(self, state: str, reason: str = "") -> bytes:
         document: dict[str, Any] = {"state": state, "time": round(time.time(), 3)}
         if state == "online":
-            document.update(files=len(self.index), max_chunk_bytes=self.settings.max_chunk_bytes)
+            document.update(files=len(self.index), max_chunk_bytes=self.settings.max_chunk_bytes,
+                            instance=self.client_id)
         if reason:
             document["reason"] = reason
         return json.dumps(document, separators=(",", ":")).encode()
 
-    # --- chunk requests ------------------------------------------------------------------
-    def _on_request(self, message: mqtt.MQTTMessage) -> None:
-        """paho's thread: hand the request to a worker, or say busy when too many wait."""
-        with self._waiting_lock:
-            busy = self._waiting >= MAX_WAITING
-            if not busy:
-                self._waiting += 1
-        if busy:  # answered from paho's thread, without waiting for the PUBACK
-            self._answer_refusal(message, Refused("busy", "the registry is busy; try again"), wait=False)
-            return
-        try:
-            self._workers.submit(self._serve_one, message)
-        except RuntimeError:  # shutting down
-            with self._waiting_lock:
-                self._waiting -= 1
+    # --- messages (paho's thread) --------------------------------------------------------
+    def _on_message(self, message: mqtt.MQTTMessage) -> None:
+        if message.topic == self.topics.registry_status:
+            self._on_status(message.payload)
+        else:
+            self.workers.submit(message)
 
-    def _serve_one(self, message: mqtt.MQTTMessage) -> None:
-        with self._waiting_lock:
-            self._waiting -= 1
+    def _on_status(self, payload: bytes) -> None:
+        """Another instance stopped or died while we serve: the retained status says offline,
+        so say online again (devices only act on online)."""
         try:
-            request = parse_request(message, self._response_topics, self.settings.max_chunk_bytes)
-            if request.sha256 not in self.index and self.store.generation() != self._generation:
-                # Published a moment ago: look at the store now rather than at the next reload,
-                # and have the main loop announce what changed.
-                self.index = self.store.file_index()
-                self._wake.set()
-            data = read_chunk(self.index, request)
-        except Refused as exc:
-            self._answer_refusal(message, exc)
-            return
-        reply = reply_properties(request.correlation, status="ok", sha256=request.sha256,
-                                 offset=str(request.offset))
-        self._send(request.response_topic, data, reply, wait=True)
-        with self._stats_lock:
-            self.stats["chunks"] += 1
-            self.stats["bytes"] += len(data)
+            offline = json.loads(payload).get("state") == "offline"
+        except (ValueError, AttributeError):
+            offline = bool(payload)  # not ours: put ours back
+        if offline and self._online and self.connection.connected.is_set() and not self._stop.is_set():
+            self._say_online.set()
+            self._wake.set()
 
-    def _answer_refusal(self, message: mqtt.MQTTMessage, refusal: Refused, wait: bool = True) -> None:
-        with self._stats_lock:
-            self.stats["refused"] += 1
-        self.refusals.warning(refusal.kind, f"refused a chunk request: {refusal}")
-        address = reply_address(message, self._response_topics)
-        if address is None:
-            return  # nowhere we may answer
-        topic, correlation = address
-        payload = json.dumps({"error": str(refusal)}).encode()
-        self._send(topic, payload, reply_properties(correlation, status="error"), wait=wait)
-
-    def _send(self, topic: str, payload: bytes, properties: Properties, *, wait: bool) -> None:
-        """Publish a reply; a worker waits for its PUBACK, which bounds the replies in flight."""
-        try:
-            mid = self.connection.publish(topic, payload, properties=properties)
-            if wait:
-                self.connection.wait_acked([mid], REPLY_ACK_TIMEOUT_S)
-        except BrokerUnavailable as exc:
-            self.refusals.warning("reply", f"a chunk reply was not acknowledged: {exc}")
+    def _index_for(self, sha256: str) -> dict[str, ServedFile]:
+        """A worker's view of the files; a hash published a moment ago is looked for in the
+        store now rather than at the next reload (the main loop then announces the change)."""
+        if sha256 not in self.index and self.store.generation() != self._generation:
+            self.index = self.store.file_index()  # replaced whole: workers see the old or the new
+            self._wake.set()
+        return self.index
 
 
 def serve(settings: RegistrySettings, store: RegistryStore) -> None:

@@ -68,3 +68,10 @@ def test_errors_name_the_field(tmp_path, text, words):
     with pytest.raises(ConfigError, match=words.replace(".", r"\.")) as caught:
         load_registry_settings(write(tmp_path, text))
     assert "\n" not in str(caught.value)
+
+
+def test_the_share_group_is_on_by_default_and_empty_turns_it_off(tmp_path):
+    assert load_registry_settings(write(tmp_path, "")).share_group == "edged-registry"
+    assert load_registry_settings(write(tmp_path, 'share_group = ""\n')).share_group == ""
+    with pytest.raises(ConfigError, match="share_group"):
+        load_registry_settings(write(tmp_path, 'share_group = "a/b"\n'))  # a topic level, no wildcards
