@@ -75,7 +75,7 @@ def _existing(path: Path) -> Path:
 
 def space_needed(downloads: Path, store: Path, total: int) -> list[tuple[Path, int]]:
     """Room for a download of `total` bytes and for the store's copy of it. On one file
-    system the store hard-links the verified download, so it needs the room once."""
+    system the store moves the verified download in, so it needs the room once."""
     if os.stat(_existing(downloads)).st_dev == os.stat(_existing(store)).st_dev:
         return [(downloads, total + DISK_MARGIN)]
     return [(downloads, total + DISK_MARGIN), (store, total + DISK_MARGIN)]
