@@ -12,17 +12,22 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-
+# Only what is quick to import up here: `edged run` catches signals before numpy, pydantic
+# (the config) and the runtimes are imported (main), so those are imported where used.
 from edged import __version__, strict_json
-from edged.config import Settings, load_settings
 from edged.errors import EdgedError
-from edged.exits import run_command
+from edged.shutdown import Signals
+
+if TYPE_CHECKING:
+    from edged.config import Settings
 
 
 def _settings(args: argparse.Namespace) -> Settings:
     """The settings as the command needs them: whole for `run`, its own sections for clients."""
+    from edged.config import load_settings
+
     overrides: dict = {}
     if getattr(args, "socket", None):
         overrides["socket"] = {"path": args.socket}
@@ -34,10 +39,10 @@ def _settings(args: argparse.Namespace) -> Settings:
 def cmd_run(args: argparse.Namespace) -> int:
     from edged import systemd
     from edged.daemon import Daemon, configure_logging
-    from edged.shutdown import Signals, exit_now
 
-    # From the first moment: a SIGTERM while the config is read or models load is seen.
-    signals = None if args.check else Signals.install()
+    signals = getattr(args, "signals", None)  # caught from the first moment (main)
+    if signals is None and not args.check:
+        signals = Signals.install()
     settings = _settings(args)
     configure_logging(settings.logging.level)
     if args.check:
@@ -54,7 +59,7 @@ def cmd_run(args: argparse.Namespace) -> int:
           + (" (socket from systemd)" if listener else ""), file=sys.stderr, flush=True)
     code = daemon.run(signals)
     if daemon.loading_abandoned:  # a runtime still compiling: exiting normally could wait for it
-        exit_now(code, "exiting while a model is still loading")
+        daemon.signals.exit_now(code, "exiting while a model is still loading")
     return code
 
 
@@ -77,6 +82,8 @@ def _check(settings: Settings) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    import numpy as np
+
     from edged.client import Client
 
     settings = _settings(args)
@@ -335,4 +342,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.func is cmd_run and not args.check:
+        # SIGTERM, SIGINT and SIGHUP are caught from here, before the imports that take most
+        # of a start's first half second (numpy, pydantic, the runtimes): a stop asked while
+        # they load is seen (edged.shutdown). Only the interpreter's own start comes before.
+        args.signals = Signals.install()
+    from edged.exits import run_command
+
     return run_command("edged", args.func, args)

@@ -72,20 +72,25 @@ class Daemon:
             self.mqtt = MqttParts(settings, pipe, self.manager, self.control, self.health, self.pipelines,
                                   self.reload_config if reload_settings else None)
         self.watchdog = systemd.Watchdog(systemd.inference_check(self.manager), systemd.watchdog_interval())
-        self.health.sections.update({
-            "pipelines": self.pipelines.status, "api": self.api.api_status, "watchdog": self.watchdog.status,
+        self.health.sections.update({  # in this order in the document
+            "pipelines": self.pipelines.status, "api": self.api.api_status,
             **(self.mqtt.health_sections() if self.mqtt else {"mqtt": lambda: {"enabled": False}}),
+            "watchdog": self.watchdog.status,
         })
         self.health.ready_checks.append(self.api.socket_reachable)
         self.stopping = threading.Event()
         self.restart_needed: list[str] = []  # config sections changed on disk that only a restart applies
         self._reload_lock = threading.Lock()
+        self._notify_lock = threading.Lock()  # a reload's READY=1 never follows STOPPING=1
         self._status = ""
 
     def run(self, signals: Signals | None = None) -> int:
         """Start, serve until SIGTERM or SIGINT, stop; 0, or 1 when a stop step failed.
         `signals`: those `edged run` caught from its first moment (else caught from here)."""
         self.signals = signals or Signals.install()
+        # Exiting on purpose with a load in progress (a second SIGTERM, or the exit after a
+        # stop that left a compile behind) is not a crash of that load's backend.
+        self.signals.before_exit.append(self.manager.attempts.release_own)
         self._loader: threading.Thread | None = None
         try:
             if self._start():
@@ -116,20 +121,23 @@ class Daemon:
             return False
         if self.mqtt is not None:
             self.mqtt.link.start()  # `online` once the models serve
-        names = ", ".join(
-            f"{n} {m.version} ({m.selection.backend})" for n, m in sorted(self.manager.served().items())
-        )
-        log.info("ready in %.2f s: %s", time.monotonic() - started, names or "no models in the store")
         if not self.manager.served():
             log.warning("the store %s has no active model: add one with `edged models add`",
                         self.store.root)
         self.pipelines.start_enabled()
+        names = ", ".join(
+            f"{n} {m.version} ({m.selection.backend})" for n, m in sorted(self.manager.served().items())
+        )
+        line = self.status_line()
+        # From this last check to READY=1 nothing waits: told to stop before it, the daemon
+        # never says it is ready (no `ready in`, no READY=1); after it, it says both.
         if self.signals.stop.is_set():
-            return False  # told to stop while starting: never say ready
+            return False
         self.api.startup_done.set()
         if self.server.inherited:  # systemd's: what waited in its backlog gets a ready edged
             self.start_serving()
-        self._tell_systemd(ready=True)  # the socket answers from here on
+        log.info("ready in %.2f s: %s", time.monotonic() - started, names or "no models in the store")
+        self._tell_systemd(ready=True, line=line)  # the socket answers from here on
         return True
 
     @property
@@ -155,15 +163,18 @@ class Daemon:
         The names of those that failed."""
         log.info("stopping")
         started = time.monotonic()
-        self.stopping.set()
+        with self._notify_lock:
+            self.stopping.set()
         steps: list[tuple[str, Callable[[], object]]] = [
             ("systemd", systemd.stopping), ("pipelines", self.pipelines.stop_all),
             ("socket", lambda: self.server.stop(timeout=self.settings.socket.request_timeout_s)),
         ]
         if self.mqtt is not None:
-            steps.append(("mqtt", self.mqtt.stop))
+            steps += self.mqtt.stop_steps()  # each guarded: the outbox is closed whatever failed
         if self.loading_abandoned:  # closing would wait for the load's lock, maybe for ever
             log.warning("stopping: models are still loading; not waiting for them")
+            # The process exits with that load running: a stop, not a crash of its backend.
+            steps.append(("attempt records", self.manager.attempts.release_own))
         else:
             steps.append(("models", self.manager.close))
         steps += [(f"lock {lock.path}", lock.close) for lock in self.locks]
@@ -202,9 +213,13 @@ class Daemon:
             log.exception("config reload failed")
 
     def reload_config(self) -> dict:
-        """Read the config again and apply what can change while running; say what cannot."""
+        """Read the config again and apply what can change while running; say what cannot.
+        RELOADING=1 and READY=1 only while serving: a reload during start-up (the MQTT
+        `config.reload` command) leaves READY=1 to the start, and none follows STOPPING=1."""
         with self._reload_lock:
-            systemd.reloading()
+            serving = self.api.startup_done.is_set() and not self.stopping.is_set()
+            if serving:
+                systemd.reloading()
             try:
                 if self.reload_settings is None:
                     raise ConfigError("the daemon was started without a config to read again")
@@ -213,7 +228,10 @@ class Daemon:
                 log.error("config not reloaded, nothing changed: %s", exc)
                 raise
             finally:
-                self._tell_systemd(ready=True)
+                if serving:
+                    with self._notify_lock:
+                        if not self.stopping.is_set():
+                            self._tell_systemd(ready=True)
 
     def _apply(self, new: Settings) -> dict:
         applied, needs_restart = [], []
@@ -260,9 +278,10 @@ class Daemon:
             parts.append(f"inference stuck for {stuck:.0f} s")
         return "; ".join(parts)
 
-    def _tell_systemd(self, ready: bool = False) -> None:
-        """READY=1 with the status line when asked; otherwise STATUS= only when the line changed."""
-        line = self.status_line()
+    def _tell_systemd(self, ready: bool = False, line: str | None = None) -> None:
+        """READY=1 with the status line when asked; otherwise STATUS= only when the line changed.
+        `line`: the status line, when already made."""
+        line = self.status_line() if line is None else line
         if ready:
             systemd.ready(line)
         elif line != self._status:

@@ -7,6 +7,8 @@ locks taken or a model loaded). The C-level handler writes the signal's number t
 thread is inside a runtime call that does not return (a model compiling). The first
 SIGTERM or SIGINT asks for a stop; a second one, while the stop runs, ends the process at
 once (exit 128 + the signal's number: 143, or 130 for Ctrl-C), after one log line.
+Whatever ends the process that way first runs the `before_exit` hooks (the daemon's
+removes the attempt records of loads it leaves behind: a stop is not a crash).
 """
 
 from __future__ import annotations
@@ -31,10 +33,12 @@ TEST_FAIL_STOP_VARIABLE = "EDGED_TEST_FAIL_STOP_STEP"
 
 class Signals:
     """What the signals asked for: `stop` (an Event), reloads (`take_reload`), and a wake-up
-    for the main loop (`wait`). A second stop signal exits the process from here."""
+    for the main loop (`wait`). A second stop signal exits the process from here
+    (`exit_now`, after the `before_exit` hooks)."""
 
     def __init__(self) -> None:
         self.stop = threading.Event()
+        self.before_exit: list[Callable[[], object]] = []  # run by exit_now, each guarded
         self._reloads = 0
         self._news = threading.Event()  # something changed: the main loop looks again
         self._lock = threading.Lock()
@@ -62,8 +66,10 @@ class Signals:
         """Act on one signal: ask for a stop, force the exit on a second, or count a reload."""
         if signum in STOP_SIGNALS:
             if self.stop.is_set():
-                exit_now(128 + signum, f"second {signal.Signals(signum).name} while stopping: exiting now")
+                self.exit_now(128 + signum, f"second {signal.Signals(signum).name} while stopping: "
+                              "exiting now")
             self.stop.set()
+            log.info("%s received: stopping", signal.Signals(signum).name)
         elif signum == signal.SIGHUP:
             with self._lock:
                 self._reloads += 1
@@ -101,6 +107,10 @@ class Signals:
             raise failure[0]
         return thread
 
+    def exit_now(self, code: int, message: str) -> None:
+        """`exit_now`, running the `before_exit` hooks first (under its backstop)."""
+        exit_now(code, message, self.before_exit)
+
     def take_reload(self) -> bool:
         """True once for any number of SIGHUPs since the last call."""
         with self._lock:
@@ -108,12 +118,19 @@ class Signals:
         return asked
 
 
-def exit_now(code: int, message: str) -> None:
-    """Log `message`, flush the logs, and end the process with `code` without waiting for
-    any thread. A backstop timer ends it even if a log handler is stuck."""
+def exit_now(code: int, message: str, hooks: Iterable[Callable[[], object]] = ()) -> None:
+    """Run `hooks` (one that raises is logged and the next runs), log `message`, flush the
+    logs, and end the process with `code` without waiting for any thread. A backstop timer
+    ends it even if a hook or a log handler is stuck."""
     backstop = threading.Timer(0.5, os._exit, (code,))
     backstop.daemon = True
     backstop.start()
+    for hook in hooks:
+        try:
+            hook()
+        except Exception as exc:  # exiting all the same
+            log.error("before exiting: %s failed: %s: %s", getattr(hook, "__qualname__", hook),
+                      type(exc).__name__, exc)
     log.warning("%s", message)
     for handler in logging.getLogger().handlers:
         with contextlib.suppress(Exception):

@@ -10,6 +10,10 @@ lock nobody holds is a load that never returned: the process died in it. That
 combination (model, version, backend, the runtime's version, a hash of the model's
 configuration) is skipped from then on and reported; a new version, a new runtime or a
 changed configuration is a new combination and is tried. Deleting a record clears it.
+
+A stop is not a crash: a daemon that exits while a load it left behind is still running
+(a SIGTERM while a large model compiles) removes its own records first (`release_own`),
+so the next start tries that backend again.
 """
 
 from __future__ import annotations
@@ -81,6 +85,9 @@ class Attempts:
         self._reported: set[str] = set()
         self._lock = threading.Lock()
         self._numbers = itertools.count()
+        self._records_lock = threading.Lock()  # _held, _released and writing a record
+        self._held: dict[Path, int] = {}  # this process's records of loads not returned: path -> fd
+        self._released = False  # release_own was called: the process is exiting, record nothing more
         self.prune()
 
     def guard(self, model: str, version: str, settings: ModelSettings,
@@ -126,6 +133,26 @@ class Attempts:
                           "backend": combination.backend, "runtime": combination.runtime,
                           "reason": message})
         raise BackendSkipped(message)
+
+    def release_own(self) -> int:
+        """Remove the records of this process's loads that have not returned, because the
+        process is about to exit on purpose (a stop, not a crash), and record no load from
+        now on. How many were removed. The files stay locked until the process ends; a load
+        that returns later finds its record gone."""
+        with self._records_lock:  # _write holds it: no record appears after this
+            self._released = True
+            paths = list(self._held)
+            for path in paths:
+                try:
+                    path.unlink(missing_ok=True)
+                except OSError as exc:
+                    log.warning("cannot remove the attempt record %s: %s", path, exc)
+            if paths:
+                try:
+                    fsync_dir(self.directory)
+                except OSError as exc:
+                    log.warning("cannot sync %s: %s", self.directory, exc)
+        return len(paths)
 
     # --- the files ---------------------------------------------------------------------
     def crashed(self) -> dict[str, dict]:
@@ -188,33 +215,42 @@ class Attempts:
                 yield path, None
 
     def _write(self, combination: Combination) -> tuple[int, Path] | None:
-        """Create the record, locked, durably; None (and a warning) if the disk refuses."""
+        """Create the record, locked, durably; None (and a warning) if the disk refuses, or
+        when `release_own` was called (the process is exiting: no crash to remember)."""
         name = f"{combination.key[:16]}-{os.getpid()}-{next(self._numbers)}"
         temporary = self.directory / f"{TEMPORARY_PREFIX}{name}"
+        path = self.directory / f"{name}.json"
         record = {**dataclasses.asdict(combination), "key": combination.key, "pid": os.getpid(),
                   "started": round(time.time(), 3)}
         data = json.dumps(record, sort_keys=True).encode()
         fd = -1
-        try:
-            self.directory.mkdir(exist_ok=True)
-            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            if os.write(fd, data) != len(data):
-                raise OSError(errno.ENOSPC, "short write")
-            os.fsync(fd)
-            path = self.directory / f"{name}.json"
-            os.rename(temporary, path)
-            fsync_dir(self.directory)
-            return fd, path
-        except OSError as exc:
-            log.warning("cannot record the load of %s %s on %s (%s): a crash in it would not be "
-                        "remembered", combination.model, combination.version, combination.backend, exc)
-            if fd >= 0:
-                os.close(fd)
-            temporary.unlink(missing_ok=True)
-            return None
+        with self._records_lock:  # against release_own
+            if self._released:
+                return None
+            try:
+                self.directory.mkdir(exist_ok=True)
+                fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                if os.write(fd, data) != len(data):
+                    raise OSError(errno.ENOSPC, "short write")
+                os.fsync(fd)
+                os.rename(temporary, path)
+                fsync_dir(self.directory)
+                self._held[path] = fd
+                return fd, path
+            except OSError as exc:
+                log.warning("cannot record the load of %s %s on %s (%s): a crash in it would not be "
+                            "remembered", combination.model, combination.version, combination.backend, exc)
+                temporary.unlink(missing_ok=True)
+                if fd >= 0:
+                    with contextlib.suppress(OSError):
+                        path.unlink(missing_ok=True)  # renamed but not synced: not a crash either
+                    os.close(fd)
+                return None
 
     def _clear(self, fd: int, path: Path) -> None:
+        with self._records_lock:
+            self._held.pop(path, None)
         try:
             path.unlink(missing_ok=True)
             fsync_dir(self.directory)  # else a power cut could bring back a load that returned

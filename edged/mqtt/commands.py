@@ -126,7 +126,8 @@ class Commands:
             self._queue.put_nowait(None)
         except queue.Full:
             pass
-        self._thread.join(timeout=5)
+        if self._thread.is_alive():  # not when stopped before it started
+            self._thread.join(timeout=5)
 
     # --- receiving (paho's thread: quick) ---------------------------------------------
     def _receive(self, message: mqtt.MQTTMessage) -> None:

@@ -20,6 +20,7 @@ from edged.mqtt.link import MqttLink
 from edged.mqtt.outbox import Outbox
 from edged.mqtt.reports import Reporter
 from edged.pipelines.group import Pipelines
+from edged.shutdown import run_steps
 
 
 class MqttPipe:
@@ -61,12 +62,15 @@ class MqttParts:
                                        self.reporter.event, self.reporter.set_desired)
 
     def health_sections(self) -> dict[str, Callable[[], dict[str, Any]]]:
-        """This transport's sections of the health document."""
+        """This transport's sections of the health document, in the order the document
+        has always shown them: commands (when enabled), updates, mqtt."""
         from edged.mqtt.updates import describe
 
-        sections = {"mqtt": self.link.status, "updates": lambda: describe(self.updates)}
+        sections: dict[str, Callable[[], dict[str, Any]]] = {}
         if self.commands is not None:
             sections["commands"] = self.commands.status
+        sections["updates"] = lambda: describe(self.updates)
+        sections["mqtt"] = self.link.status
         return sections
 
     def on_model_event(self, event: ModelEvent) -> None:
@@ -79,11 +83,19 @@ class MqttParts:
         if self.updates is not None:
             self.updates.start()
 
-    def stop(self) -> None:
+    def stop_steps(self) -> list[tuple[str, Callable[[], object]]]:
+        """The stop, in reverse order of the start, as named steps for `run_steps`: each runs
+        whatever the ones before raised, so the outbox is always closed. Every part may be
+        stopped without having been started (a stop during start-up)."""
+        steps: list[tuple[str, Callable[[], object]]] = []
         if self.updates is not None:
-            self.updates.stop()
+            steps.append(("mqtt updates", self.updates.stop))
         if self.commands is not None:
-            self.commands.stop()
-        self.reporter.stop()
-        self.link.stop()
-        self.pipe.outbox.close()
+            steps.append(("mqtt commands", self.commands.stop))
+        steps += [("mqtt reports", self.reporter.stop), ("mqtt link", self.link.stop),
+                  ("mqtt outbox", self.pipe.outbox.close)]
+        return steps
+
+    def stop(self) -> list[str]:
+        """Run `stop_steps`; the names of those that failed (each logged)."""
+        return run_steps(self.stop_steps())

@@ -61,7 +61,8 @@ class Reporter:
     def stop(self) -> None:
         self._stop.set()
         self._health_now.set()
-        self._thread.join(timeout=5)
+        if self._thread.is_alive():  # not when stopped before it started
+            self._thread.join(timeout=5)
         self._reporting = False
 
     # --- the three kinds of message -----------------------------------------------------

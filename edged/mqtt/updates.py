@@ -87,7 +87,8 @@ class UpdateAgent:
             self._queue.put_nowait(None)
         except queue.Full:
             pass
-        self._thread.join(timeout=10)
+        if self._thread.is_alive():  # not when stopped before it started
+            self._thread.join(timeout=10)
 
     def _receive(self, message: mqtt.MQTTMessage) -> None:
         try:

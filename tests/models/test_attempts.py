@@ -109,6 +109,36 @@ def test_a_process_that_died_in_a_load_makes_that_backend_skipped(tiny_store):
     assert records(tiny_store) == [path], "the crash record stays"
 
 
+# A process that records an attempt of tiny 1 on openvino, says it is exiting on purpose
+# (release_own, as the daemon does before it exits with a load still running), starts
+# another load (not recorded any more) and dies inside both.
+RELEASE_THEN_DIE = """
+import os, sys
+from edged.backends.base import LoadOptions
+from edged.config import ModelSettings
+from edged.models.attempts import Attempts
+from edged.models.store import ModelStore
+attempts = Attempts(ModelStore(sys.argv[1]), print)
+guard = attempts.guard("tiny", "1", ModelSettings(), {"openvino": LoadOptions(), "litert": LoadOptions()})
+with guard("openvino"):
+    print(attempts.release_own(), flush=True)
+    with guard("litert"):
+        os.abort()
+"""
+
+
+def test_a_process_that_exits_on_purpose_in_a_load_leaves_no_record(tiny_store):
+    result = run_python(RELEASE_THEN_DIE, tiny_store.root)
+    assert result.returncode == -signal.SIGABRT, result.stderr
+    assert result.stdout.split() == ["1"]  # its one record of a load in progress
+    assert records(tiny_store) == []
+    attempts = Attempts(tiny_store, print)
+    assert attempts.crashed() == {}
+    with attempts.guard("tiny", "1", ModelSettings(), OPTIONS)("openvino"):  # tried again
+        pass
+    assert attempts.skipped() == {}
+
+
 def test_forget_clears_the_records_of_one_model(tiny_store):
     crash_in_attempt(tiny_store)
     attempts = Attempts(tiny_store, print)
