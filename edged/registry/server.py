@@ -135,8 +135,12 @@ class ChunkServer:
 
     # --- the store and the retained releases (main thread) -------------------------------
     def _reload_store(self) -> None:
-        self._generation = self.store.generation()
+        """The index first, then the generation it reflects: a worker that finds a hash
+        missing meanwhile sees the generation differ and reads the store itself, rather than
+        refusing a file published a moment ago."""
+        generation = self.store.generation()
         self.index = self.store.file_index()  # replaced whole: workers see the old or the new
+        self._generation = generation
         log.info("serving %d files", len(self.index))
 
     def _on_connected(self) -> None:

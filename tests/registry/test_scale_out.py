@@ -63,13 +63,14 @@ def test_each_request_is_answered_once_by_one_of_the_instances(
     FIGURES[f"{instances} instance(s), share_group={group!r}"] = (
         f"{len(requests)} requests, {sum(replies.values())} replies, served per instance {served}")
     print(FIGURES)
-    assert set(replies) <= set(requests) and statuses.keys() == {"ok"}
+    seen = f"{FIGURES}; replies {dict(statuses)}"
+    assert set(replies) <= set(requests) and statuses.keys() == {"ok"}, seen
     if group:
-        assert set(replies.values()) == {1}, "a request answered twice"
-        assert all(n > 0 for n in served), served  # both took their share
-        assert sum(served) == len(requests)
+        assert set(replies.values()) == {1}, f"a request answered twice: {seen}"
+        assert all(n > 0 for n in served), seen  # both took their share
+        assert sum(served) == len(requests), seen
     else:
-        assert set(replies.values()) == {2} and served == [len(requests)] * 2
+        assert set(replies.values()) == {2} and served == [len(requests)] * 2, seen
         assert "plain subscription to edged/registry/fetch (share_group is empty)" in registry.serve_log(0)
 
 
