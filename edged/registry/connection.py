@@ -142,6 +142,12 @@ class Connection:
         if not done:
             raise BrokerUnavailable(f"the MQTT broker {self.broker} did not acknowledge within {timeout:g} s")
 
+    def forget(self, mid: int) -> None:
+        """Drop what is kept for a publish nobody will wait for (its PUBACK came)."""
+        with self._cond:
+            self._acks.pop(mid, None)
+            self._sent_after.pop(mid, None)
+
     def publish_and_wait(self, topic: str, payload: bytes, timeout: float, *, retain: bool = False) -> None:
         mid = self.publish(topic, payload, retain=retain)
         try:

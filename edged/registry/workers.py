@@ -127,7 +127,10 @@ class ChunkWorkers:
 
     def _on_acked(self, mid: int) -> None:
         with self._stats_lock:
+            if mid not in self._unacked:
+                return
             self._unacked.discard(mid)
+        self.connection.forget(mid)  # else kept per mid until paho reuses it
 
     def _send(self, topic: str, payload: bytes, properties: Properties, *, wait: bool) -> int | None:
         """Publish a reply (its mid, None if not sent); a worker waits for its PUBACK, which
