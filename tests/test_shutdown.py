@@ -21,8 +21,8 @@ import pytest
 from edged.models.attempts import DIRECTORY as ATTEMPTS
 from edged.models.store import ModelStore
 from edged.shutdown import TEST_FAIL_STOP_VARIABLE
-from tests.conftest import ir_files, wait_until
-from tests.test_systemd import build_slow_ir
+from edged.signing import generate_key, public_key_text
+from tests.conftest import build_slow_ir, ir_files, wait_until
 
 DEVICE = "cam-1"
 TOPICS = f"edged/devices/{DEVICE}"
@@ -111,6 +111,21 @@ def test_a_stop_while_a_model_compiles_exits_0_at_once_never_says_ready_and_is_n
     status = model_status(again, "huge")
     assert status["state"] == "ready" and status["backend"] == "openvino", status
     assert "skipped" not in status and "crashed the daemon" not in again.output()
+
+
+def test_a_stop_while_a_model_compiles_with_mqtt_exits_0(start_daemon, huge_store, broker, tmp_path):
+    # MQTT's parts were started, its link not yet (it connects once the models are loaded):
+    # each stops without having started, and the outbox is closed.
+    mqtt = {"enabled": True, "host": broker.host, "port": broker.port, "device_id": DEVICE,
+            "outbox_path": str(tmp_path / "outbox.db"), "reconnect_min_s": 0.2, "reconnect_max_s": 1.0}
+    updates = {"enabled": True, "public_keys": [public_key_text(generate_key())]}
+    daemon = start_daemon(huge_store.root, {"mqtt": mqtt, "updates": updates}, ready=False)
+    wait_compiling(daemon, huge_store)
+    daemon.proc.send_signal(signal.SIGTERM)
+    assert daemon.proc.wait(timeout=60) == 0, daemon.output()
+    output = daemon.output()
+    assert "failed" not in stop_line(output), output
+    assert "Traceback" not in output and attempt_records(huge_store) == []
 
 
 def pipeline_into_fifo(tmp_path: Path) -> tuple[dict, Path]:

@@ -110,7 +110,11 @@ class MqttLink:
         log.info("MQTT: connecting to %s as %s", self.broker, s.device_id)
 
     def stop(self, flush_timeout: float = 5.0) -> None:
-        """Send what the outbox holds (for at most `flush_timeout`), say `offline`, disconnect."""
+        """Send what the outbox holds (for at most `flush_timeout`), say `offline`, disconnect.
+        A link never started (a stop during the daemon's start-up) has nothing to close."""
+        if self._sender.ident is None:
+            self._stopping.set()
+            return
         deadline = time.monotonic() + flush_timeout
         while self.connected.is_set() and self.outbox.backlog() and time.monotonic() < deadline:
             self._wake.set()
