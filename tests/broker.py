@@ -180,6 +180,9 @@ class Broker:
     max_packet_size / message_size_limit: mosquitto's options of those names. extra_config:
     lines added at the end of the config (after the listener, so listener options apply).
     verbose: log every packet.
+    acl_text: Mosquitto ACL lines written verbatim after the generated `user` blocks (password
+    mode), e.g. `pattern` lines or an operator's ACL file as documented; its users' passwords
+    go in `users`.
     """
 
     def __init__(self, directory: Path, mode: str = "anonymous", *,
@@ -190,9 +193,12 @@ class Broker:
                  max_packet_size: int | None = None,
                  message_size_limit: int | None = None,
                  extra_config: str = "",
-                 verbose: bool = False) -> None:
+                 verbose: bool = False,
+                 acl_text: str = "") -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
+        if acl_text and mode != "password":
+            raise ValueError("acl_text needs mode='password'")
         self.binary = find_mosquitto()
         self.host = HOST
         self.port = free_port()
@@ -247,7 +253,7 @@ class Broker:
             password_file.chmod(0o600)
             acl_file = directory / "acl"
             acl_file.write_text("".join(f"user {name}\n" + "".join(f"topic {rule}\n" for rule in rules) + "\n"
-                                        for name, rules in self.acl.items()))
+                                        for name, rules in self.acl.items()) + acl_text)
             lines += ["allow_anonymous false", f"password_file {password_file}", f"acl_file {acl_file}"]
         else:
             lines.append("allow_anonymous true")
