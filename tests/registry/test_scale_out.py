@@ -150,5 +150,6 @@ def test_the_documented_acl_allows_the_shared_subscription(start_broker, make_re
     registry.serve(status)
     registry.serve(status)
     wait_online(status, 2)
-    assert all("online: answering chunk requests on $share/edged-registry/edged/registry/fetch"
-               in registry.serve_log(i) for i in range(2))
+    # serve logs its online line once the broker acknowledged the status: after we saw it.
+    wait_until(lambda: all("online: answering chunk requests on $share/edged-registry/edged/registry/fetch"
+                           in registry.serve_log(i) for i in range(2)), 20, "both instances' online lines")
