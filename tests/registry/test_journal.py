@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # Runs inside `unshare --mount`: journald's socket, then `serve` until it is online, then SIGTERM.
 STAND_IN = r'''
-import json, os, socket, subprocess, sys
+import json, os, signal, socket, subprocess, sys
 from pathlib import Path
 config, stderr_path, root = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
 sys.path.insert(0, root)
@@ -74,8 +74,11 @@ env = dict(os.environ, JOURNAL_STREAM=f"{st.st_dev}:{st.st_ino}")
 with ChildProcess([sys.executable, "-m", "edged.registry", "serve", "--config", config], stderr_path,
                   name="serve", env=env) as serve:
     wait_until(lambda: logged("online:"), 30, awaited("online:"), interval=0)
-    returncode = serve.stop(30, must_exit=True)
-wait_until(lambda: logged("stopped:"), 5, awaited("stopped:"), interval=0)
+    # Keep reading while it stops, as journald does: a unix datagram socket holds only
+    # max_dgram_qlen (10) entries, and a logger writing to a full one blocks.
+    serve.proc.send_signal(signal.SIGTERM)
+    wait_until(lambda: logged("stopped:"), 30, awaited("stopped:"), interval=0)
+    returncode = serve.proc.wait(30)  # no second SIGTERM: it restored the default handler on its way out
 print(json.dumps({"returncode": returncode, "entries": entries}))
 '''
 
