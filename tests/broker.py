@@ -416,6 +416,7 @@ class Message:
     retain: bool
     properties: Properties | None = None
     received_at: float = field(default_factory=time.monotonic)
+    dup: bool = False  # the broker sent it again (an unacknowledged delivery to this client)
 
     def _property(self, name: str) -> Any:
         return getattr(self.properties, name, None) if self.properties is not None else None
@@ -588,7 +589,7 @@ class Subscriber:
 
     def _on_message(self, _client: mqtt.Client, _userdata: Any, msg: mqtt.MQTTMessage) -> None:
         message = Message(msg.topic, bytes(msg.payload), msg.qos, bool(msg.retain),
-                          getattr(msg, "properties", None))
+                          getattr(msg, "properties", None), dup=bool(msg.dup))
         with self._cond:
             self._messages.append(message)
             self._cond.notify_all()

@@ -177,7 +177,10 @@ def check_reload(c: Checks) -> None:
         details.append(f"exit {r.returncode}, journal {line!r}, StatusText {status!r}")
     needs = "restart needed for: store" in details[0]
     c.box.run("cp /root/edged.toml.orig /etc/edged/edged.toml && systemctl reload edged")
-    after = c.show("edged.service", "MainPID", "ActiveState")
+    after, start = c.show("edged.service", "MainPID", "ActiveState"), time.monotonic()
+    while after["ActiveState"] == "reloading" and time.monotonic() - start < 15:  # as above: ends later
+        time.sleep(0.5)
+        after = c.show("edged.service", "MainPID", "ActiveState")
     ok = ok and needs and after["MainPID"] == pid and after["ActiveState"] == "active"
     c.check("reload", ok, f"pid {pid} -> {after['MainPID']} {after['ActiveState']}; "
             f"[logging]+[store] changed: {details[0]}; broken toml: {details[1]}")
