@@ -19,8 +19,9 @@ from typing import Annotated, Any
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
+from edged.config.mqtt import DEVICE_ID
 from edged.errors import EdgedError, InvalidInput
 from edged.fsio import atomic_write
 from edged.models.manifest import FileName, Manifest, ModelName, one_line
@@ -173,6 +174,10 @@ def verify_envelope(data: bytes, trusted: dict[str, Ed25519PublicKey], max_bytes
 # --- what a release says ---------------------------------------------------------------------
 
 FiniteFloat = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+DeviceId = Annotated[str, StringConstraints(pattern=f"^{DEVICE_ID.pattern}$")]
+# Signed fields left out of the canonical JSON at their default, so a release that does not
+# use them is byte for byte what devices that do not know them accept (extra="forbid").
+OPTIONAL_FIELDS = {"device": None, "rollback": False}
 
 
 class SelfTest(BaseModel):
@@ -190,7 +195,12 @@ class Release(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     manifest: Manifest = Field(description="Exactly the store's manifest of the version.")
-    group: ModelName | None = Field(description="The group it is for; None: every device.")
+    group: ModelName | None = Field(description="The group it is for; None: every device (or one device).")
+    device: DeviceId | None = Field(default=None, description="The one device it is for; None: a group "
+                                                               "or every device.")
+    rollback: bool = Field(default=False, strict=True,
+                           description="Install even when older than the active version: an aborted "
+                                       "rollout sends devices back.")
     published_at: FiniteFloat = Field(ge=0, description="Seconds since the epoch when signed.")
     expires_at: FiniteFloat = Field(ge=0, description="Seconds since the epoch; refused afterwards.")
     selftest: SelfTest | None = Field(default=None, description="Input and expected outputs to check.")
@@ -199,6 +209,10 @@ class Release(BaseModel):
     def _consistent(self) -> Release:
         if self.expires_at <= self.published_at:
             raise ValueError("expires_at must be after published_at")
+        if self.group is not None and self.device is not None:
+            raise ValueError("a release is for a group or for a device, not both")
+        if self.rollback and self.device is None:
+            raise ValueError("a rollback release is for one device")
         if self.selftest is not None:
             names = {f.name for f in self.manifest.files}
             for role, name, suffix in (("input", self.selftest.input, ".npy"),
@@ -220,8 +234,13 @@ class Release(BaseModel):
             raise InvalidInput(f"invalid release: {one_line(exc)}") from None
 
     def to_dict(self) -> dict:
-        """Plain JSON data, as it is signed."""
-        return self.model_dump(mode="json")
+        """Plain JSON data, as it is signed: `device` and `rollback` only when set, so a
+        release for every device or a group is what it was before they existed."""
+        data = self.model_dump(mode="json")
+        for key, default in OPTIONAL_FIELDS.items():
+            if data[key] == default:
+                del data[key]
+        return data
 
     def expired(self, now: float) -> bool:
         """The one expiry rule, for the device and the registry alike: from `expires_at`

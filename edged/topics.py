@@ -67,19 +67,29 @@ class Topics:
         return self.of_device(f"results/{pipeline}")
 
     # --- the registry's topics ---------------------------------------------------------
-    def release(self, name: str, group: str | None = None) -> str:
-        """Where the release of `name` is retained: for every device, or for one group."""
-        return f"{self.prefix}/registry/{release_suffix(name, group)}"
+    def release(self, name: str, group: str | None = None, device: str | None = None) -> str:
+        """Where the release of `name` is retained: for every device, one group, or one device."""
+        return f"{self.prefix}/registry/{release_suffix(name, group, device)}"
 
     def releases(self, group: str | None = None) -> list[str]:
-        """The filters a device follows: every device's releases, and its group's."""
-        return [self.release("+")] + ([self.release("+", group)] if group else [])
+        """The filters a device follows: every device's releases, its group's, and (on a
+        device, not on the registry's `+`) its own device's."""
+        filters = [self.release("+")] + ([self.release("+", group)] if group else [])
+        if self.device_id != "+":
+            filters.append(self.release("+", device=self.device_id))
+        return filters
 
     @staticmethod
-    def release_parts(topic: str) -> tuple[str, str | None]:
-        """(model, group) of a release topic; group None for every device's."""
+    def release_parts(topic: str) -> tuple[str, str | None, str | None]:
+        """(model, group, device) of a release topic; group and device None for every
+        device's, one of them set for a group's or a device's."""
         parts = topic.split("/")
-        return parts[-1], (parts[-3] if "/groups/" in topic else None)
+        if len(parts) >= 6 and parts[-5] == "registry" and parts[-2] == "models":
+            if parts[-4] == "groups":
+                return parts[-1], parts[-3], None
+            if parts[-4] == "devices":
+                return parts[-1], None, parts[-3]
+        return parts[-1], None, None
 
     @property
     def fetch(self) -> str:
@@ -92,7 +102,11 @@ class Topics:
         return f"{self.prefix}/registry/status"
 
 
-def release_suffix(name: str, group: str | None) -> str:
+def release_suffix(name: str, group: str | None, device: str | None = None) -> str:
     """The release topic after `{prefix}/registry/`; the registry's store keeps its file at
-    the same path."""
+    the same path. A release is for every device, one group or one device, never two."""
+    if group is not None and device is not None:
+        raise ValueError("a release is for a group or for a device, not both")
+    if device is not None:
+        return f"devices/{device}/models/{name}"
     return f"models/{name}" if group is None else f"groups/{group}/models/{name}"

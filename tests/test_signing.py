@@ -213,3 +213,81 @@ def test_a_release_is_expired_from_its_expiry_itself_not_one_tick_later():
     release = Release.parse(release_dict(published_at=0.0, expires_at=30.0))
     assert not release.expired(math.nextafter(30.0, 0.0))
     assert release.expired(30.0)
+
+
+# --- a release for one device (issue 13) ------------------------------------------------------
+
+# Signed by the code before `device` and `rollback` existed, with the key of seed 0..31:
+# a release for every device, and one for a group without a self-test.
+SIGNED_BEFORE = {
+    "every device": ({},
+                     "YVJ/tljRj8RCQHOk60er3GollsRKMGmzcTQ6OsCDAlpkh9cRN+rg8efF7BBonHYbmcfnuuTveSfP1L/NmpFPDQ=="),
+    "a group": ({"group": "canary", "selftest": None},
+                "qYdF8t4el0jdF+dXP7W7eYRfHLl6WCeSURYkRlsfCFkCmbgI+yg6BTaUzCm9DLxC7h4t0Ummdz4Zocxgbnh5CQ=="),
+}
+
+
+@pytest.mark.parametrize("audience", SIGNED_BEFORE)
+def test_a_release_without_device_or_rollback_is_signed_as_before(audience):
+    """Devices on older code parse releases with extra="forbid": a release for every device
+    or a group must not gain `device: null` or `rollback: false`."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    changes, signature = SIGNED_BEFORE[audience]
+    data = Release.parse(release_dict(**changes)).to_dict()
+    assert set(data) == {"manifest", "group", "published_at", "expires_at", "selftest"}
+    assert data == release_dict(**changes)
+    fixed_key = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
+    assert sign_release(data, fixed_key)["signature"] == signature
+
+
+def test_a_device_release_carries_its_device_and_rollback_and_both_are_signed(key, trusted):
+    release = Release.parse(release_dict(device="cam-1", rollback=True))
+    assert (release.device, release.rollback, release.group) == ("cam-1", True, None)
+    data = release.to_dict()
+    assert data["device"] == "cam-1" and data["rollback"] is True
+    assert Release.parse(release_dict(device="cam-1")).to_dict().keys() == {*release_dict(), "device"}
+    envelope = sign_release(data, key)
+    for field, value in (("device", "cam-2"), ("rollback", False)):
+        tampered = copy.deepcopy(envelope)
+        tampered["release"][field] = value
+        with pytest.raises(SignatureError, match=r"^bad signature$"):
+            verify_envelope(envelope_bytes(tampered), trusted, MAX)
+    dropped = copy.deepcopy(envelope)
+    del dropped["release"]["device"]
+    with pytest.raises(SignatureError, match=r"^bad signature$"):
+        verify_envelope(envelope_bytes(dropped), trusted, MAX)
+    assert Release.parse(verify_envelope(envelope_bytes(envelope), trusted, MAX)) == release
+
+
+@pytest.mark.parametrize(("changes", "reason"), [
+    ({"rollback": True}, "a rollback release is for one device"),
+    ({"group": "canary", "device": "cam-1"}, "for a group or for a device, not both"),
+    ({"device": "../cam"}, "device"),
+    ({"device": ""}, "device"),
+    ({"device": "cam-1", "rollback": 1}, "rollback"),
+])
+def test_device_and_rollback_are_checked(changes, reason):
+    with pytest.raises(InvalidInput, match=reason) as caught:
+        Release.parse(release_dict(**changes))
+    assert "\n" not in str(caught.value)
+
+
+def test_release_topics_for_every_device_a_group_and_one_device():
+    from edged.topics import Topics, release_suffix
+
+    device, registry = Topics("edged", "cam-1"), Topics("edged")
+    assert device.release("face") == "edged/registry/models/face"
+    assert device.release("face", "pilot") == "edged/registry/groups/pilot/models/face"
+    assert device.release("face", device="cam-2") == "edged/registry/devices/cam-2/models/face"
+    assert release_suffix("face", None, "cam-2") == "devices/cam-2/models/face"
+    with pytest.raises(ValueError, match="not both"):
+        device.release("face", "pilot", "cam-2")
+    assert device.releases("pilot") == ["edged/registry/models/+", "edged/registry/groups/pilot/models/+",
+                                        "edged/registry/devices/cam-1/models/+"]
+    assert device.releases() == ["edged/registry/models/+", "edged/registry/devices/cam-1/models/+"]
+    assert registry.releases("pilot") == ["edged/registry/models/+", "edged/registry/groups/pilot/models/+"]
+    assert Topics.release_parts("edged/registry/models/face") == ("face", None, None)
+    assert Topics.release_parts("edged/registry/groups/pilot/models/face") == ("face", "pilot", None)
+    assert Topics.release_parts("edged/registry/devices/cam-1/models/face") == ("face", None, "cam-1")
+    assert Topics.release_parts("site/a/registry/devices/groups/models/face") == ("face", None, "groups")

@@ -150,7 +150,7 @@ class UpdateAgent:
 
     # --- one release ----------------------------------------------------------------------
     def handle(self, topic: str, payload: bytes, received_at: float | None = None) -> None:
-        name, _group = Topics.release_parts(topic)
+        name, _group, _device = Topics.release_parts(topic)
         if not payload:
             log.info("updates: the release of %s was withdrawn", name)
             self.desired(name, None)
@@ -171,9 +171,9 @@ class UpdateAgent:
     def _attempt(self, topic: str, payload: bytes) -> None:
         """Verify and install one release; on failure, event, log line, and (when it may
         pass) a retry."""
-        name, group = Topics.release_parts(topic)
+        name, group, device = Topics.release_parts(topic)
         try:
-            release = self._verify(name, group, payload)
+            release = self._verify(name, group, device, payload)
         except NotEnoughDisk as exc:
             self._failed("update_refused", name, exc.version, topic, payload, exc, disk=exc.disk)
             return
@@ -247,7 +247,7 @@ class UpdateAgent:
         total = sum(f.size for f in release.manifest.files)
         return space_needed(self.settings.download_dir, self.control.store_root, total)
 
-    def _verify(self, name: str, group: str | None, payload: bytes) -> Release | None:
+    def _verify(self, name: str, group: str | None, device: str | None, payload: bytes) -> Release | None:
         """The release, checked; None when there is nothing to do (already active)."""
         try:
             release = Release.parse(verify_envelope(payload, self.trusted, MAX_RELEASE_BYTES))
@@ -258,6 +258,8 @@ class UpdateAgent:
             raise UpdateRefused(f"release of {manifest.name!r} on the topic of {name!r}")
         if release.group != group:
             raise UpdateRefused(f"release signed for group {release.group!r}, received for {group!r}")
+        if release.device != device:
+            raise UpdateRefused(f"release signed for device {release.device!r}, received for {device!r}")
         if release.expired(time.time()):
             raise UpdateRefused(f"release {manifest.version} expired at {time.ctime(release.expires_at)}")
         if self.settings.models and name not in self.settings.models:
