@@ -1,4 +1,4 @@
-"""`edged-registry`: keygen, publish, list, promote, retire, fleet, serve.
+"""`edged-registry`: keygen, publish, list, promote, retire, rollout, fleet, serve.
 
 Errors become exit codes in `edged.exits`: 0 ok, 1 runtime error (including a change
 stored but not announced), 2 bad usage or configuration.
@@ -17,6 +17,13 @@ from edged.exits import run_command
 from edged.registry.config import RegistrySettings, load_registry_settings
 from edged.registry.fleet import format_table, watch
 from edged.registry.publisher import Outcome, Publisher, newer_elsewhere, release_version
+from edged.registry.rollout_commands import (
+    change_rollout,
+    format_status,
+    load_rollouts,
+    start_rollout,
+    status_dict,
+)
 from edged.registry.server import serve
 from edged.registry.store import KEY_FILE, RegistryStore, Target
 from edged.signing import key_id, public_key_text
@@ -71,7 +78,12 @@ def cmd_publish(args: argparse.Namespace) -> int:
         args.name, [Path(f) for f in args.files], args.version, group=args.group, labels=labels,
         preprocessing=_read_json_file(args.preprocess, "preprocessing"),
         decoder=_read_json_file(args.decoder, "decoder"), description=args.description,
-        selftest_input=Path(args.selftest) if args.selftest else None, atol=args.atol, rtol=args.rtol)
+        selftest_input=Path(args.selftest) if args.selftest else None, atol=args.atol, rtol=args.rtol,
+        hold=args.hold)
+    if args.hold:
+        print(f"stored {args.name} {args.version}; announced nowhere (`edged-registry rollout` or `promote` "
+              "releases it)")
+        return 0
     _report(outcome, "published", newer_elsewhere(outcome))
     return 0
 
@@ -106,7 +118,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     retained: dict[tuple[str, str], list[str | None]] = {}
     for target, envelope in store.retained().items():
         version = release_version(envelope) if envelope else None
-        if version is not None:
+        if version is not None and target.device is None:  # rollouts show their device releases
             retained.setdefault((target.name, version), []).append(target.group)
     listing = {}
     for name in store.names():
@@ -136,6 +148,61 @@ def cmd_fleet(args: argparse.Namespace) -> int:
     summary = watch(_settings(args), args.wait)
     print(json.dumps(summary, indent=2) if args.json else format_table(summary, args.wait))
     return 0
+
+
+ROLLOUT_ACTIONS = ("status", "pause", "resume", "abort")
+
+
+def cmd_rollout(args: argparse.Namespace) -> int:
+    """`rollout NAME VERSION [options]` records one; `rollout status [NAME]`, `pause NAME`,
+    `resume NAME`, `abort NAME` act on one (no model may be called like an action)."""
+    settings = _settings(args)
+    publisher = Publisher(settings, RegistryStore(settings.root))
+    first, second = args.name, args.version
+    if first == "status":
+        found = load_rollouts(publisher, second)
+        if args.json:
+            print(json.dumps([status_dict(r) for r in found], indent=2))
+        else:
+            print("\n".join(format_status(r) for r in found) if found else "(no rollouts)")
+        return 0
+    if first in ROLLOUT_ACTIONS:
+        if second is None:
+            raise InvalidInput(f"rollout {first} needs the model's name")
+        rollout, notes = change_rollout(publisher, second, first)
+        for note in notes:
+            print(f"note: {note}")
+        print(json.dumps(status_dict(rollout), indent=2) if args.json else format_status(rollout))
+        return 0
+    if second is None:
+        raise InvalidInput("rollout needs NAME VERSION (or status, pause, resume, abort)")
+    rollout = start_rollout(
+        publisher, first, second, args.waves, group=args.group,
+        soak_s=settings.rollout_soak_s if args.soak_s is None else args.soak_s,
+        max_failures=settings.rollout_max_failures if args.max_failures is None else args.max_failures,
+        report_timeout_s=settings.rollout_report_timeout_s if args.report_timeout_s is None
+        else args.report_timeout_s)
+    if args.json:
+        print(json.dumps(status_dict(rollout), indent=2))
+    else:
+        waves = ", ".join(w.spec for w in rollout.waves)
+        print(f"recorded rollout {rollout.name} {rollout.version} in waves {waves}; `edged-registry serve` "
+              "drives it (`edged-registry rollout status` follows it)")
+    return 0
+
+
+def _duration(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 7 * 86_400:  # also refuses nan
+        raise argparse.ArgumentTypeError("must be between 0 and 604800 seconds")
+    return value
+
+
+def _count(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 1_000_000:
+        raise argparse.ArgumentTypeError("must be from 0 to 1000000")
+    return value
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -183,6 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="an input for the model's first input; its outputs become the self-test")
     publish.add_argument("--atol", type=_tolerance, default=1e-3, help="self-test absolute tolerance")
     publish.add_argument("--rtol", type=_tolerance, default=1e-2, help="self-test relative tolerance")
+    publish.add_argument("--hold", action="store_true",
+                         help="store and sign it, announce it nowhere (for `rollout`)")
     publish.set_defaults(func=cmd_publish)
 
     listing = sub.add_parser("list", parents=[common], help="versions, and where each is retained")
@@ -199,6 +268,27 @@ def build_parser() -> argparse.ArgumentParser:
     retire.add_argument("name")
     retire.add_argument("version")
     retire.set_defaults(func=cmd_retire)
+
+    rollout = sub.add_parser(
+        "rollout", parents=[common], help="a staged rollout in waves with health gates",
+        description="rollout NAME VERSION [options] starts one; rollout status [NAME] | pause NAME | "
+                    "resume NAME | abort NAME acts on one.")
+    rollout.add_argument("name", help="the model, or status, pause, resume, abort")
+    rollout.add_argument("version", nargs="?", help="the version (or, after an action, the model)")
+    rollout.add_argument("--group", help="roll out to this group's devices only (default: all devices)")
+    rollout.add_argument("--waves", default="1%,10%,50%,100%",
+                         help="percentages of the eligible devices (1%%,10%%,50%%,100%%, the default) "
+                              "or group names in order (canary,site-a,site-b)")
+    rollout.add_argument("--soak-s", type=_duration, help="seconds a settled wave runs before the next "
+                                                          "(default: rollout_soak_s)")
+    rollout.add_argument("--max-failures", type=_count,
+                         help="more failed or silent devices halt the rollout "
+                              "(default: rollout_max_failures)")
+    rollout.add_argument("--report-timeout-s", type=_duration,
+                         help="a device that reports nothing for this long is silent "
+                              "(default: rollout_report_timeout_s)")
+    rollout.add_argument("--json", action="store_true")
+    rollout.set_defaults(func=cmd_rollout)
 
     fleet = sub.add_parser("fleet", parents=[common], help="devices seen on the broker and their versions")
     fleet.add_argument("--wait", type=_seconds, default=3.0,

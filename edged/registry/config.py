@@ -78,6 +78,26 @@ class RegistrySettings(TomlSettings):
         default=10.0, gt=0, le=300,
         description="How long a command waits for the broker to connect or acknowledge.",
     )
+    rollout_soak_s: float = Field(
+        default=300.0, ge=0, le=7 * 86_400,
+        description="Default `rollout --soak-s`: how long a wave's devices run the new version before the "
+                    "next wave starts (a device failing meanwhile still counts).",
+    )
+    rollout_report_timeout_s: float = Field(
+        default=900.0, gt=0, le=7 * 86_400,
+        description="Default `rollout --report-timeout-s`: a targeted device that reports neither the new "
+                    "version nor a failure within this time is silent, and counts as failed.",
+    )
+    rollout_max_failures: int = Field(
+        default=0, ge=0, le=1_000_000,
+        description="Default `rollout --max-failures`: more failed or silent devices than this halt a "
+                    "rollout.",
+    )
+    rollout_tick_s: float = Field(
+        default=2.0, gt=0, le=600,
+        description="How often `serve` advances the rollouts it drives (and an idle instance tries to take "
+                    "over driving).",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field(default="info", description="Log level.")
     mqtt: MqttSettings = Field(
         default_factory=registry_mqtt,

@@ -1,8 +1,12 @@
-"""`edged-registry fleet`: every device the broker knows of, as the devices report themselves.
+"""`edged-registry fleet`, and the fleet as a rollout sees it: every device the broker knows
+of, as the devices report themselves.
 
-Status and state are retained, so they arrive at once; health reports are not, so a
-device's health age is known only if it reported during the `--wait` window (make the
+Status and state are retained, so they arrive at once; health reports and events are not,
+so a device's health age is known only if it reported during the `--wait` window (make the
 window longer than the devices' `health_interval_s` to hear from all of them).
+
+Everything here comes from devices and is untrusted: device ids must be well formed, a
+message over MAX_DOCUMENT_BYTES is not parsed, and what is kept per device is bounded.
 """
 
 from __future__ import annotations
@@ -16,11 +20,36 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
+from edged.config.mqtt import DEVICE_ID
 from edged.registry.config import RegistrySettings
 from edged.registry.connection import Connection
 from edged.topics import Topics
 
-KINDS = ("status", "state", "health")
+KINDS = ("status", "state", "health", "events")
+MAX_DOCUMENT_BYTES = 64 << 10  # a state document names a few models; far more is not a device's
+MAX_PROBLEMS = 5
+MAX_OUTCOMES = 64  # (model, version) outcomes kept per device from its events
+UPDATE_EVENTS = frozenset({"update_kept", "update_failed", "update_refused", "update_rolled_back"})
+
+
+@dataclass(frozen=True)
+class ModelReport:
+    """One model as a device's retained state says it."""
+
+    desired: str | None
+    active: str | None
+    degraded: bool
+    failure: dict[str, Any] | None  # {"version", "kind", "reason", "at"} of its last failed update
+
+
+@dataclass(frozen=True)
+class DeviceReport:
+    """What a rollout needs of a device: its group, its models, its last update events."""
+
+    online: bool
+    group: str | None
+    models: dict[str, ModelReport]
+    outcomes: dict[tuple[str, str], tuple[str, str]]  # (model, version) -> (event kind, reason)
 
 
 @dataclass
@@ -30,48 +59,128 @@ class Device:
     state: dict[str, Any] | None = None
     health_received: float | None = None  # time.monotonic() of the last health report
     problems: list[str] = field(default_factory=list)
+    outcomes: dict[tuple[str, str], tuple[str, str]] = field(default_factory=dict)
+
+
+def _text(value: object, limit: int = 200) -> str | None:
+    return value[:limit] if isinstance(value, str) else None
+
+
+def _items(value: object) -> list[tuple[str, Any]]:
+    return list(value.items()) if isinstance(value, dict) else []
+
+
+def model_report(entry: object) -> ModelReport | None:
+    if not isinstance(entry, dict):
+        return None
+    failure = entry.get("failure")
+    if isinstance(failure, dict) and isinstance(failure.get("version"), str):
+        failure = {"version": _text(failure["version"], 64), "kind": _text(failure.get("kind"), 64),
+                   "reason": _text(failure.get("reason")), "at": failure.get("at")
+                   if isinstance(failure.get("at"), int | float) else None}
+    else:
+        failure = None
+    return ModelReport(desired=_text(entry.get("desired"), 64), active=_text(entry.get("active"), 64),
+                       degraded=bool(entry.get("degraded")), failure=failure)
 
 
 class FleetWatcher:
-    """Records the status, state and health messages of every device, thread-safely."""
+    """Records the status, state, health and update events of every device, thread-safely.
+
+    `synced` is set once the retained messages that the subscription brought have all
+    arrived: `mark_sync` names a marker the caller publishes right after subscribing, which
+    the broker delivers after them (one client's messages stay in order)."""
 
     def __init__(self, prefix: str) -> None:
         self.topics = Topics(prefix)
         self.devices_root = f"{prefix}/devices/"
+        self.sync_topic = f"{prefix}/registry/rollouts/sync"
         self.devices: dict[str, Device] = {}
+        self.synced = threading.Event()
+        self._marker = b""
         self._lock = threading.Lock()
 
     def filters(self) -> list[str]:
         return [self.topics.of_device(kind) for kind in KINDS]
 
+    def mark_sync(self) -> bytes:
+        """A new marker to publish on `sync_topic`; `synced` is cleared until it arrives."""
+        self.synced.clear()
+        self._marker = uuid.uuid4().hex.encode()
+        return self._marker
+
     def on_message(self, message: mqtt.MQTTMessage) -> None:
+        if message.topic == self.sync_topic:
+            if message.payload == self._marker:
+                self.synced.set()
+            return
         rest = message.topic.removeprefix(self.devices_root)
         device_id, _, kind = rest.partition("/")
-        if kind not in KINDS or not device_id:
+        if kind not in KINDS or not DEVICE_ID.fullmatch(device_id):
             return
         document: dict[str, Any] | None = None
         if message.payload:
-            try:
-                parsed = json.loads(message.payload)
-            except ValueError:
-                parsed = None
+            parsed = None
+            if len(message.payload) <= MAX_DOCUMENT_BYTES:
+                try:
+                    parsed = json.loads(message.payload)
+                except (ValueError, RecursionError):
+                    parsed = None
             if not isinstance(parsed, dict):
-                with self._lock:
-                    self._device(device_id).problems.append(f"{kind} is not a JSON object")
+                self._problem(device_id, f"{kind} is not a JSON object of at most {MAX_DOCUMENT_BYTES} bytes")
                 return
             document = parsed
         with self._lock:
             device = self._device(device_id)
             if kind == "health":
                 device.health_received = time.monotonic()
+            elif kind == "events":
+                if document is not None:
+                    self._record_event(device, document)
             else:
                 setattr(device, kind, document)  # an empty retained message clears it
+
+    @staticmethod
+    def _record_event(device: Device, event: dict[str, Any]) -> None:
+        kind = event.get("kind")
+        model, version = _text(event.get("model"), 64), _text(event.get("version"), 64)
+        if kind not in UPDATE_EVENTS or model is None or version is None:
+            return
+        device.outcomes.pop((model, version), None)  # the newest last
+        device.outcomes[(model, version)] = (kind, _text(event.get("reason")) or "")
+        while len(device.outcomes) > MAX_OUTCOMES:
+            device.outcomes.pop(next(iter(device.outcomes)))
+
+    def _problem(self, device_id: str, problem: str) -> None:
+        with self._lock:
+            problems = self._device(device_id).problems
+            if problem not in problems:
+                problems.append(problem)
+                del problems[:-MAX_PROBLEMS]
 
     def _device(self, device_id: str) -> Device:
         return self.devices.setdefault(device_id, Device(device_id))
 
+    def reports(self) -> dict[str, DeviceReport]:
+        """Every device that has a retained state, as a rollout reads it."""
+        with self._lock:
+            devices = [(d.device_id, d.status, d.state, dict(d.outcomes)) for d in self.devices.values()
+                       if d.state is not None]
+        reports = {}
+        for device_id, status, state, outcomes in devices:
+            models = {}
+            for name, entry in _items(state.get("models")):
+                report = model_report(entry)
+                if report is not None:
+                    models[str(name)] = report
+            reports[device_id] = DeviceReport(
+                online=(status or {}).get("state") == "online", group=_text(state.get("group"), 64),
+                models=models, outcomes=outcomes)
+        return reports
+
     def summary(self) -> dict[str, dict[str, Any]]:
-        """Per device: status, reason, per model desired/active/degraded, health age in seconds."""
+        """Per device: status, reason, per model desired/active/degraded and its last failure,
+        health age in seconds."""
         now = time.monotonic()
         result = {}
         with self._lock:
@@ -79,19 +188,22 @@ class FleetWatcher:
         for device in devices:
             status = device.status or {}
             models: dict[str, dict[str, Any]] = {}
-            for name, version in (status.get("models") or {}).items():
-                models[str(name)] = {"desired": None, "active": version, "degraded": None}
-            for name, entry in ((device.state or {}).get("models") or {}).items():
-                if isinstance(entry, dict):
-                    models[str(name)] = {"desired": entry.get("desired"), "active": entry.get("active"),
-                                         "degraded": entry.get("degraded")}
+            for name, version in _items(status.get("models")):
+                models[str(name)] = {"desired": None, "active": _text(version, 64), "degraded": None,
+                                     "failure": None}
+            for name, entry in _items((device.state or {}).get("models")):
+                report = model_report(entry)
+                if report is not None:
+                    models[str(name)] = {"desired": report.desired, "active": report.active,
+                                         "degraded": entry.get("degraded"), "failure": report.failure}
             result[device.device_id] = {
-                "status": status.get("state", "unknown"),
-                "reason": status.get("reason"),
+                "status": _text(status.get("state"), 64) or "unknown",
+                "reason": _text(status.get("reason")),
+                "group": _text((device.state or {}).get("group"), 64),
                 "models": dict(sorted(models.items())),
                 "health_age_s": None if device.health_received is None
                 else round(now - device.health_received, 1),
-                "problems": device.problems,
+                "problems": list(device.problems),
             }
         return result
 
@@ -110,21 +222,30 @@ def watch(settings: RegistrySettings, wait_s: float) -> dict[str, dict[str, Any]
     return watcher.summary()
 
 
+def _failure_text(failure: dict[str, Any] | None) -> str:
+    if not failure:
+        return ""
+    kind = str(failure.get("kind") or "failed").removeprefix("update_")
+    return f"{failure.get('version')} {kind}: {failure.get('reason') or ''}".strip().rstrip(":")
+
+
 def format_table(summary: dict[str, dict[str, Any]], wait_s: float) -> str:
     """One line per device and model; the device's columns only on its first line."""
     if not summary:
         return "(no devices seen)"
-    rows = [("DEVICE", "STATUS", "MODEL", "DESIRED", "ACTIVE", "HEALTH")]
+    rows = [("DEVICE", "STATUS", "MODEL", "DESIRED", "ACTIVE", "HEALTH", "LAST FAILURE")]
     for device_id, info in summary.items():
         status = info["status"] + (f" ({info['reason']})" if info["reason"] else "")
         age = info["health_age_s"]
         health = f"{age:.1f} s ago" if age is not None else f"none in {wait_s:g} s"
-        models = info["models"] or {"-": {"desired": None, "active": None, "degraded": None}}
+        empty = {"desired": None, "active": None, "degraded": None, "failure": None}
+        models = info["models"] or {"-": empty}
         for index, (name, model) in enumerate(models.items()):
             active = str(model["active"] or "-") + (" (degraded)" if model["degraded"] else "")
             first = index == 0
             rows.append((device_id if first else "", status if first else "", name,
-                         str(model["desired"] or "-"), active, health if first else ""))
+                         str(model["desired"] or "-"), active, health if first else "",
+                         _failure_text(model.get("failure"))))
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
                      for row in rows)

@@ -59,9 +59,11 @@ class Outcome:
 # --- releases --------------------------------------------------------------------------------
 
 def new_release(manifest: Manifest, group: str | None, days: float, selftest: SelfTest | None,
-                now: float | None = None) -> Release:
+                now: float | None = None, *, device: str | None = None, rollback: bool = False) -> Release:
+    """A release for every device, one group or (`device`) one device; `rollback`: the device
+    installs it even when older than its active version (an aborted rollout)."""
     published = round(time.time() if now is None else now, 3)
-    return Release(manifest=manifest, group=group, published_at=published,
+    return Release(manifest=manifest, group=group, device=device, rollback=rollback, published_at=published,
                    expires_at=round(published + days * DAY_S, 3), selftest=selftest)
 
 
@@ -105,12 +107,14 @@ class Publisher:
         self.settings = settings
         self.store = store
         self.topics = Topics(settings.topic_prefix)
+        self._signing_key: Ed25519PrivateKey | None = None
 
     def publish(self, name: str, files: list[Path], version: str, *, group: str | None = None,
                 labels: list[str] | None = None, preprocessing: dict | None = None,
                 decoder: dict | None = None, description: str = "", selftest_input: Path | None = None,
-                atol: float = 1e-3, rtol: float = 1e-2) -> Outcome:
-        """Add a version, sign its release for `group` (None: every device) and announce it."""
+                atol: float = 1e-3, rtol: float = 1e-2, hold: bool = False) -> Outcome:
+        """Add a version, sign its release for `group` (None: every device) and announce it;
+        `hold`: store and sign it but retain it nowhere (a rollout announces it later)."""
         check_name(name)
         check_name(version, "version")
         if group is not None:
@@ -144,25 +148,41 @@ class Publisher:
             except BaseException:  # a version without its release is no version: take it out again
                 self.store.models.remove(name, version)
                 raise
+            if hold:
+                return Outcome(Target(name, group), version)
             outcome = self._retain(Target(name, group), version, envelope)
         self.announce([outcome.target], f"{name} {version}")
         return outcome
+
+    def original(self, name: str, version: str) -> Release:
+        """The release a version was published with (checked again): its manifest and self-test."""
+        self.store.require_version(name, version)
+        try:
+            original = (self.store.version_dir(name, version) / RELEASE_FILE).read_bytes()
+        except FileNotFoundError:
+            raise StoreError(f"{name} {version} has no {RELEASE_FILE} (its publish was interrupted); "
+                             "retire it and publish it again") from None
+        return open_release(original, self._key())
+
+    def envelope_for(self, target: Target, version: str, *, rollback: bool = False,
+                     original: Release | None = None) -> bytes:
+        """A stored version's release signed anew for `target` (a group, a device, every device);
+        `original`: its release as `original()` gave it (many devices: read it once)."""
+        release = original or self.original(target.name, version)
+        return sign(new_release(release.manifest, target.group, self.settings.release_days, release.selftest,
+                                device=target.device, rollback=rollback), self._key())
+
+    def _key(self) -> Ed25519PrivateKey:
+        if self._signing_key is None:
+            self._signing_key = self.store.signing_key()
+        return self._signing_key
 
     def promote(self, name: str, version: str, group: str | None = None) -> Outcome:
         """Retain a stored version's release for `group` (None: every device), signed anew."""
         if group is not None:
             check_name(group, "group name")
-        key = self.store.signing_key()
         with self.store.lock():
-            self.store.require_version(name, version)
-            try:
-                original = (self.store.version_dir(name, version) / RELEASE_FILE).read_bytes()
-            except FileNotFoundError:
-                raise StoreError(f"{name} {version} has no {RELEASE_FILE} (its publish was interrupted); "
-                                 "retire it and publish it again") from None
-            release = open_release(original, key)
-            envelope = sign(new_release(release.manifest, group, self.settings.release_days,
-                                        release.selftest), key)
+            envelope = self.envelope_for(Target(name, group), version)
             outcome = self._retain(Target(name, group), version, envelope)
         self.announce([outcome.target], f"{name} {version}")
         return outcome
@@ -195,6 +215,9 @@ class Publisher:
         return copies + write_self_test(scratch, entry, model_format, input_path)
 
     # --- announcing ----------------------------------------------------------------------
+    def topic(self, target: Target) -> str:
+        return self.topics.release(target.name, target.group, target.device)
+
     def announce(self, targets: list[Target], what: str) -> None:
         """Retain each target's recorded envelope on its topic, waiting for the PUBACKs."""
         if not targets:
@@ -207,8 +230,7 @@ class Publisher:
                 with self.store.lock():
                     for target in targets:
                         payload = self.store.retained_for(target) or b""
-                        connection.publish_and_wait(self.topics.release(target.name, target.group),
-                                                    payload, timeout, retain=True)
+                        connection.publish_and_wait(self.topic(target), payload, timeout, retain=True)
             finally:
                 connection.close()
         except BrokerUnavailable as exc:

@@ -25,7 +25,9 @@ import paho.mqtt.client as mqtt
 from edged.errors import EdgedError
 from edged.registry.config import RegistrySettings
 from edged.registry.connection import BrokerRefused, BrokerUnavailable, Connection, SharedUnsupported
-from edged.registry.publisher import refreshed
+from edged.registry.fleet import FleetWatcher
+from edged.registry.publisher import Publisher, refreshed
+from edged.registry.rollout_driver import RolloutDriver
 from edged.registry.store import RegistryStore, ServedFile, Target
 from edged.registry.workers import ChunkWorkers
 from edged.topics import Topics
@@ -34,6 +36,8 @@ log = logging.getLogger(__name__)
 MAX_QUEUED = 4096  # replies paho may hold unsent (busy ones are not waited for): bounded memory
 RESIGN_CHECK_S = 600.0  # re-signing is due after days; checking every 10 minutes is plenty
 SUMMARY_EVERY_S = 60.0
+ANNOUNCE_BATCH = 256  # retained releases sent before waiting for their PUBACKs
+LOG_EACH_UP_TO = 20  # more announcements at once are logged as counts (many device releases)
 
 
 class ChunkServer:
@@ -62,6 +66,9 @@ class ChunkServer:
         self.connection.on_connected = self._on_connected
         self.workers = ChunkWorkers(self.connection, settings.topic_prefix, settings.max_chunk_bytes,
                                     settings.serve_threads, self._index_for)
+        self.watcher = FleetWatcher(settings.topic_prefix)
+        self.driver = RolloutDriver(store, Publisher(settings, store), self.watcher, settings.rollout_tick_s,
+                                    ready=self._fleet_ready, on_change=self._wake.set)
 
     # --- lifecycle -----------------------------------------------------------------------
     def run(self) -> None:
@@ -72,6 +79,7 @@ class ChunkServer:
             self._reload_store()
             self.workers.start()
             self.connection.start()
+            self.driver.start()
             log.info("serving the registry %s through %s as %s", self.store.root, self.connection.broker,
                      self.client_id)
             next_resign = time.monotonic() + RESIGN_CHECK_S
@@ -110,6 +118,7 @@ class ChunkServer:
 
     def _shutdown(self) -> None:
         self._online = False
+        self.driver.stop()
         self.connection.client.unsubscribe(self._fetch_filter)
         self.workers.stop()
         if self.connection.connected.is_set():
@@ -146,6 +155,7 @@ class ChunkServer:
     def _on_connected(self) -> None:
         """paho's thread: leave the work to the main thread."""
         self._online = False
+        self.watcher.synced.clear()
         self._reconnected.set()
         self._wake.set()
 
@@ -163,6 +173,21 @@ class ChunkServer:
         self._announce(force=True)
         if self._publish_online():
             log.info("online: answering chunk requests on %s", self._fetch_filter)
+        self._watch_fleet()
+
+    def _watch_fleet(self) -> None:
+        """Follow every device's status, state and events (rollouts judge devices by them), then
+        publish a marker that arrives after the retained ones: the fleet view is complete."""
+        timeout = self.settings.connect_timeout_s
+        try:
+            self.connection.subscribe([*self.watcher.filters(), self.watcher.sync_topic], timeout)
+            self.connection.publish(self.watcher.sync_topic, self.watcher.mark_sync())
+        except BrokerUnavailable as exc:
+            log.warning("rollouts cannot be driven from this instance: %s (the registry's account needs "
+                        "read access to %s)", exc, ", ".join(self.watcher.filters()))
+
+    def _fleet_ready(self) -> bool:
+        return self.connection.connected.is_set() and self.watcher.synced.is_set()
 
     def _subscribe(self) -> None:
         """The fetch topic, shared with the other instances when the broker can, and the
@@ -203,6 +228,7 @@ class ChunkServer:
         others find it fresh)."""
         now = time.time()
         sent: dict[int, Target] = {}
+        done: list[Target] = []
         with self.store.lock():
             for target, current in self.store.retained().items():
                 if current:
@@ -221,22 +247,37 @@ class ChunkServer:
                 if not self.connection.connected.is_set():
                     break
                 try:
-                    mid = self.connection.publish(self.topics.release(target.name, target.group), current,
-                                                  retain=True)
+                    topic = self.topics.release(target.name, target.group, target.device)
+                    mid = self.connection.publish(topic, current, retain=True)
                 except BrokerUnavailable as exc:
                     log.error("announcing %s failed: %s", target.describe(), exc)
                     continue
                 sent[mid] = target
                 self._published[target] = current
-            for mid, target in sent.items():
-                try:
-                    self.connection.wait_acked([mid], self.settings.connect_timeout_s)
-                except BrokerUnavailable as exc:
-                    log.error("announcing %s failed: %s", target.describe(), exc)
-                    self._published.pop(target, None)
-                else:
-                    log.info("%s %s", "withdrew" if not self._published.get(target) else "announced",
-                             target.describe())
+                if len(sent) >= ANNOUNCE_BATCH:  # paho holds at most MAX_QUEUED: wait for a batch
+                    done += self._acked(sent)
+                    sent = {}
+            done += self._acked(sent)
+        if len(done) <= LOG_EACH_UP_TO:
+            for target in done:
+                log.info("%s %s", "withdrew" if not self._published.get(target) else "announced",
+                         target.describe())
+        else:
+            withdrawn = sum(1 for target in done if not self._published.get(target))
+            log.info("announced %d releases and %d withdrawals", len(done) - withdrawn, withdrawn)
+
+    def _acked(self, sent: dict[int, Target]) -> list[Target]:
+        """The targets whose announcement the broker acknowledged (the others are tried again)."""
+        done = []
+        for mid, target in sent.items():
+            try:
+                self.connection.wait_acked([mid], self.settings.connect_timeout_s)
+            except BrokerUnavailable as exc:
+                log.error("announcing %s failed: %s", target.describe(), exc)
+                self._published.pop(target, None)
+            else:
+                done.append(target)
+        return done
 
     def _status(self, state: str, reason: str = "") -> bytes:
         document: dict[str, Any] = {"state": state, "time": round(time.time(), 3)}
@@ -251,8 +292,10 @@ class ChunkServer:
     def _on_message(self, message: mqtt.MQTTMessage) -> None:
         if message.topic == self.topics.registry_status:
             self._on_status(message.payload)
-        else:
+        elif message.topic == self.topics.fetch:
             self.workers.submit(message)
+        else:
+            self.watcher.on_message(message)
 
     def _on_status(self, payload: bytes) -> None:
         """Another instance stopped or died while we serve: the retained status says offline,

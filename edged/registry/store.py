@@ -7,6 +7,8 @@ Layout under `root`:
     models/{name}/{version}/.retired   marker: retired, its files are no longer served
     retained/models/{name}.json                  the envelope retained on {prefix}/registry/models/{name}
     retained/groups/{group}/models/{name}.json   ... on {prefix}/registry/groups/{group}/models/{name}
+    retained/devices/{device}/models/{name}.json ... on {prefix}/registry/devices/{device}/models/{name}
+    rollouts/{name}.json               a staged rollout of the model (rollout.py), and .driver
     .changed                           rewritten on every change, so `serve` notices
     .lock                              held while the store changes
     tmp/                               scratch space for publishing
@@ -32,6 +34,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from edged.config.mqtt import DEVICE_ID
 from edged.errors import InvalidInput, ModelNotFound, StoreError
 from edged.fsio import atomic_write
 from edged.models.manifest import Manifest, check_name, is_valid_name
@@ -54,17 +57,28 @@ MANIFEST_FILE = "manifest.json"
 
 @dataclass(frozen=True)
 class Target:
-    """Where a release is retained: for every device (`group` None) or for one group."""
+    """Where a release is retained: for every device (`group` and `device` None), one group,
+    or one device (a rollout's per-device release)."""
 
     name: str
     group: str | None = None
+    device: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.group is not None and self.device is not None:
+            raise ValueError("a release is for a group or for a device, not both")
 
     @property
     def suffix(self) -> str:
-        return release_suffix(self.name, self.group)
+        return release_suffix(self.name, self.group, self.device)
 
     def describe(self) -> str:
+        if self.device is not None:
+            return f"{self.name} (device {self.device})"
         return f"{self.name} (all devices)" if self.group is None else f"{self.name} (group {self.group})"
+
+    def order(self) -> tuple[str, str, str]:
+        return (self.name, self.group or "", self.device or "")
 
 
 @dataclass(frozen=True)
@@ -151,6 +165,8 @@ class RegistryStore:
         check_name(target.name)
         if target.group is not None:
             check_name(target.group, "group name")
+        if target.device is not None and not DEVICE_ID.fullmatch(target.device):
+            raise InvalidInput(f"invalid device id {target.device[:80]!r}")
         return self.retained_dir / f"{target.suffix}.json"
 
     def set_retained(self, target: Target, envelope: bytes) -> None:
@@ -170,19 +186,23 @@ class RegistryStore:
     def retained(self) -> dict[Target, bytes]:
         """Every recorded target and its envelope (b"" for a withdrawn one)."""
         found: dict[Target, bytes] = {}
-        candidates = [(path, None) for path in self.retained_dir.glob("models/*.json")]
+        candidates: list[tuple[Path, str | None, str | None]] = [
+            (path, None, None) for path in self.retained_dir.glob("models/*.json")]
         for group_dir in self.retained_dir.glob("groups/*"):
             if is_valid_name(group_dir.name):
-                candidates += [(path, group_dir.name) for path in group_dir.glob("models/*.json")]
-        for path, group in candidates:
+                candidates += [(path, group_dir.name, None) for path in group_dir.glob("models/*.json")]
+        for device_dir in self.retained_dir.glob("devices/*"):
+            if DEVICE_ID.fullmatch(device_dir.name):
+                candidates += [(path, None, device_dir.name) for path in device_dir.glob("models/*.json")]
+        for path, group, device in candidates:
             name = path.name[: -len(".json")]
             if not is_valid_name(name) or not path.is_file():
                 continue
             try:
-                found[Target(name, group)] = path.read_bytes()
+                found[Target(name, group, device)] = path.read_bytes()
             except OSError as exc:
                 log.error("cannot read %s: %s", path, exc.strerror or exc)
-        return dict(sorted(found.items(), key=lambda item: (item[0].name, item[0].group or "")))
+        return dict(sorted(found.items(), key=lambda item: item[0].order()))
 
     # --- serving -------------------------------------------------------------------------
     def file_index(self) -> dict[str, ServedFile]:

@@ -1,0 +1,126 @@
+"""The thread in `serve` that drives the store's rollouts (rollout.py), one instance at a time.
+
+Every instance runs one, but only the holder of `{root}/rollouts/.driver` (an `flock`, held
+for the process's life) drives; the others try again each tick, so when the driving
+instance dies another takes over. Each step reads the rollout, decides, records the
+releases it needs and writes the rollout back, all under the store's lock; `serve`'s main
+loop then announces the changed releases as it announces any change to the store.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+
+from edged.errors import EdgedError
+from edged.registry.fleet import FleetWatcher
+from edged.registry.publisher import Publisher
+from edged.registry.rollout import Changes, Rollout, RolloutFiles, step
+from edged.registry.store import RegistryStore, Target
+
+log = logging.getLogger(__name__)
+DRIVER_LOCK = ".driver"
+
+
+def record_changes(publisher: Publisher, rollout: Rollout, changes: Changes) -> None:
+    """Sign and record in the store the releases a step asked for (the caller holds the lock)."""
+    store, name = publisher.store, rollout.name
+    original = publisher.original(name, rollout.version) if changes.target or changes.finish else None
+    for device in changes.target:
+        target = Target(name, device=device)
+        store.set_retained(target, publisher.envelope_for(target, rollout.version, original=original))
+    for device in changes.withdraw:
+        store.set_retained(Target(name, device=device), b"")
+    if changes.finish:
+        base = Target(name, rollout.group)
+        store.set_retained(base, publisher.envelope_for(base, rollout.version, original=original))
+        for device in rollout.devices:
+            store.set_retained(Target(name, device=device), b"")
+
+
+class RolloutDriver:
+    def __init__(self, store: RegistryStore, publisher: Publisher, watcher: FleetWatcher, tick_s: float,
+                 ready: Callable[[], bool], on_change: Callable[[], None]) -> None:
+        """`ready()`: connected and the fleet's retained states all arrived; `on_change()`:
+        the store changed (serve announces at once rather than at its next look)."""
+        self.store = store
+        self.publisher = publisher
+        self.watcher = watcher
+        self.files = RolloutFiles(store.root)
+        self.tick_s = tick_s
+        self.ready = ready
+        self.on_change = on_change
+        self._fd: int | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rollouts", daemon=True)
+        self._last_error = ""
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=30)
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    @property
+    def driving(self) -> bool:
+        return self._fd is not None
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.tick_s):
+            try:
+                self.tick()
+                self._last_error = ""
+            except Exception as exc:  # a damaged file or a full disk: say so once, keep trying
+                message = f"driving rollouts failed: {exc}"
+                if message != self._last_error:
+                    log.error("%s", message, exc_info=not isinstance(exc, EdgedError | OSError))
+                self._last_error = message
+
+    def _take(self) -> bool:
+        if self._fd is not None:
+            return True
+        self.files.directory.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.files.directory / DRIVER_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self._fd = fd
+        log.info("driving the rollouts of %s (pid %d)", self.store.root, os.getpid())
+        return True
+
+    def tick(self, now: float | None = None) -> None:
+        """One look at every rollout, if this instance drives and the fleet view is complete."""
+        if not self._take() or not self.ready():
+            return
+        for name in self.files.names():
+            self.advance(name, time.time() if now is None else now)
+
+    def advance(self, name: str, now: float) -> Rollout | None:
+        with self.store.lock():
+            rollout = self.files.load(name)
+            if rollout is None or rollout.state in ("completed", "aborted", "halted"):
+                return rollout
+            changes = step(rollout, self.watcher.reports(), now)
+            if not changes.changed:
+                return rollout
+            try:
+                record_changes(self.publisher, rollout, changes)
+            except EdgedError as exc:  # the version was retired meanwhile, say
+                rollout.state, rollout.reason = "halted", f"cannot record its releases: {exc}"
+                changes.messages.append(f"{rollout.label()} halted: {rollout.reason}")
+            self.files.save(rollout)
+        for message in changes.messages:
+            log.info("%s", message)
+        self.on_change()
+        return rollout
