@@ -351,13 +351,14 @@ def abort(rollout: Rollout, now: float) -> dict[str, str | None]:
 
 def _returning(rollout: Rollout, fleet: dict[str, DeviceReport], changes: Changes) -> None:
     """Aborting: withdraw each rollback release once its device runs the previous version
-    again (then it follows the group and all-device releases as before the rollout)."""
+    again and says the registry wants that (it has the rollback release); then it follows the
+    group and all-device releases as before the rollout."""
     for device, record in rollout.devices.items():
         if record.returned:
             continue
         report = fleet.get(device)
         model = report.models.get(rollout.name) if report else None
-        if model is not None and model.active == record.previous and model.desired != rollout.version:
+        if model is not None and model.active == record.previous == model.desired:  # it saw the rollback
             record.returned = True
             changes.withdraw.append(device)
             changes.say(f"{rollout.label()}: {device} is back on {record.previous}")

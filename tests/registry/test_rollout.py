@@ -1,0 +1,276 @@
+"""Rollouts without devices (issue 13): the plan, the state machine over what devices report,
+the state file, and the driver recording signed per-device releases in a real store. The
+reports come through FleetWatcher from real MQTT messages; test_rollout_e2e.py runs the
+whole thing with real devices."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import paho.mqtt.client as mqtt
+import pytest
+
+from edged.errors import InvalidInput
+from edged.registry.config import RegistrySettings
+from edged.registry.fleet import MAX_DOCUMENT_BYTES, FleetWatcher
+from edged.registry.publisher import Publisher
+from edged.registry.rollout import (
+    RolloutFiles,
+    abort,
+    new_rollout,
+    parse_waves,
+    pause,
+    plan_waves,
+    resume,
+    step,
+    wave_order,
+)
+from edged.registry.rollout_commands import change_rollout, start_rollout, status_dict
+from edged.registry.rollout_driver import RolloutDriver
+from edged.registry.store import RegistryStore, Target
+from edged.signing import MAX_ENVELOPE_BYTES, Release, key_id, verify_envelope
+from tests.conftest import build_tiny_ir, ir_files
+
+
+def message(topic: str, payload: bytes | dict) -> mqtt.MQTTMessage:
+    """A message as paho hands it to on_message."""
+    msg = mqtt.MQTTMessage(topic=topic.encode())
+    msg.payload = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+    return msg
+
+
+class Fleet:
+    """Devices reporting through a real FleetWatcher: their retained state and events."""
+
+    def __init__(self) -> None:
+        self.watcher = FleetWatcher("edged")
+
+    def state(self, device: str, active: str | None, *, group: str | None = None, desired: str | None = None,
+              degraded: bool = False, failure: dict | None = None) -> None:
+        self.watcher.on_message(message(f"edged/devices/{device}/status", {"state": "online"}))
+        self.watcher.on_message(message(f"edged/devices/{device}/state", {
+            "device": device, "group": group,
+            "models": {"wide": {"desired": desired, "active": active, "degraded": degraded,
+                                "failure": failure}}}))
+
+    def event(self, device: str, kind: str, version: str, reason: str = "") -> None:
+        self.watcher.on_message(message(f"edged/devices/{device}/events", {
+            "seq": 1, "kind": kind, "model": "wide", "version": version, "reason": reason}))
+
+    def reports(self):
+        return self.watcher.reports()
+
+
+def rollout_of(devices: int, waves: str = "25%,50%,100%", **options):
+    fleet = Fleet()
+    for i in range(devices):
+        fleet.state(f"cam-{i}", "1", group="even" if i % 2 == 0 else "odd")
+    values = {"group": None, "soak_s": 10.0, "max_failures": 0, "report_timeout_s": 100.0} | options
+    return fleet, new_rollout("wide", "2", parse_waves(waves), now=1000.0, **values)
+
+
+def test_wave_order_is_a_reproducible_hash_order_per_name_and_version():
+    devices = [f"cam-{i}" for i in range(50)]
+    order = wave_order("wide", "2", devices)
+    assert sorted(order) == sorted(devices) and order == wave_order("wide", "2", reversed(devices))
+    assert order != wave_order("wide", "3", devices) and order != devices
+
+
+def test_percentage_waves_take_the_first_ceil_of_the_order_and_group_waves_take_their_group():
+    eligible = {f"cam-{i}": ("a" if i < 3 else "b") for i in range(10)}
+    waves = plan_waves(["1%", "10%", "50%", "100%"], "wide", "2", eligible)
+    assert [len(w) for w in waves] == [1, 0, 4, 5]
+    assert [d for wave in waves for d in wave] == wave_order("wide", "2", eligible)
+    assert [len(w) for w in plan_waves(["33%", "100%"], "wide", "2", eligible)] == [math.ceil(3.3), 6]
+    group_a, group_b = ["cam-0", "cam-1", "cam-2"], [f"cam-{i}" for i in range(3, 10)]
+    assert plan_waves(["b", "a"], "wide", "2", eligible) == [wave_order("wide", "2", group_b),
+                                                             wave_order("wide", "2", group_a)]
+
+
+@pytest.mark.parametrize("text", ["", "10%,5%,100%", "10%,50%", "0%,100%", "10%,canary", "a,a", "../x,b",
+                                  "150%"])
+def test_bad_waves_are_refused(text):
+    with pytest.raises(InvalidInput):
+        parse_waves(text)
+
+
+def test_a_rollout_goes_wave_by_wave_soaks_and_completes():
+    fleet, rollout = rollout_of(4)
+    first = step(rollout, fleet.reports(), 1000.0)
+    assert "planned over 4 eligible devices" in first.messages[0]
+    assert len(first.target) == 1 and rollout.current == 0  # 25% of 4
+    (device,) = first.target
+    assert rollout.devices[device].previous == "1"
+    assert not step(rollout, fleet.reports(), 1001.0).changed  # nothing reported yet
+
+    fleet.state(device, "2", desired="2")
+    settled = step(rollout, fleet.reports(), 1002.0)
+    assert rollout.devices[device].outcome == "done" and "settled: 1 done" in settled.messages[-1]
+    assert not step(rollout, fleet.reports(), 1011.0).target  # soaking 10 s from 1002
+    second = step(rollout, fleet.reports(), 1012.5)
+    assert len(second.target) == 1 and rollout.current == 1
+    for now, done in ((1013.0, second.target), (1030.0, None)):
+        for d in done or []:
+            fleet.state(d, "2")
+        changes = step(rollout, fleet.reports(), now)
+    assert len(changes.target) == 2 and rollout.current == 2
+    for d in changes.target:
+        fleet.state(d, "2")
+    step(rollout, fleet.reports(), 1031.0)
+    final = step(rollout, fleet.reports(), 1042.0)
+    assert final.finish and rollout.state == "completed"
+    assert [status_dict(rollout)["waves"][i]["counts"]["done"] for i in range(3)] == [1, 1, 2]
+
+
+def test_a_failure_halts_after_its_wave_and_later_waves_are_untouched():
+    fleet, rollout = rollout_of(4, "50%,100%")
+    targets = step(rollout, fleet.reports(), 1000.0).target
+    fleet.state(targets[0], "1", failure={"version": "2", "kind": "update_failed",
+                                          "reason": "self-test: output y differs", "at": 1001})
+    fleet.state(targets[1], "2")
+    halted = step(rollout, fleet.reports(), 1002.0)
+    assert rollout.state == "halted" and not halted.target and not halted.finish
+    assert f"{targets[0]}: update_failed: self-test: output y differs" in rollout.reason
+    assert set(rollout.devices) == set(targets)
+    assert not step(rollout, fleet.reports(), 5000.0).changed  # halted stays halted
+
+
+def test_failures_within_the_allowance_and_a_rollback_during_the_soak_count():
+    fleet, rollout = rollout_of(4, "50%,100%", max_failures=1)
+    first, second = step(rollout, fleet.reports(), 1000.0).target
+    fleet.event(first, "update_refused", "2", "bad signature")
+    fleet.state(second, "2")
+    step(rollout, fleet.reports(), 1001.0)
+    assert rollout.state == "running" and rollout.devices[first].outcome == "failed"
+    fleet.event(second, "update_rolled_back", "2", "probation: self-test failed")  # while soaking
+    step(rollout, fleet.reports(), 1005.0)
+    assert rollout.state == "halted" and "2 devices failed" in rollout.reason
+
+
+def test_a_device_that_reports_nothing_is_silent_after_the_timeout_and_counts_as_failed():
+    fleet, rollout = rollout_of(2, "50%,100%", report_timeout_s=30.0)
+    (device,) = step(rollout, fleet.reports(), 1000.0).target
+    assert not step(rollout, fleet.reports(), 1030.0).changed
+    step(rollout, fleet.reports(), 1030.5)
+    assert rollout.devices[device].outcome == "silent" and rollout.state == "halted"
+
+
+def test_pause_holds_the_next_wave_and_resume_releases_it():
+    fleet, rollout = rollout_of(2, "50%,100%", soak_s=0.0)
+    (device,) = step(rollout, fleet.reports(), 1000.0).target
+    pause(rollout)
+    fleet.state(device, "2")
+    held = step(rollout, fleet.reports(), 1001.0)
+    assert not held.target and "paused: wave 2 waits for resume" in held.messages[-1]
+    assert not step(rollout, fleet.reports(), 1002.0).changed  # said once
+    resume(rollout)
+    assert len(step(rollout, fleet.reports(), 1003.0).target) == 1
+    with pytest.raises(InvalidInput):
+        resume(rollout)
+
+
+def test_abort_sends_devices_back_and_withdraws_each_rollback_once_it_is_back():
+    fleet, rollout = rollout_of(4, "50%,100%")
+    first, second = step(rollout, fleet.reports(), 1000.0).target
+    fleet.state(first, "2")
+    assert abort(rollout, 1001.0) == {first: "1", second: "1"} and rollout.state == "aborting"
+    fleet.state(first, "1", desired="1")
+    back = step(rollout, fleet.reports(), 1002.0)
+    assert back.withdraw == [first]  # the second has not said it wants 1 again yet
+    fleet.state(second, "1", desired="1")
+    assert step(rollout, fleet.reports(), 1003.0).withdraw == [second] and rollout.state == "aborted"
+
+
+def test_only_devices_listing_the_model_in_the_group_are_eligible():
+    fleet, rollout = rollout_of(6, "100%", group="even")
+    fleet.watcher.on_message(message("edged/devices/other/state", {"device": "other", "models": {}}))
+    targets = step(rollout, fleet.reports(), 1000.0).target
+    assert sorted(targets) == ["cam-0", "cam-2", "cam-4"]
+    _fleet, empty = rollout_of(2, "100%", group="nobody")
+    step(empty, _fleet.reports(), 1000.0)
+    assert empty.state == "halted" and "no eligible device" in empty.reason
+
+
+def test_the_watcher_bounds_what_devices_send():
+    watcher = FleetWatcher("edged")
+    watcher.on_message(message("edged/devices/../state", {"models": {}}))
+    watcher.on_message(message("edged/devices/big/state", b"{" + b" " * MAX_DOCUMENT_BYTES + b"}"))
+    for i in range(200):
+        watcher.on_message(message("edged/devices/chatty/events",
+                                   {"kind": "update_failed", "model": "wide", "version": str(i)}))
+    assert set(watcher.devices) == {"big", "chatty"} and watcher.devices["big"].state is None
+    assert watcher.devices["big"].problems and len(watcher.devices["chatty"].outcomes) == 64
+
+
+@pytest.fixture
+def publisher(tmp_path):
+    settings = RegistrySettings(root=tmp_path / "root")
+    store = RegistryStore(settings.root)
+    store.create_key()
+    publisher = Publisher(settings, store)
+    for version, scale in (("1", 2.0), ("2", 3.0)):
+        files = ir_files(build_tiny_ir(tmp_path / f"v{version}", scale=scale, name="wide"))
+        publisher.publish("wide", files, version, hold=True)
+    return publisher
+
+
+def verified(store: RegistryStore, target: Target) -> Release:
+    key = store.signing_key()
+    return Release.parse(verify_envelope(store.retained_for(target), {key_id(key): key.public_key()},
+                                         MAX_ENVELOPE_BYTES))
+
+
+def test_the_driver_records_signed_device_releases_then_the_base_release_and_withdraws(publisher):
+    store, fleet = publisher.store, Fleet()
+    for i in range(3):
+        fleet.state(f"cam-{i}", "1")
+    assert store.retained() == {}  # held: announced nowhere
+    start_rollout(publisher, "wide", "2", "33%,100%", group=None, soak_s=0, max_failures=0,
+                  report_timeout_s=60)
+    with pytest.raises(InvalidInput, match="running"):
+        start_rollout(publisher, "wide", "2", "100%", group=None, soak_s=0, max_failures=0,
+                      report_timeout_s=60)
+    changed = []
+    driver = RolloutDriver(store, publisher, fleet.watcher, 1.0, ready=lambda: True,
+                           on_change=lambda: changed.append(1))
+    try:
+        driver.tick(now=2e9)
+        assert driver.driving
+        rollout = RolloutFiles(store.root).load("wide")
+        (first,) = rollout.waves[0].devices
+        release = verified(store, Target("wide", device=first))
+        assert (release.device, release.rollback, release.group) == (first, False, None)
+        assert release.manifest.version == "2"
+        assert [t.device for t in store.retained()] == [first] and changed
+        for i in range(3):
+            fleet.state(f"cam-{i}", "2")
+        for now in (2e9 + 1, 2e9 + 2, 2e9 + 3):
+            driver.tick(now=now)
+        assert RolloutFiles(store.root).load("wide").state == "completed"
+        assert verified(store, Target("wide")).manifest.version == "2"
+        withdrawn = {t.device: e for t, e in store.retained().items() if t.device}
+        assert withdrawn == {f"cam-{i}": b"" for i in range(3)}
+    finally:
+        driver.stop()
+
+
+def test_abort_records_rollback_releases_of_the_previous_versions(publisher, broker):
+    settings = RegistrySettings(root=publisher.store.root, mqtt={"host": broker.host, "port": broker.port})
+    publisher = Publisher(settings, publisher.store)  # abort announces: on a real broker
+    store, fleet = publisher.store, Fleet()
+    fleet.state("cam-0", "1")
+    fleet.state("cam-1", None)  # a device whose model failed to load: nothing to go back to
+    start_rollout(publisher, "wide", "2", "100%", group=None, soak_s=0, max_failures=5, report_timeout_s=60)
+    driver = RolloutDriver(store, publisher, fleet.watcher, 1.0, ready=lambda: True, on_change=lambda: None)
+    try:
+        driver.tick(now=2e9)
+    finally:
+        driver.stop()
+    rollout, notes = change_rollout(publisher, "wide", "abort")
+    assert rollout.state == "aborting" and not notes
+    back = verified(store, Target("wide", device="cam-0"))
+    assert (back.manifest.version, back.rollback, back.device) == ("1", True, "cam-0")
+    assert store.retained_for(Target("wide", device="cam-1")) == b""
+    with pytest.raises(InvalidInput):
+        change_rollout(publisher, "wide", "pause")
