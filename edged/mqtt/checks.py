@@ -6,6 +6,8 @@ that each fits in a head; both raise UpdateRefused (a version that fails is neve
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 from edged.backends.base import LoadedModel
@@ -13,12 +15,38 @@ from edged.backends.selection import Selection
 from edged.control import Control
 from edged.errors import EdgedError
 from edged.models.validation import validate_inputs
-from edged.signing import Release
+from edged.signing import Release, verify_envelope
 
 
 class UpdateRefused(EdgedError):
     """A release that will not be installed; the message is the reason. Trying it again
-    would not help (a bad signature, a failing self-test), so it is not retried."""
+    would not help (a bad signature, a failing self-test), so it is not retried. `version`:
+    the release's, once it is known (its events and the state's `failure` name it)."""
+
+    def __init__(self, message: str, version: str | None = None) -> None:
+        super().__init__(message)
+        self.version = version
+
+
+def trusted_release(payload: bytes, trusted: dict, max_bytes: int, name: str, group: str | None,
+                    device: str | None) -> Release:
+    """The release of an envelope that arrived on the release topic of (`name`, `group`,
+    `device`): signed by a pinned key, for that model and exactly that audience (so it
+    cannot be replayed to another group or device), not expired."""
+    try:
+        release = Release.parse(verify_envelope(payload, trusted, max_bytes))
+    except EdgedError as exc:
+        raise UpdateRefused(str(exc)) from None
+    version = release.manifest.version
+    if release.manifest.name != name:
+        raise UpdateRefused(f"release of {release.manifest.name!r} on the topic of {name!r}", version)
+    if release.group != group:
+        raise UpdateRefused(f"release signed for group {release.group!r}, received for {group!r}", version)
+    if release.device != device:
+        raise UpdateRefused(f"release signed for device {release.device!r}, received for {device!r}", version)
+    if release.expired(time.time()):
+        raise UpdateRefused(f"release {version} expired at {time.ctime(release.expires_at)}", version)
+    return release
 
 
 def self_test_data(control: Control, release: Release) -> tuple[np.ndarray, dict[str, np.ndarray]]:

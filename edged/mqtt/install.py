@@ -14,6 +14,11 @@ probation. In between, the store keeps the proof (`ModelStore.keep_proofs`): sta
 the download in unread, and every check until then (the staged test, activation, the
 load, probation's checks each second) costs a `stat` per file; a file whose stat moved is
 hashed again, so a file changed under the new version still rolls it back.
+
+A rollback release (signed for one device, docs/updates.md) of a version the store still
+holds, with the very files it names, is activated from the store: its files are hashed
+once, and it is served again without a download, a self-test or probation (it served
+before); `update_started`, `update_activated` and `update_kept` say `rollback: true`.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ from collections.abc import Callable
 from edged.config import UpdateSettings
 from edged.control import Control, NotServing
 from edged.errors import EdgedError
+from edged.models.manifest import Manifest
+from edged.models.store import version_key
 from edged.mqtt.checks import UpdateRefused, check_served, check_staged
 from edged.mqtt.transfer import Transfer
 from edged.signing import Release
@@ -46,7 +53,44 @@ class Installer:
     def install(self, release: Release) -> None:
         """Download, stage, test, activate, watch; raises on a failed step (nothing half-done stays)."""
         with self.control.keep_proofs(release.manifest.name, release.manifest.version):
+            if self.from_store(release) and self._reactivate(release):
+                return
             self._install(release)
+
+    def from_store(self, release: Release) -> bool:
+        """A rollback to an older version than the active one that the store still holds."""
+        name, version = release.manifest.name, release.manifest.version
+        active = self.control.active(name)
+        return (release.rollback and active is not None and version_key(version) < version_key(active)
+                and self.control.has(name, version))
+
+    def _reactivate(self, release: Release) -> bool:
+        """Serve the store's copy again; False (the copy removed) when it is not the
+        release's or does not verify: then it is installed as any other."""
+        name, version = release.manifest.name, release.manifest.version
+        wanted = {(f.name, f.sha256, f.size) for f in release.manifest.files}
+        try:
+            stored = Manifest.from_json(self.control.version_file(name, version, "manifest.json")
+                                        .read_bytes())
+            if {(f.name, f.sha256, f.size) for f in stored.files} != wanted:
+                raise UpdateRefused("its files are not the release's")
+            self.control.verify(name, version, full=True)  # proved once: activation checks a stat
+        except (EdgedError, OSError) as exc:
+            log.warning("updates: %s %s in the store cannot be rolled back to (%s); downloading it again",
+                        name, version, exc)
+            self.control.remove(name, version)
+            return False
+        previous = self.control.active(name)
+        self.event("update_started", model=name, version=version, previous=previous, bytes=0, rollback=True)
+        try:
+            serving = self.control.activate(name, version)
+        except NotServing as exc:
+            self._roll_back(name, version, f"activation failed: {exc.reason}")
+            return True
+        self.event("update_activated", model=name, version=version, previous=previous,
+                   backend=serving.backend, rollback=True)
+        self.event("update_kept", model=name, version=version, rollback=True)
+        return True
 
     def _install(self, release: Release) -> None:
         manifest = release.manifest

@@ -7,8 +7,10 @@
   number that keeps growing across restarts (kept in the outbox file), so a consumer
   can drop the duplicates QoS 1 allows;
 - state: per model the desired version (from the registry) and the active one, its
-  sha256, backend and whether it is degraded. Retained, and sent only when it changes
-  (and again on every connect, for a broker that lost its retained messages).
+  sha256, backend, whether it is degraded, and the last update of it that failed (until
+  its active version changes); and the device's update group. Retained, and sent only
+  when it changes (and again on every connect, for a broker that lost its retained
+  messages): a registry that restarts reads from it what events it missed said.
 
 All of it goes through the outbox, so a broker outage delays it and loses nothing.
 """
@@ -31,6 +33,8 @@ from edged.pipelines.group import Pipelines
 
 log = logging.getLogger(__name__)
 # A pipeline moving into (or out of) these states is an event.
+# Update events that put a failure into the state document (docs/updates.md).
+FAILURE_EVENTS = frozenset({"update_failed", "update_refused", "update_rolled_back"})
 PIPELINE_EVENTS = {"reconnecting": ("source_lost", "source_recovered"),
                    "degraded": ("input_degraded", "input_recovered"),
                    "failed": ("pipeline_failed", "pipeline_recovered")}
@@ -38,13 +42,17 @@ PIPELINE_EVENTS = {"reconnecting": ("source_lost", "source_recovered"),
 
 class Reporter:
     def __init__(self, link: MqttLink, health: Health, manager: ModelManager,
-                 pipelines: Pipelines | None, interval_s: float) -> None:
+                 pipelines: Pipelines | None, interval_s: float, group: str | None = None) -> None:
         self.link = link
         self.health = health
         self.manager = manager
         self.pipelines = pipelines
         self.interval_s = interval_s
+        self.group = group  # updates.group: the registry's rollouts read it from the state
         self._desired: dict[str, str] = {}  # model -> version the registry wants (the update agent says)
+        # model -> (its last failed update, the version active when it failed)
+        self._failures: dict[str, tuple[dict[str, Any], str | None]] = {}
+        self._failures_lock = threading.Lock()
         self._reporting = False  # model events are reported between start() and stop()
         self._last_state = ""
         self._pipeline_states: dict[str, str] = {}
@@ -67,13 +75,34 @@ class Reporter:
 
     # --- the three kinds of message -----------------------------------------------------
     def event(self, kind: str, **data: Any) -> int:
-        """Queue one event; returns its sequence number."""
+        """Queue one event; returns its sequence number. A failed update also goes into
+        the retained state (events are not retained)."""
         sequence = self.link.outbox.next_sequence("events")
+        now = time.time()
         self.link.put("event", self.link.topics.events, {
-            "seq": sequence, "time": round(time.time(), 6), "device": self.link.settings.device_id,
+            "seq": sequence, "time": round(now, 6), "device": self.link.settings.device_id,
             "kind": kind, **data,
         })
+        if kind in FAILURE_EVENTS and isinstance(data.get("model"), str):
+            self._record_failure(kind, data, now)
         return sequence
+
+    def _record_failure(self, kind: str, data: dict[str, Any], now: float) -> None:
+        served = self.manager.served().get(data["model"])
+        failure = {"version": data.get("version"), "kind": kind, "reason": data.get("reason", ""),
+                   "at": round(now, 3)}
+        with self._failures_lock:
+            self._failures[data["model"]] = (failure, served.version if served is not None else None)
+        self.publish_state()
+
+    def _failure(self, name: str, active: str | None) -> dict[str, Any] | None:
+        """The last failed update of `name`, forgotten once its active version changed."""
+        with self._failures_lock:
+            failure, active_then = self._failures.get(name, (None, None))
+            if failure is not None and active != active_then:
+                del self._failures[name]
+                return None
+            return failure
 
     def request_health(self) -> None:
         """Send a health report now (from the reporting thread)."""
@@ -104,7 +133,9 @@ class Reporter:
     def state_document(self) -> dict[str, Any]:
         models: dict[str, dict[str, Any]] = {}
         served = self.manager.served()
-        for name in sorted(set(served) | set(self.manager.failures) | set(self._desired)):
+        with self._failures_lock:
+            failed = set(self._failures)
+        for name in sorted(set(served) | set(self.manager.failures) | set(self._desired) | failed):
             model = served.get(name)
             entry: dict[str, Any] = {"desired": self._desired.get(name), "active": None}
             if model is not None:
@@ -115,8 +146,9 @@ class Reporter:
             entry["degraded"] = model is None or bool(error) or fallback
             if error or fallback:
                 entry["reason"] = error or model.selection.reason  # type: ignore[union-attr]
+            entry["failure"] = self._failure(name, entry["active"])
             models[name] = entry
-        return {"device": self.link.settings.device_id, "models": models}
+        return {"device": self.link.settings.device_id, "group": self.group, "models": models}
 
     # --- sources of events --------------------------------------------------------------
     def on_model_event(self, event: ModelEvent) -> None:

@@ -53,9 +53,8 @@ class NotEnoughDisk(UpdateRefused):
     """Refused for now: the disk lacks room. Tried again once it has (`disk`: where, how much)."""
 
     def __init__(self, message: str, disk: list[tuple[Path, int]], version: str | None = None) -> None:
-        super().__init__(message)
+        super().__init__(message, version)
         self.disk = disk
-        self.version = version
 
 
 def disk_full(exc: BaseException | None) -> bool:
@@ -79,6 +78,19 @@ def space_needed(downloads: Path, store: Path, total: int) -> list[tuple[Path, i
     if os.stat(_existing(downloads)).st_dev == os.stat(_existing(store)).st_dev:
         return [(downloads, total + DISK_MARGIN)]
     return [(downloads, total + DISK_MARGIN), (store, total + DISK_MARGIN)]
+
+
+def check_disk(downloads: Path, needed: list[tuple[Path, int]], version: str) -> None:
+    """NotEnoughDisk unless every directory in `needed` (space_needed) has its room."""
+    try:
+        downloads.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for path, need in needed:
+            if (free := free_bytes(path)) < need:
+                raise NotEnoughDisk(f"not enough disk in {path}: {need} bytes needed, {free} free",
+                                    needed, version)
+    except OSError as exc:
+        raise NotEnoughDisk(f"cannot check the disk: {exc.strerror or exc}: {exc.filename}", [],
+                            version) from exc
 
 
 def free_bytes(directory: Path) -> int:

@@ -13,6 +13,7 @@ A step that fails for a reason that may pass (no reply from the registry, a full
 is an `update_failed` event and the release is tried again (`retry.py`): after a backoff,
 or at once when the registry is back or the disk has room, until it is installed or a
 newer release replaces it. Releases are handled one at a time on the agent's own thread.
+A release signed for this one device pins its model (`pins.py`) and may roll it back.
 """
 
 from __future__ import annotations
@@ -33,10 +34,11 @@ from edged.config import UpdateSettings
 from edged.control import Control
 from edged.errors import EdgedError
 from edged.models.store import version_key
-from edged.mqtt.checks import UpdateRefused
+from edged.mqtt.checks import UpdateRefused, trusted_release
 from edged.mqtt.install import Event, Installer
 from edged.mqtt.link import MqttLink
-from edged.mqtt.retry import NotEnoughDisk, RetryBook, disk_full, free_bytes, space_needed
+from edged.mqtt.pins import Pins
+from edged.mqtt.retry import NotEnoughDisk, RetryBook, check_disk, disk_full, space_needed
 from edged.mqtt.transfer import RegistrySilent, Transfer
 from edged.signing import Release, trusted_keys, verify_envelope
 from edged.topics import Topics
@@ -65,9 +67,10 @@ class UpdateAgent:
         self.retries = RetryBook(settings)
         self._stop = threading.Event()
         self.installer = Installer(settings, control, self.transfer, self._stop, event)
+        self.pins = Pins()
         self.topics = self.link.topics.releases(settings.group)
         self.status_topic = self.link.topics.registry_status
-        self._seen: dict[bytes, None] = {}  # releases handled (by signature), oldest first
+        self._seen: dict[bytes, None] = {}  # releases handled (by topic and payload), oldest first
         self._queue: queue.Queue[tuple[str, bytes, float] | None] = queue.Queue(maxsize=256)
         self._wake_on_reply = threading.Event()  # idle, with a release waiting for the registry
         self._thread = threading.Thread(target=self._work, name="mqtt-updates", daemon=True)
@@ -76,7 +79,10 @@ class UpdateAgent:
         for path in self.transfer.clear_leftovers():
             log.info("updates: removed %s, left by a copy into the store that did not finish", path)
         self.transfer.start()
-        for topic in [*self.topics, self.status_topic]:
+        # This device's own releases first: the broker sends retained messages in the order of
+        # the subscriptions, so a pin is known before the releases it overrides arrive.
+        own = [t for t in self.topics if Topics.release_parts(t)[2] is not None]
+        for topic in [*own, *(t for t in self.topics if t not in own), self.status_topic]:
             self.link.subscribe(topic, self._receive)
         self._thread.start()
         log.info("updates: following %s with %d trusted key(s)", ", ".join(self.topics), len(self.trusted))
@@ -150,13 +156,26 @@ class UpdateAgent:
 
     # --- one release ----------------------------------------------------------------------
     def handle(self, topic: str, payload: bytes, received_at: float | None = None) -> None:
-        name, _group, _device = Topics.release_parts(topic)
+        name, _group, device = Topics.release_parts(topic)
+        if device is None:
+            self.pins.remember(name, topic, payload)
+            if not payload and self.pins.pinned(name):
+                log.info("updates: the release of %s on %s was withdrawn (pinned by its device release)",
+                         name, topic)
+                return
         if not payload:
-            log.info("updates: the release of %s was withdrawn", name)
+            log.info("updates: the release of %s on %s was withdrawn", name, topic)
             self.desired(name, None)
             self._give_up(name)
+            if device is not None:
+                pinned_by = self.pins.payload(name)
+                if pinned_by:  # the same release retained again later pins again
+                    self._seen.pop(seen_key(topic, pinned_by), None)
+                for followed, release in self.pins.unpin(name):
+                    log.info("updates: %s follows %s again", name, followed)
+                    self._attempt(followed, release)
             return
-        key = hashlib.sha256(payload).digest()
+        key = seen_key(topic, payload)
         if key in self._seen:  # a repeat; sent after it failed, it says the registry is back
             pending = self.retries.get(name)
             since = time.monotonic() if received_at is None else received_at
@@ -172,21 +191,24 @@ class UpdateAgent:
         """Verify and install one release; on failure, event, log line, and (when it may
         pass) a retry."""
         name, group, device = Topics.release_parts(topic)
+        if device is None and self.pins.pinned(name):
+            log.info("updates: %s release on %s not installed: pinned by its device release", name, topic)
+            return
         try:
-            release = self._verify(name, group, device, payload)
+            release = self._verify(name, group, device, topic, payload)
         except NotEnoughDisk as exc:
             self._failed("update_refused", name, exc.version, topic, payload, exc, disk=exc.disk)
             return
         except UpdateRefused as exc:  # not for this device: a waiting release stays, unless it was this
             log.warning("updates: %s refused: %s", name, exc)
-            self.event("update_refused", model=name, reason=str(exc))
+            self.event("update_refused", model=name, **({"version": exc.version} if exc.version else {}),
+                       reason=str(exc))
             self._give_up(name, payload)
             return
         if release is None:  # already active, or not followed
             self._give_up(name, payload)
             return
         version = release.manifest.version
-        self.desired(name, version)
         try:
             self.installer.install(release)
         except UpdateRefused as exc:  # a bad version: never retried
@@ -243,47 +265,51 @@ class UpdateAgent:
         for digest in self.transfer.sweep(keep):
             log.info("updates: removed the download of %s (no release waits for it)", digest[:12])
 
+    def _pin(self, name: str, topic: str, payload: bytes) -> None:
+        """A trusted device release of `name`: what the all-devices and group topics say
+        waits until it is withdrawn, and so does a retry of theirs."""
+        if self.pins.pin(name, topic, payload):
+            log.info("updates: %s pinned by its device release (%s)", name, topic)
+        pending = self.retries.get(name)
+        if pending is not None and pending.topic != topic:
+            self.retries.forget(name)
+
     def _space_needed(self, release: Release) -> list[tuple[Path, int]]:
         total = sum(f.size for f in release.manifest.files)
         return space_needed(self.settings.download_dir, self.control.store_root, total)
 
-    def _verify(self, name: str, group: str | None, device: str | None, payload: bytes) -> Release | None:
-        """The release, checked; None when there is nothing to do (already active)."""
-        try:
-            release = Release.parse(verify_envelope(payload, self.trusted, MAX_RELEASE_BYTES))
-        except EdgedError as exc:
-            raise UpdateRefused(str(exc)) from None
+    def _verify(self, name: str, group: str | None, device: str | None, topic: str,
+                payload: bytes) -> Release | None:
+        """The release, checked; None when there is nothing to do (already active). A
+        trusted device release pins its model; a followed one sets its desired version."""
+        release = trusted_release(payload, self.trusted, MAX_RELEASE_BYTES, name, group, device)
         manifest = release.manifest
-        if manifest.name != name:
-            raise UpdateRefused(f"release of {manifest.name!r} on the topic of {name!r}")
-        if release.group != group:
-            raise UpdateRefused(f"release signed for group {release.group!r}, received for {group!r}")
-        if release.device != device:
-            raise UpdateRefused(f"release signed for device {release.device!r}, received for {device!r}")
-        if release.expired(time.time()):
-            raise UpdateRefused(f"release {manifest.version} expired at {time.ctime(release.expires_at)}")
+        if device is not None:
+            self._pin(name, topic, payload)
         if self.settings.models and name not in self.settings.models:
             return None
+        self.desired(name, manifest.version)
         active = self.control.active(name)
         if active == manifest.version:
             return None
-        if active is not None and version_key(manifest.version) < version_key(active):
+        older = active is not None and version_key(manifest.version) < version_key(active)
+        if older and not release.rollback:
             raise UpdateRefused(f"version {manifest.version} is older than the active {active} "
-                                f"(roll back with the models.rollback command)")
+                                f"(roll back with the models.rollback command or a rollback release)",
+                                manifest.version)
+        if self.installer.from_store(release):
+            return release  # a rollback to a version the store still holds: nothing to download
         total = sum(f.size for f in manifest.files)
         if total > self.settings.max_model_bytes:
-            raise UpdateRefused(f"{total} bytes is over the {self.settings.max_model_bytes} byte limit")
-        try:
-            self.settings.download_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-            needed = self._space_needed(release)
-            for path, need in needed:
-                if (free := free_bytes(path)) < need:
-                    raise NotEnoughDisk(f"not enough disk in {path}: {need} bytes needed, {free} free",
-                                        needed, manifest.version)
-        except OSError as exc:
-            raise NotEnoughDisk(f"cannot check the disk: {exc.strerror or exc}: {exc.filename}", [],
-                                manifest.version) from exc
+            raise UpdateRefused(f"{total} bytes is over the {self.settings.max_model_bytes} byte limit",
+                                manifest.version)
+        check_disk(self.settings.download_dir, self._space_needed(release), manifest.version)
         return release
+
+
+def seen_key(topic: str, payload: bytes) -> bytes:
+    """A release as handled: the same envelope on another topic is another message."""
+    return hashlib.sha256(topic.encode() + b"\0" + payload).digest()
 
 
 def describe(agent: UpdateAgent | None) -> dict[str, Any]:
@@ -292,4 +318,4 @@ def describe(agent: UpdateAgent | None) -> dict[str, Any]:
         return {"enabled": False}
     return {"enabled": True, "following": agent.topics, "bytes_received": agent.transfer.bytes_received,
             "chunks_retried": agent.transfer.chunks_retried, "waiting": agent._queue.qsize(),
-            "retrying": {p.name: p.describe() for p in agent.retries}}
+            "retrying": {p.name: p.describe() for p in agent.retries}, "pinned": agent.pins.describe()}
