@@ -12,8 +12,9 @@ def test_fleet_lists_devices_with_status_versions_and_health_age(registry, broke
     devices = mqtt_subscriber(broker, None)
     devices.publish("edged/devices/cam-a/status", {"state": "online", "version": "0.1.0",
                                                     "models": {"face": "3"}}, retain=True)
-    devices.publish("edged/devices/cam-a/state", {"device": "cam-a", "models": {
-        "face": {"desired": "4", "active": "3", "degraded": False},
+    failure = {"version": "4", "kind": "update_failed", "reason": "self-test: output y differs", "at": 1.5}
+    devices.publish("edged/devices/cam-a/state", {"device": "cam-a", "group": "canary", "models": {
+        "face": {"desired": "4", "active": "3", "degraded": False, "failure": failure},
         "tiny": {"desired": None, "active": "1", "degraded": True, "reason": "fallback"}}}, retain=True)
     devices.publish("edged/devices/cam-b/status", {"state": "offline", "reason": "connection lost"},
                     retain=True)
@@ -33,16 +34,17 @@ def test_fleet_lists_devices_with_status_versions_and_health_age(registry, broke
     summary = json.loads(as_json)
     assert list(summary) == ["cam-a", "cam-b", "cam-c"]
     cam_a = summary["cam-a"]
-    assert cam_a["status"] == "online" and 0 <= cam_a["health_age_s"] < 60
-    assert cam_a["models"] == {"face": {"desired": "4", "active": "3", "degraded": False},
-                               "tiny": {"desired": None, "active": "1", "degraded": True}}
-    assert summary["cam-b"] == {"status": "offline", "reason": "connection lost", "models": {},
+    assert cam_a["status"] == "online" and 0 <= cam_a["health_age_s"] < 60 and cam_a["group"] == "canary"
+    assert cam_a["models"] == {"face": {"desired": "4", "active": "3", "degraded": False, "failure": failure},
+                               "tiny": {"desired": None, "active": "1", "degraded": True, "failure": None}}
+    assert summary["cam-b"] == {"status": "offline", "reason": "connection lost", "group": None, "models": {},
                                 "health_age_s": None, "problems": []}
-    assert summary["cam-c"]["problems"] == ["status is not a JSON object"]
+    assert summary["cam-c"]["problems"] == ["status is not a JSON object of at most 65536 bytes"]
 
     lines = table.splitlines()
-    assert lines[0].split() == ["DEVICE", "STATUS", "MODEL", "DESIRED", "ACTIVE", "HEALTH"]
-    assert lines[1].split()[:5] == ["cam-a", "online", "face", "4", "3"] and lines[1].endswith("s ago")
+    assert lines[0].split() == ["DEVICE", "STATUS", "MODEL", "DESIRED", "ACTIVE", "HEALTH", "LAST", "FAILURE"]
+    assert lines[1].split()[:5] == ["cam-a", "online", "face", "4", "3"]
+    assert "s ago" in lines[1] and lines[1].endswith("  4 failed: self-test: output y differs")
     assert lines[2].split() == ["tiny", "-", "1", "(degraded)"]
     assert lines[3].split()[:5] == ["cam-b", "offline", "(connection", "lost)", "-"]
     assert lines[3].endswith("none in 1 s")
