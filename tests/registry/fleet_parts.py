@@ -47,10 +47,10 @@ def device_store(tmp_path: Path) -> ModelStore:
     return store
 
 
-def device_config(registry: Registry, workdir: Path, **updates: object) -> dict:
+def device_config(registry: Registry, workdir: Path, *, device_id: str = DEVICE, **updates: object) -> dict:
     broker = registry.broker
     return {
-        "mqtt": {"enabled": True, "host": broker.host, "port": broker.port, "device_id": DEVICE,
+        "mqtt": {"enabled": True, "host": broker.host, "port": broker.port, "device_id": device_id,
                  "outbox_path": str(workdir / "outbox.db"), "reconnect_min_s": 0.2, "reconnect_max_s": 1.0},
         "updates": {"enabled": True, "public_keys": [registry.public_key_text], "probation_s": 0.5,
                     "download_dir": str(workdir / "downloads"), **updates},
