@@ -180,6 +180,8 @@ def run(args: argparse.Namespace, work: Path) -> dict:
 
         converged = wait_until(done, args.timeout_s, "every device on version 2", every=0.05)
         after = snapshot(observer, pids, killed)
+        memory = {"workers_peak_rss_mib": [round(infra.peak_rss_mib(p.pid)) for p in workers.procs],
+                  "serves_peak_rss_mib": [round(infra.peak_rss_mib(p.pid)) for p in registry.live()]}
         if not args.rollout:  # probation's end, so no device is mid-update at the stop
             wait_until(lambda: len(observer.device_events("update_kept", "2")) >= target,
                        120 + args.probation_s, "every device keeping version 2")
@@ -188,7 +190,7 @@ def run(args: argparse.Namespace, work: Path) -> dict:
         return figures(args=args, models=models, ids=ids, ready=ready, start_s=start_s, idle=idle,
                        baseline=baseline, before=before, after=after, t0=t0, converged=converged,
                        observer=observer, final=final, serve_lines=serve_lines, killed=killed,
-                       waves=waves, faulty=faulty, registry=registry, pids=pids)
+                       waves=waves, faulty=faulty, registry=registry, memory=memory)
     finally:
         if workers is not None:
             for proc in workers.procs:

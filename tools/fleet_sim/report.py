@@ -8,6 +8,7 @@ import statistics
 from typing import Any
 
 BUSY = re.compile(r"\((\d+) busy")
+SERVED = re.compile(r"served (\d+) chunks \((\d+) bytes\)")
 
 
 def _delta(before: dict, after: dict, group: str) -> float:
@@ -17,7 +18,7 @@ def _delta(before: dict, after: dict, group: str) -> float:
 def figures(*, args: Any, models: dict, ids: list[str], ready: list[dict], start_s: float, idle: dict,
             baseline: dict, before: dict, after: dict, t0: float, converged: float, observer: Any,
             final: dict[str, dict], serve_lines: list[str], killed: dict | None, waves: list[list[str]],
-            faulty: set[str], registry: Any, pids: dict) -> dict[str, Any]:
+            faulty: set[str], registry: Any, memory: dict) -> dict[str, Any]:
     size = models["v2_bytes"]
     started_events = observer.device_events("update_started", "2")
     release = started_events[0][2].get("bytes", size) if started_events else size  # model + self-test
@@ -56,6 +57,7 @@ def figures(*, args: Any, models: dict, ids: list[str], ready: list[dict], start
             "delivered_max": round(max(delivered) / size, 4) if delivered else None,
             "accepted_mean": round(statistics.mean(accepted) / size, 4) if accepted else None,
             "release_over_model": round(release / size, 4)},
+        "delivered_bytes": sum(delivered),
         "delivered_gb": round(sum(delivered) / 1e9, 3),
         "aggregate_mb_s": round(len(downloaded) * release / window_s / 1e6, 1) if downloaded else None,
         "raw_mb_s": round(baseline["mb_per_s"], 1),
@@ -77,6 +79,9 @@ def figures(*, args: Any, models: dict, ids: list[str], ready: list[dict], start
         "rollbacks": kinds.get("update_rolled_back", 0),
         "chunks_retried": sum(f["chunks_retried"] for f in final.values()),
         "registry_busy": [int(m[1]) if (m := BUSY.search(line)) else None for line in serve_lines],
+        "registry_served_chunks": [int(m[1]) if (m := SERVED.search(line)) else None for line in serve_lines],
+        "delivered_chunks": sum(f["delivered_chunks"] for f in final.values()),
+        "memory_mib": memory,
         "serve_final_lines": serve_lines,
         "killed": killed,
         "cpu": {"devices_s": round(_delta(before, after, "workers"), 1), "registry_s": round(registry_cpu, 1),
@@ -148,6 +153,8 @@ def print_table(result: dict[str, Any]) -> None:
         ("chunk retries (devices) / busy (serve)", f"{result['chunks_retried']} / {result['registry_busy']}"),
         ("CPU s: devices, registry, broker", f"{cpu['devices_s']}, {cpu['registry_s']}, {cpu['broker_s']} "
          f"({cpu['devices_s_per_update']} s per device update)"),
+        ("peak RSS MiB: worker processes, serves", f"{result['memory_mib']['workers_peak_rss_mib']}, "
+         f"{result['memory_mib']['serves_peak_rss_mib']}"),
         ("CPU s: whole machine, others", f"{cpu['machine_s']}, {cpu['others_s']} over {cpu['wall_s']} s"),
     ]
     if result["killed"]:
