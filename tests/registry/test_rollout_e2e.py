@@ -92,10 +92,17 @@ def device_release(mqtt_subscriber, registry: Registry, device: str):
 
 
 def assert_completed(registry: Registry, fleet: Fleet, mqtt_subscriber) -> None:
+    """Every device on 2; the broker retains 2 for every device and no device release (serve
+    announces what the driver recorded within its reload_interval_s)."""
     assert all(fleet.active(d) == "2" for d in fleet.ids), {d: fleet.active(d) for d in fleet.ids}
-    base = retained_on(mqtt_subscriber, registry.broker, f"edged/registry/models/{MODEL}")
-    assert base is not None and registry.verify(base.payload).manifest.version == "2"
-    assert all(device_release(mqtt_subscriber, registry, d) is None for d in fleet.ids)
+
+    def base_is_2() -> bool:
+        base = retained_on(mqtt_subscriber, registry.broker, f"edged/registry/models/{MODEL}")
+        return base is not None and registry.verify(base.payload).manifest.version == "2"
+
+    wait_until(base_is_2, 30, "the broker to retain tiny 2 for every device")
+    wait_until(lambda: all(device_release(mqtt_subscriber, registry, d) is None for d in fleet.ids), 30,
+               "every device release withdrawn")
 
 
 def test_waves_complete_with_a_pause_and_every_device_ends_on_the_base_release(
@@ -233,6 +240,7 @@ def test_abort_sends_the_wave_back_to_the_previous_version(
     done = wait_state(registry, fleet, "aborted")
     assert all(fleet.active(d) == "1" for d in fleet.ids)
     assert all(done.devices[d].returned for d in first) and set(done.devices) == set(first)
-    assert all(device_release(mqtt_subscriber, registry, d) is None for d in fleet.ids)
+    wait_until(lambda: all(device_release(mqtt_subscriber, registry, d) is None for d in fleet.ids), 30,
+               "every rollback release withdrawn")
     refused = registry.run("rollout", "pause", MODEL, expect=1)
     assert "rollout tiny 2 is aborted, not running" in refused.stderr
