@@ -100,8 +100,10 @@ class FleetWatcher:
         self._marker = b""
         self._lock = threading.Lock()
 
-    def filters(self) -> list[str]:
-        return [self.topics.of_device(kind) for kind in KINDS]
+    def filters(self, kinds: tuple[str, ...] = ("status", "state", "health")) -> list[str]:
+        """`fleet` shows health ages; `serve` follows status, state and events (a rollout's
+        signals) and not health, which is most of a fleet's traffic."""
+        return [self.topics.of_device(kind) for kind in kinds]
 
     def mark_sync(self) -> bytes:
         """A new marker to publish on `sync_topic`; `synced` is cleared until it arrives."""

@@ -179,12 +179,21 @@ class ChunkServer:
         """Follow every device's status, state and events (rollouts judge devices by them), then
         publish a marker that arrives after the retained ones: the fleet view is complete."""
         timeout = self.settings.connect_timeout_s
+        states = self.watcher.filters(("status", "state"))
         try:
-            self.connection.subscribe([*self.watcher.filters(), self.watcher.sync_topic], timeout)
-            self.connection.publish(self.watcher.sync_topic, self.watcher.mark_sync())
+            self.connection.subscribe([*states, self.watcher.sync_topic], timeout)
         except BrokerUnavailable as exc:
             log.warning("rollouts cannot be driven from this instance: %s (the registry's account needs "
-                        "read access to %s)", exc, ", ".join(self.watcher.filters()))
+                        "read access to %s)", exc, ", ".join(states))
+            return
+        try:  # without events a rollout still sees failures in the retained states
+            self.connection.subscribe(self.watcher.filters(("events",)), timeout)
+        except BrokerUnavailable as exc:
+            log.warning("%s: rollouts judge devices by their retained state only", exc)
+        try:
+            self.connection.publish(self.watcher.sync_topic, self.watcher.mark_sync())
+        except BrokerUnavailable as exc:
+            log.error("%s; the fleet view is complete at the next connect", exc)
 
     def _fleet_ready(self) -> bool:
         return self.connection.connected.is_set() and self.watcher.synced.is_set()
