@@ -212,3 +212,26 @@ def test_pins_remember_the_latest_release_per_topic_and_give_them_back_every_dev
     pins.pin("tiny", OWN_TOPIC, b"d3")
     pins.remember("tiny", every, b"")  # withdrawn meanwhile: not followed again
     assert pins.unpin("tiny") == [(group, b"g1")]
+
+
+def test_a_pin_holds_across_a_restart(start_daemon, broker, peer, mqtt_subscriber, tiny_store, tmp_path, key):
+    """The device topic is subscribed first, so its retained release (the broker sends them
+    in the order of the subscriptions) pins the model before every device's newer one arrives."""
+    events = mqtt_subscriber(broker, EVENTS)
+    config = device_config(broker, tmp_path, key)
+    daemon = start_daemon(tiny_store.root, config)
+    sign_and_retain(broker, tiny_release(peer, tmp_path, "2", 3.0), key)
+    events.wait_for(kind_of("update_kept", "2"), timeout=60)
+    stored = tiny_store.manifest("tiny", "1").model_dump(mode="json")
+    back = {**tiny_release(peer, tmp_path, "1", 2.0), "manifest": stored, "selftest": None}
+    retain_signed(broker, OWN_TOPIC, for_device(back, rollback=True), key)
+    events.wait_for(kind_of("update_kept", "1"), timeout=30)
+    daemon.stop()
+    restarted = start_daemon(tiny_store.root, config)
+    restarted.wait_for(lambda: "edged/registry/models/tiny not installed: pinned by its device release"
+                       in restarted.output(), what="the release for every device left alone")
+    assert [m.json()["kind"] for m in events.messages() if m.json().get("version") == "2"
+            and m.json()["kind"] == "update_started"] == ["update_started"]  # only before the pin
+    with restarted.client() as client:
+        assert client.status()["models"]["tiny"]["version"] == "1"
+    assert tiny_store.active("tiny") == "1"
