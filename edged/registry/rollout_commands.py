@@ -81,10 +81,11 @@ def change_rollout(publisher: Publisher, name: str, action: str) -> tuple[Rollou
 
 
 def load_rollouts(publisher: Publisher, name: str | None) -> list[Rollout]:
+    """Read without the store's lock: each file is replaced whole (a rename), so a reader sees
+    the old or the new one, and a status never waits for the driver or an announcement."""
     files = RolloutFiles(publisher.store.root)
-    with publisher.store.lock():
-        names = [name] if name is not None else files.names()
-        found = [r for r in (files.load(n) for n in names) if r is not None]
+    names = [name] if name is not None else files.names()
+    found = [r for r in (files.load(n) for n in names) if r is not None]
     if name is not None and not found:
         raise StoreError(f"no rollout of {name}")
     return found

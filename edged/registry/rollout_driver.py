@@ -24,6 +24,7 @@ from edged.registry.store import RegistryStore, Target
 
 log = logging.getLogger(__name__)
 DRIVER_LOCK = ".driver"
+DONE_STATES = ("completed", "aborted", "halted")  # nothing to drive (until an abort of a halted one)
 
 
 def record_changes(publisher: Publisher, rollout: Rollout, changes: Changes) -> None:
@@ -107,11 +108,15 @@ class RolloutDriver:
             self.advance(name, time.time() if now is None else now)
 
     def advance(self, name: str, now: float) -> Rollout | None:
+        peek = self.files.load(name)  # files are replaced whole: no lock needed to look
+        if peek is None or peek.state in DONE_STATES:
+            return peek
+        reports = self.watcher.reports()  # before the lock: a large fleet takes a moment
         with self.store.lock():
             rollout = self.files.load(name)
-            if rollout is None or rollout.state in ("completed", "aborted", "halted"):
+            if rollout is None or rollout.state in DONE_STATES:
                 return rollout
-            changes = step(rollout, self.watcher.reports(), now)
+            changes = step(rollout, reports, now)
             if not changes.changed:
                 return rollout
             try:
