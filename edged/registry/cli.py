@@ -17,6 +17,7 @@ from edged.exits import run_command
 from edged.registry.config import RegistrySettings, load_registry_settings
 from edged.registry.fleet import format_table, watch
 from edged.registry.publisher import Outcome, Publisher, newer_elsewhere, release_version
+from edged.registry.rollout import parse_waves
 from edged.registry.rollout_commands import (
     change_rollout,
     format_status,
@@ -168,14 +169,14 @@ def cmd_rollout(args: argparse.Namespace) -> int:
         return 0
     if first in ROLLOUT_ACTIONS:
         if second is None:
-            raise InvalidInput(f"rollout {first} needs the model's name")
+            args.parser.error(f"rollout {first} needs the model's name")
         rollout, notes = change_rollout(publisher, second, first)
         for note in notes:
             print(f"note: {note}")
         print(json.dumps(status_dict(rollout), indent=2) if args.json else format_status(rollout))
         return 0
     if second is None:
-        raise InvalidInput("rollout needs NAME VERSION (or status, pause, resume, abort)")
+        args.parser.error("rollout needs NAME VERSION (or status, pause, resume, abort)")
     rollout = start_rollout(
         publisher, first, second, args.waves, group=args.group,
         soak_s=settings.rollout_soak_s if args.soak_s is None else args.soak_s,
@@ -196,6 +197,14 @@ def _duration(text: str) -> float:
     if not 0 <= value <= 7 * 86_400:  # also refuses nan
         raise argparse.ArgumentTypeError("must be between 0 and 604800 seconds")
     return value
+
+
+def _waves(text: str) -> str:
+    try:
+        parse_waves(text)
+    except InvalidInput as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def _count(text: str) -> int:
@@ -276,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     rollout.add_argument("name", help="the model, or status, pause, resume, abort")
     rollout.add_argument("version", nargs="?", help="the version (or, after an action, the model)")
     rollout.add_argument("--group", help="roll out to this group's devices only (default: all devices)")
-    rollout.add_argument("--waves", default="1%,10%,50%,100%",
+    rollout.add_argument("--waves", default="1%,10%,50%,100%", type=_waves,
                          help="percentages of the eligible devices (1%%,10%%,50%%,100%%, the default) "
                               "or group names in order (canary,site-a,site-b)")
     rollout.add_argument("--soak-s", type=_duration, help="seconds a settled wave runs before the next "
@@ -288,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="a device that reports nothing for this long is silent "
                               "(default: rollout_report_timeout_s)")
     rollout.add_argument("--json", action="store_true")
-    rollout.set_defaults(func=cmd_rollout)
+    rollout.set_defaults(func=cmd_rollout, parser=rollout)
 
     fleet = sub.add_parser("fleet", parents=[common], help="devices seen on the broker and their versions")
     fleet.add_argument("--wait", type=_seconds, default=3.0,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import stat
 import subprocess
 import sys
@@ -51,5 +52,33 @@ def test_the_console_script_and_the_module_are_the_same_program():
     script = subprocess.run([*program, "--version"], capture_output=True, text=True)
     assert script.returncode == 0 and script.stdout.startswith("edged-registry ")
     help_text = subprocess.run([*program, "--help"], capture_output=True, text=True)
-    for command in ("keygen", "publish", "list", "promote", "retire", "fleet", "serve"):
+    for command in ("keygen", "publish", "list", "promote", "retire", "rollout", "fleet", "serve"):
         assert command in help_text.stdout
+
+
+def test_rollout_commands_record_pause_resume_and_abort_a_rollout(registry, tiny_ir):
+    """Without `serve` nothing is planned; the commands only change the rollout's file."""
+    files = [tiny_ir, tiny_ir.with_suffix(".bin")]
+    assert "announced nowhere" in registry.run("publish", "tiny", *files, "--version", "1", "--hold").stdout
+    assert "stored, not retained" in registry.run("list").stdout
+    assert registry.run("rollout", "status").stdout.strip() == "(no rollouts)"
+    assert "must increase" in registry.run("rollout", "tiny", "1", "--waves", "50%,10%", expect=2).stderr
+    assert "needs the model's name" in registry.run("rollout", "pause", expect=2).stderr
+    missing = registry.run("rollout", "tiny", "7", expect=1)
+    assert len(missing.stderr.strip().splitlines()) == 1
+
+    recorded = registry.run("rollout", "tiny", "1", "--waves", "50%,100%", "--soak-s", "5",
+                            "--max-failures", "1")
+    assert "recorded rollout tiny 1 in waves 50%, 100%" in recorded.stdout
+    assert "is running" in registry.run("rollout", "tiny", "1", expect=1).stderr
+    (status,) = json.loads(registry.run("rollout", "status", "--json").stdout)
+    assert (status["state"], status["soak_s"], status["max_failures"], status["planned_at"]) == (
+        "running", 5.0, 1, None)
+    assert [w["spec"] for w in status["waves"]] == ["50%", "100%"]
+    assert "waiting for `edged-registry serve`" in registry.run("rollout", "status", "tiny").stdout
+    assert "tiny 1 to all devices: paused" in registry.run("rollout", "pause", "tiny").stdout
+    assert "is paused, not running" in registry.run("rollout", "pause", "tiny", expect=1).stderr
+    assert "running" in registry.run("rollout", "resume", "tiny").stdout
+    aborted = registry.run("rollout", "abort", "tiny").stdout
+    assert "tiny 1 to all devices: aborted" in aborted  # none targeted: nothing to wait for
+    assert "no rollout of face" in registry.run("rollout", "status", "face", expect=1).stderr
