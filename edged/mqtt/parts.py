@@ -51,7 +51,8 @@ class MqttParts:
                  reload_config: Callable[[], dict[str, Any]] | None) -> None:
         self.pipe = pipe
         self.link = pipe.link
-        self.reporter = Reporter(self.link, health, manager, pipelines, settings.mqtt.health_interval_s)
+        self.reporter = Reporter(self.link, health, manager, pipelines, settings.mqtt.health_interval_s,
+                                 group=settings.updates.group)
         self.commands = Commands(self.link, control, health, pipelines, reload_config,
                                  settings.mqtt.command_senders) if settings.mqtt.commands else None
         self.updates = None

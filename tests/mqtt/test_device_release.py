@@ -168,8 +168,6 @@ def test_a_rollback_release_of_a_version_no_longer_stored_is_downloaded(
     assert tiny_store.active("tiny") == "2"
 
 
-@pytest.mark.xfail(strict=True, reason="needs edged/mqtt/parts.py to pass Reporter(..., "
-                                       "group=settings.updates.group)")
 def test_the_state_document_names_the_group(start_daemon, broker, mqtt_subscriber, tiny_store, tmp_path, key):
     states = mqtt_subscriber(broker, STATE)
     start_daemon(tiny_store.root, device_config(broker, tmp_path, key, group="pilot"))
