@@ -30,7 +30,8 @@ from edged.registry.rollout_commands import change_rollout, start_rollout, statu
 from edged.registry.rollout_driver import RolloutDriver
 from edged.registry.store import RegistryStore, Target
 from edged.signing import MAX_ENVELOPE_BYTES, Release, key_id, verify_envelope
-from tests.conftest import build_tiny_ir, ir_files
+from tests.conftest import build_tiny_ir, ir_files, wait_until
+from tests.registry.conftest import retained_on
 
 
 def message(topic: str, payload: bytes | dict) -> mqtt.MQTTMessage:
@@ -274,3 +275,28 @@ def test_abort_records_rollback_releases_of_the_previous_versions(publisher, bro
     assert store.retained_for(Target("wide", device="cam-1")) == b""
     with pytest.raises(InvalidInput):
         change_rollout(publisher, "wide", "pause")
+
+
+def test_serve_announces_thousands_of_device_releases_on_connect(make_registry, broker, mqtt_subscriber,
+                                                                 tmp_path):
+    """More device releases than paho queues (4096): serve sends them in batches, waiting for
+    each batch's PUBACKs, and the broker ends up retaining every one."""
+    registry = make_registry(broker)
+    registry.run("publish", "wide", *ir_files(build_tiny_ir(tmp_path / "v1", name="wide")), "--version", "1",
+                 "--hold")
+    publisher = Publisher(RegistrySettings(root=registry.root), RegistryStore(registry.root))
+    envelope = publisher.envelope_for(Target("wide", device="cam-0"), "1")
+    count = 5000
+    for i in range(count):  # the store's layout, written plainly: this test is about announcing
+        path = registry.root / "retained" / Target("wide", device=f"cam-{i}").suffix
+        path.parent.mkdir(parents=True)
+        path.with_suffix(".json").write_bytes(envelope)
+    releases = mqtt_subscriber(broker, "edged/registry/devices/+/models/wide")
+    registry.serve(mqtt_subscriber(broker, "edged/registry/status"))
+    assert f"announced {count} releases and 0 withdrawals" in registry.serve_log()
+    wait_until(lambda: len({m.topic for m in releases.messages() if m.payload == envelope}) == count, 60,
+               lambda: f"{count} releases, not {len({m.topic for m in releases.messages()})}")
+    for i in (0, count // 2, count - 1):  # retained (one subscriber cannot take 5000 at once: the
+        # broker queues at most max_queued_messages for it)
+        found = retained_on(mqtt_subscriber, broker, f"edged/registry/devices/cam-{i}/models/wide")
+        assert found is not None and found.payload == envelope
