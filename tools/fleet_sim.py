@@ -146,6 +146,10 @@ def run(args: argparse.Namespace, work: Path) -> dict:
         }
         per = math.ceil(len(ids) / args.processes)
         groups = [ids[i:i + per] for i in range(0, len(ids), per)]
+        # Before the devices start: with them idle beside it, the baseline's processes took the
+        # CPU their MQTT threads need to keep their connections alive (keepalive timeouts).
+        baseline = raw.measure(broker.port, args.devices * models["v2_bytes"], args.chunk_kib << 10,
+                               publishers=args.registries, subscribers=len(groups))
         started = time.monotonic()
         workers = Workers(work, groups, settings, models["v1"], faulty)
         ready = workers.wait_ready(600)
@@ -153,8 +157,6 @@ def run(args: argparse.Namespace, work: Path) -> dict:
         start_s = time.monotonic() - started
 
         idle = measure_idle(observer, args.idle_s)
-        baseline = raw.measure(broker.port, args.devices * models["v2_bytes"], args.chunk_kib << 10,
-                               publishers=args.registries, subscribers=len(groups))
 
         pids = {"workers": [p.pid for p in workers.procs], "serves": [p.pid for p in registry.serves],
                 "broker": [broker.proc.pid]}
@@ -238,8 +240,7 @@ def snapshot(observer: infra.Observer, pids: dict[str, list[int]], killed: dict 
 def run_publish(args: argparse.Namespace, registry: infra.Registry, models: dict) -> None:
     files = [*models["v2"]]
     if args.rollout:
-        registry.run("publish", MODEL, *files, "--version", "2", "--selftest", models["selftest"],
-                     "--group", "rollout-staging")
+        registry.run("publish", MODEL, *files, "--version", "2", "--selftest", models["selftest"], "--hold")
         registry.run("rollout", MODEL, "2", "--waves", args.rollout, "--soak-s", str(args.soak_s),
                      "--max-failures", "0")
     else:
@@ -263,7 +264,8 @@ def main() -> int:
     parser.add_argument("--registries", type=int, default=1, help="`serve` instances over one store")
     parser.add_argument("--kill-at", type=float, default=0.0,
                         help="SIGKILL the last serve once this fraction of the bytes reached the devices")
-    parser.add_argument("--processes", type=int, default=6, help="worker processes the devices run in")
+    parser.add_argument("--processes", type=int, default=12,
+                        help="worker processes the devices run in (~40 devices each at most: see docstring)")
     parser.add_argument("--chunk-kib", type=int, default=1024, help="devices' chunk_bytes, and the raw chunk")
     parser.add_argument("--window", type=int, default=2, help="devices' chunk requests in flight")
     parser.add_argument("--chunk-timeout-s", type=float, default=30.0)

@@ -78,6 +78,7 @@ def figures(*, args: Any, models: dict, ids: list[str], ready: list[dict], start
         "failures": kinds.get("update_failed", 0), "refusals": kinds.get("update_refused", 0),
         "rollbacks": kinds.get("update_rolled_back", 0),
         "chunks_retried": sum(f["chunks_retried"] for f in final.values()),
+        "reconnects": sum(max(0, f["connections"] - 1) for f in final.values()),
         "registry_busy": [int(m[1]) if (m := BUSY.search(line)) else None for line in serve_lines],
         "registry_served_chunks": [int(m[1]) if (m := SERVED.search(line)) else None for line in serve_lines],
         "delivered_chunks": sum(f["delivered_chunks"] for f in final.values()),
@@ -108,7 +109,8 @@ def rollout_outcome(observer: Any, registry: Any, waves: list[list[str]], faulty
     failed = {d for _t, d, e in observer.events if e.get("kind") in
               ("update_failed", "update_refused", "update_rolled_back") and e.get("version") == "2"}
     later = set().union(*waves[2:]) if len(waves) > 2 else set()
-    outcome = {"state": document.get("state"), "wave": document.get("wave"),
+    outcome = {"state": document.get("state"), "current_wave": document.get("current"),
+               "reason": document.get("reason"),
                "waves": [len(w) for w in waves],
                "active_v2_per_wave": [sum(observer.active.get(d) == "2" for d in w) for w in waves],
                "started_per_wave": [len(started & set(w)) for w in waves],
@@ -150,7 +152,8 @@ def print_table(result: dict[str, Any]) -> None:
          f"(retained on broker: {result['broker']['retained']:.0f})"),
         ("failures / refusals / rollbacks",
          f"{result['failures']} / {result['refusals']} / {result['rollbacks']}"),
-        ("chunk retries (devices) / busy (serve)", f"{result['chunks_retried']} / {result['registry_busy']}"),
+        ("chunk retries / reconnects (devices)", f"{result['chunks_retried']} / {result['reconnects']}"),
+        ("busy refusals (each serve)", f"{result['registry_busy']}"),
         ("CPU s: devices, registry, broker", f"{cpu['devices_s']}, {cpu['registry_s']}, {cpu['broker_s']} "
          f"({cpu['devices_s_per_update']} s per device update)"),
         ("peak RSS MiB: worker processes, serves", f"{result['memory_mib']['workers_peak_rss_mib']}, "
