@@ -29,19 +29,22 @@ FAST = {"rollout_tick_s": 0.2}
 class Fleet:
     """`count` devices cam-0 ... running tiny 1, each an `edged run` with its own store."""
 
-    def __init__(self, start_daemon, registry: Registry, tmp_path: Path, count: int, v1: list[Path]) -> None:
+    def __init__(self, start_daemon, registry: Registry, tmp_path: Path, count: int, v1: list[Path],
+                 groups: list[str] | None = None) -> None:
+        """`groups`: each device's updates.group, in order (default: none)."""
         self.registry = registry
         self.ids = [f"cam-{i}" for i in range(count)]
         self.stores: dict[str, ModelStore] = {}
         self.daemons = {}
-        for device in self.ids:
+        for index, device in enumerate(self.ids):
             work = tmp_path / device
+            group = {"group": groups[index]} if groups else {}
             store = ModelStore(work / "store")
             store.add(MODEL, v1, "1")
             store.activate(MODEL, "1")
             self.stores[device] = store
-            self.daemons[device] = start_daemon(store.root, device_config(registry, work, device_id=device),
-                                                ready=False)
+            self.daemons[device] = start_daemon(
+                store.root, device_config(registry, work, device_id=device, **group), ready=False)
         for daemon in self.daemons.values():
             daemon.wait_ready()
 
@@ -221,19 +224,21 @@ def test_the_broker_restarted_mid_rollout_the_rollout_completes(
 
 def test_abort_sends_the_wave_back_to_the_previous_version(
         broker, make_registry, mqtt_subscriber, start_daemon, tmp_path):
+    """Waves by group (the devices' state names it): canary first, then main."""
     registry = make_registry(broker, FAST)
     v1, v2, probe = setup(tmp_path, registry)
     registry.run("publish", MODEL, *v2, "--version", "2", "--hold", "--selftest", probe)
     states = mqtt_subscriber(broker, "edged/devices/+/state")
-    fleet = Fleet(start_daemon, registry, tmp_path, 4, v1)
+    fleet = Fleet(start_daemon, registry, tmp_path, 4, v1, groups=["canary", "main", "canary", "main"])
     wait_states(states, fleet, "1")
     registry.serve(mqtt_subscriber(broker, "edged/registry/status"))
-    registry.run("rollout", MODEL, "2", "--waves", "50%,100%", "--soak-s", "3600",
+    registry.run("rollout", MODEL, "2", "--waves", "canary,main", "--soak-s", "3600",
                  "--report-timeout-s", "120")
 
     soaking = wait_until(lambda: (r := rollout(registry)) is not None and r.waves[0].settled_at and r, 120,
                          "the first wave to settle")
     first = soaking.waves[0].devices
+    assert sorted(first) == ["cam-0", "cam-2"] and sorted(soaking.waves[1].devices) == ["cam-1", "cam-3"]
     assert all(fleet.active(d) == "2" for d in first)
     aborted = registry.run("rollout", "abort", MODEL).stdout
     assert "aborting" in aborted or "aborted" in aborted
