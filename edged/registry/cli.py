@@ -17,7 +17,6 @@ from edged.exits import run_command
 from edged.registry.config import RegistrySettings, load_registry_settings
 from edged.registry.fleet import format_table, watch
 from edged.registry.publisher import Outcome, Publisher, newer_elsewhere, release_version
-from edged.registry.rollout import parse_waves
 from edged.registry.rollout_commands import (
     change_rollout,
     format_status,
@@ -25,6 +24,7 @@ from edged.registry.rollout_commands import (
     start_rollout,
     status_dict,
 )
+from edged.registry.rollout_plan import parse_waves
 from edged.registry.server import serve
 from edged.registry.store import KEY_FILE, RegistryStore, Target
 from edged.signing import key_id, public_key_text

@@ -29,7 +29,9 @@ KINDS = ("status", "state", "health", "events")
 MAX_DOCUMENT_BYTES = 64 << 10  # a state document names a few models; far more is not a device's
 MAX_PROBLEMS = 5
 MAX_OUTCOMES = 64  # (model, version) outcomes kept per device from its events
-UPDATE_EVENTS = frozenset({"update_kept", "update_failed", "update_refused", "update_rolled_back"})
+# Outcomes of an update, and its activation (the version serves, probation has begun).
+UPDATE_EVENTS = frozenset({"update_activated", "update_kept", "update_failed", "update_refused",
+                           "update_rolled_back"})
 
 
 @dataclass(frozen=True)
@@ -106,9 +108,17 @@ class FleetWatcher:
         return [self.topics.of_device(kind) for kind in kinds]
 
     def mark_sync(self) -> bytes:
-        """A new marker to publish on `sync_topic`; `synced` is cleared until it arrives."""
+        """A new marker to publish on `sync_topic`; `synced` is cleared until it arrives.
+
+        Called after each (re)subscribe: events sent while we were away are lost, so an
+        activation seen before is forgotten (its update_kept may be among them), and the
+        retained state, which arrives again, says where the device is."""
         self.synced.clear()
         self._marker = uuid.uuid4().hex.encode()
+        with self._lock:
+            for device in self.devices.values():
+                for key in [k for k, (kind, _) in device.outcomes.items() if kind == "update_activated"]:
+                    del device.outcomes[key]
         return self._marker
 
     def on_message(self, message: mqtt.MQTTMessage) -> None:

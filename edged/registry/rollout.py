@@ -1,4 +1,4 @@
-"""Staged rollouts: the plan (waves over the eligible devices) and its state machine.
+"""Staged rollouts: the recorded rollout and its state machine (the waves: rollout_plan.py).
 
 No MQTT and no signing here: `step` reads what devices report (fleet.DeviceReport), moves
 the rollout on and says which retained releases must change; the driver (rollout_driver.py)
@@ -12,11 +12,7 @@ aborting -> aborted (the targeted devices sent back to their previous versions).
 
 from __future__ import annotations
 
-import hashlib
 import json
-import math
-import re
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -27,56 +23,14 @@ from edged.errors import InvalidInput, StoreError
 from edged.fsio import atomic_write
 from edged.models.manifest import check_name, is_valid_name, one_line
 from edged.registry.fleet import DeviceReport
+from edged.registry.rollout_plan import parse_waves as parse_waves  # re-exported: tools/fleet_sim.py
+from edged.registry.rollout_plan import plan_waves
+from edged.registry.rollout_plan import wave_order as wave_order  # re-exported
 
 State = Literal["running", "paused", "halted", "completed", "aborting", "aborted"]
 Outcome = Literal["pending", "done", "failed", "silent"]
 OPEN_STATES = ("running", "paused", "halted", "aborting")  # a rollout that still pins devices
 FAIL_EVENTS = frozenset({"update_failed", "update_refused", "update_rolled_back"})
-PERCENT = re.compile(r"^(\d{1,3}(?:\.\d{1,3})?)%$")
-MAX_WAVES = 32
-
-
-# --- the plan --------------------------------------------------------------------------------
-
-def wave_order(name: str, version: str, device_ids: Iterable[str]) -> list[str]:
-    """The devices in the order percentage waves take them: by sha256 of
-    "{name}/{version}/{device_id}", so each rollout takes a different, reproducible sample."""
-    return sorted(device_ids, key=lambda d: (hashlib.sha256(f"{name}/{version}/{d}".encode()).digest(), d))
-
-
-def parse_waves(text: str) -> list[str]:
-    """`1%,10%,50%,100%` (increasing, the last 100%) or `canary,site-a,site-b` (group names)."""
-    waves = [w.strip() for w in text.split(",") if w.strip()]
-    if not waves or len(waves) > MAX_WAVES:
-        raise InvalidInput(f"--waves takes 1 to {MAX_WAVES} waves, comma-separated")
-    percents = [PERCENT.match(w) for w in waves]
-    if all(percents):
-        values = [float(m[1]) for m in percents if m]
-        if any(not 0 < v <= 100 for v in values) or values != sorted(set(values)) or values[-1] != 100:
-            raise InvalidInput("percentage waves must increase, each above 0%, and end at 100%")
-        return waves
-    if any(percents):
-        raise InvalidInput("--waves takes either percentages or group names, not both")
-    for wave in waves:
-        check_name(wave, "group name")
-    if len(set(waves)) != len(waves):
-        raise InvalidInput("a group is named twice in --waves")
-    return waves
-
-
-def plan_waves(specs: list[str], name: str, version: str, eligible: dict[str, str | None]) -> list[list[str]]:
-    """The devices of each wave. `eligible`: device id -> its group. Percentage wave k takes
-    the first ceil(p_k x N) devices in wave_order (those before are earlier waves'); a named
-    wave takes the devices of that group."""
-    order = wave_order(name, version, eligible)
-    if not specs[0].endswith("%"):
-        return [[d for d in order if eligible[d] == group] for group in specs]
-    waves, taken = [], 0
-    for spec in specs:
-        upto = min(len(order), math.ceil(float(spec[:-1]) / 100 * len(order) - 1e-9))
-        waves.append(order[taken:upto])
-        taken = max(taken, upto)
-    return waves
 
 
 # --- the recorded rollout ---------------------------------------------------------------------
@@ -190,7 +144,9 @@ class Changes:
 
 
 def judge(rollout: Rollout, device: str, report: DeviceReport | None) -> tuple[Outcome, str] | None:
-    """A targeted device's outcome now, from its state and events; None: nothing reported yet."""
+    """A targeted device's outcome now, from its state and events; None: nothing decided yet.
+    Done: the state says the version is active and not degraded, and, if its activation was
+    seen, its probation passed (update_kept)."""
     if report is None:
         return None
     model = report.models.get(rollout.name)
@@ -200,6 +156,8 @@ def judge(rollout: Rollout, device: str, report: DeviceReport | None) -> tuple[O
         return "failed", f"{kind}: {model.failure.get('reason') or ''}".rstrip(": ")
     if event is not None and event[0] in FAIL_EVENTS:
         return "failed", f"{event[0]}: {event[1]}".rstrip(": ")
+    if event is not None and event[0] == "update_activated":
+        return None  # on probation: done once update_kept arrives (or, that missed, never seen)
     if model is not None and model.active == rollout.version and not model.degraded:
         return "done", "update_kept" if event is not None else "active"
     return None

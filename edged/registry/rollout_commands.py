@@ -16,10 +16,10 @@ from edged.registry.rollout import (
     RolloutFiles,
     abort,
     new_rollout,
-    parse_waves,
     pause,
     resume,
 )
+from edged.registry.rollout_plan import parse_waves
 from edged.registry.store import Target
 
 

@@ -19,15 +19,13 @@ from edged.registry.rollout import (
     RolloutFiles,
     abort,
     new_rollout,
-    parse_waves,
     pause,
-    plan_waves,
     resume,
     step,
-    wave_order,
 )
 from edged.registry.rollout_commands import change_rollout, start_rollout, status_dict
 from edged.registry.rollout_driver import RolloutDriver
+from edged.registry.rollout_plan import parse_waves, plan_waves, wave_order
 from edged.registry.store import RegistryStore, Target
 from edged.signing import MAX_ENVELOPE_BYTES, Release, key_id, verify_envelope
 from tests.conftest import build_tiny_ir, ir_files, wait_until
@@ -106,6 +104,9 @@ def test_a_rollout_goes_wave_by_wave_soaks_and_completes():
     assert not step(rollout, fleet.reports(), 1001.0).changed  # nothing reported yet
 
     fleet.state(device, "2", desired="2")
+    fleet.event(device, "update_activated", "2")
+    assert not step(rollout, fleet.reports(), 1001.5).changed  # on probation
+    fleet.event(device, "update_kept", "2")
     settled = step(rollout, fleet.reports(), 1002.0)
     assert rollout.devices[device].outcome == "done" and "settled: 1 done" in settled.messages[-1]
     assert not step(rollout, fleet.reports(), 1011.0).target  # soaking 10 s from 1002
@@ -122,6 +123,18 @@ def test_a_rollout_goes_wave_by_wave_soaks_and_completes():
     final = step(rollout, fleet.reports(), 1042.0)
     assert final.finish and rollout.state == "completed"
     assert [status_dict(rollout)["waves"][i]["counts"]["done"] for i in range(3)] == [1, 1, 2]
+
+
+def test_an_activation_seen_before_a_reconnect_is_forgotten_its_update_kept_may_be_lost():
+    fleet, rollout = rollout_of(2, "100%")
+    step(rollout, fleet.reports(), 1000.0)
+    fleet.state("cam-0", "2")
+    fleet.event("cam-0", "update_activated", "2")
+    fleet.state("cam-1", "2")
+    fleet.event("cam-1", "update_failed", "2", "chunk 3 timed out")
+    fleet.watcher.mark_sync()
+    step(rollout, fleet.reports(), 1001.0)
+    assert rollout.devices["cam-0"].outcome == "done" and rollout.devices["cam-1"].outcome == "failed"
 
 
 def test_a_failure_halts_after_its_wave_and_later_waves_are_untouched():
