@@ -54,6 +54,7 @@ class ChunkServer:
         self._reload = threading.Event()
         self._reconnected = threading.Event()
         self._say_online = threading.Event()  # another instance's "offline" covers ours
+        self._rewatch = threading.Event()  # following the devices failed for now: try again
         self._online = False
         self._fetch_filter = self.topics.fetch
         # Each instance its own client id: instances with one id would push each other off.
@@ -98,6 +99,9 @@ class ChunkServer:
                     self._go_online()
                 elif changed or time.monotonic() >= next_resign:
                     self._announce(force=False)
+                if self._rewatch.is_set() and self.connection.connected.is_set():
+                    self._rewatch.clear()
+                    self._watch_fleet()
                 if self._say_online.is_set():
                     self._say_online.clear()
                     if self._online and self.connection.connected.is_set():
@@ -182,9 +186,13 @@ class ChunkServer:
         states = self.watcher.filters(("status", "state"))
         try:
             self.connection.subscribe([*states, self.watcher.sync_topic], timeout)
-        except BrokerUnavailable as exc:
+        except BrokerRefused as exc:
             log.warning("rollouts cannot be driven from this instance: %s (the registry's account needs "
                         "read access to %s)", exc, ", ".join(states))
+            return
+        except BrokerUnavailable as exc:
+            log.error("%s; following the fleet again shortly", exc)
+            self._rewatch.set()
             return
         try:  # without events a rollout still sees failures in the retained states
             self.connection.subscribe(self.watcher.filters(("events",)), timeout)
