@@ -136,10 +136,15 @@ class Changes:
     withdraw: list[str] = field(default_factory=list)  # device releases to withdraw
     finish: bool = False  # the base release, then every device release withdrawn
     messages: list[str] = field(default_factory=list)
+    details: list[str] = field(default_factory=list)  # each device done: debug lines (a fleet is large)
     changed: bool = False
 
     def say(self, message: str) -> None:
         self.messages.append(message)
+        self.changed = True
+
+    def note(self, message: str) -> None:
+        self.details.append(message)
         self.changed = True
 
 
@@ -244,7 +249,11 @@ def _judge_all(rollout: Rollout, fleet: dict[str, DeviceReport], now: float, cha
         outcome, reason = found
         if outcome != record.outcome:
             record.outcome, record.reason, record.at = outcome, reason, round(now, 3)
-            changes.say(f"{rollout.label()}: {device} {outcome} ({reason})")
+            line = f"{rollout.label()}: {device} {outcome} ({reason})"
+            if outcome == "done":
+                changes.note(line)
+            else:
+                changes.say(line)
 
 
 def _soaked(rollout: Rollout, now: float, changes: Changes) -> bool:

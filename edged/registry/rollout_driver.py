@@ -125,6 +125,8 @@ class RolloutDriver:
                 rollout.state, rollout.reason = "halted", f"cannot record its releases: {exc}"
                 changes.messages.append(f"{rollout.label()} halted: {rollout.reason}")
             self.files.save(rollout)
+        for detail in changes.details:
+            log.debug("%s", detail)
         for message in changes.messages:
             log.info("%s", message)
         self.on_change()
