@@ -83,6 +83,7 @@ def figures(*, args: Any, models: dict, ids: list[str], ready: list[dict], start
         "registry_served_chunks": [int(m[1]) if (m := SERVED.search(line)) else None for line in serve_lines],
         "delivered_chunks": sum(f["delivered_chunks"] for f in final.values()),
         "memory_mib": memory,
+        "release_envelope_bytes": _size(registry.workdir / "root" / "models" / "wide" / "2" / "release.json"),
         "serve_final_lines": serve_lines,
         "killed": killed,
         "cpu": {"devices_s": round(_delta(before, after, "workers"), 1), "registry_s": round(registry_cpu, 1),
@@ -101,6 +102,10 @@ def figures(*, args: Any, models: dict, ids: list[str], ready: list[dict], start
     return result
 
 
+def _size(path: Any) -> int | None:
+    return path.stat().st_size if path.exists() else None
+
+
 def rollout_outcome(observer: Any, registry: Any, waves: list[list[str]], faulty: set[str]) -> dict:
     """Where the rollout stopped, and which devices moved: the later waves must not have."""
     path = registry.workdir / "root" / "rollouts" / "wide.json"
@@ -116,6 +121,7 @@ def rollout_outcome(observer: Any, registry: Any, waves: list[list[str]], faulty
                "started_per_wave": [len(started & set(w)) for w in waves],
                "failed": sorted(failed), "faulty": sorted(faulty),
                "state_failure_reported": sorted(d for d in faulty if d in observer.failure),
+               "planned_as_predicted": [w.get("devices") for w in document.get("waves", [])] == waves,
                "later_waves_touched": sorted(started & later)}
     outcome["ok"] = (outcome["state"] == "halted" and failed == faulty and not outcome["later_waves_touched"])
     return outcome
