@@ -52,6 +52,7 @@ def test_six_devices_converge_and_the_figures_agree(tmp_path: Path) -> None:
     assert abs(r["registry_cpu_s_per_gb"] - per_gb) <= 0.01 * per_gb + 0.01
     assert r["raw"]["bytes"] >= DEVICES * r["scenario"]["model_bytes"] and r["raw_mb_s"] > 0
     assert r["aggregate_over_raw"] == round(r["aggregate_mb_s"] / r["raw_mb_s"], 3)
-    # Retained: each device's status and state, the release and the registry's status.
-    assert r["broker"]["retained"] >= 2 * DEVICES + 2
+    # Retained: each device's status and state, and the registry's status (the release too,
+    # once $SYS counted it: it updates every second).
+    assert r["broker"]["retained"] >= 2 * DEVICES + 1
     assert r["broker"]["publish_per_s"] > 0
