@@ -164,7 +164,11 @@ def run(args: argparse.Namespace, work: Path) -> dict:
         started = time.monotonic()
         workers = Workers(work, groups, settings, models["v1"], faulty)
         ready = workers.wait_ready(600)
-        wait_until(lambda: observer.count("1") == len(ids), 300, "every device's state: version 1 active")
+        try:
+            wait_until(lambda: observer.count("1") == len(ids), 300, "every device's state: version 1 active")
+        except RuntimeError as exc:
+            missing = sorted(d for d in ids if observer.active.get(d) != "1")
+            raise RuntimeError(f"{exc}: {len(missing)} not: {missing[:10]} {observer.problems[:5]}") from None
         start_s = time.monotonic() - started
 
         idle = measure_idle(observer, args.idle_s)

@@ -146,6 +146,7 @@ class Observer:
         self.sys_received = 0  # $SYS messages sent to this observer: the broker counts them too
         self.releases: list[tuple[float, str]] = []  # (time, topic) of non-empty release messages
         self.registry_online: set[str] = set()
+        self.problems: list[str] = []
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="fleet-sim-observer",
                                   protocol=mqtt.MQTTv5)
         self.client.on_message = self._on_message
@@ -160,6 +161,13 @@ class Observer:
             raise RuntimeError("the observer got no SUBACK")
 
     def _on_message(self, client: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:
+        try:
+            self._record(message)
+        except Exception as exc:  # an odd message must not end paho's thread (and the observer)
+            self.problems.append(f"{message.topic}: {exc!r}")
+            print(f"observer: {message.topic}: {exc!r}", file=sys.stderr)
+
+    def _record(self, message: mqtt.MQTTMessage) -> None:
         now = time.monotonic()
         topic = message.topic
         with self.lock:

@@ -51,19 +51,20 @@ def install() -> None:
 
 
 def scaled_model(path: Path, scale: float = FAULT_SCALE):
-    """The IR at `path` with each output multiplied by `scale`, its names kept."""
-    from openvino import Model
+    """The IR at `path` with each output multiplied by `scale`, its names kept: a multiply
+    put between each Result and what it read."""
     from openvino import opset13 as ops
 
     model = _shared_core().read_model(str(path))
-    outputs = []
-    for output in model.outputs:
-        names = output.get_names()
-        scaled = ops.multiply(output, ops.constant(np.float32(scale)))
-        output.get_tensor().set_names(set())
+    for result in model.get_results():
+        source = result.input_value(0)
+        names = source.get_tensor().get_names()
+        scaled = ops.multiply(source, ops.constant(np.float32(scale)))
+        source.get_tensor().set_names(set())
         scaled.output(0).get_tensor().set_names(names)
-        outputs.append(scaled)
-    return Model(outputs, model.get_parameters(), f"{model.get_friendly_name()}-faulty")
+        result.input(0).replace_source_output(scaled.output(0))
+    model.validate_nodes_and_infer_types()
+    return model
 
 
 class SharedHandle(LoadedModel):
