@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 from edged.config.mqtt import DEVICE_ID
 from edged.errors import EdgedError, InvalidInput
 from edged.fsio import atomic_write
-from edged.models.manifest import FileName, Manifest, ModelName, one_line
+from edged.models.manifest import FileName, Manifest, ModelName, Version, one_line
 
 ENVELOPE_FIELDS = frozenset({"release", "key_id", "signature"})
 # The largest envelope the registry signs and a device should accept (a manifest is at most
@@ -177,7 +177,7 @@ FiniteFloat = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 DeviceId = Annotated[str, StringConstraints(pattern=f"^{DEVICE_ID.pattern}$")]
 # Signed fields left out of the canonical JSON at their default, so a release that does not
 # use them is byte for byte what devices that do not know them accept (extra="forbid").
-OPTIONAL_FIELDS = {"device": None, "rollback": False}
+OPTIONAL_FIELDS = {"device": None, "rollback": False, "rollback_from": None}
 
 
 class SelfTest(BaseModel):
@@ -201,6 +201,11 @@ class Release(BaseModel):
     rollback: bool = Field(default=False, strict=True,
                            description="Install even when older than the active version: an aborted "
                                        "rollout sends devices back.")
+    rollback_from: Version | None = Field(
+        default=None, description="With `rollback` only, and required by it: the version the "
+                                  "rollback leaves (the aborted rollout's). A device installs the "
+                                  "rollback only while that version is active, so a replayed "
+                                  "rollback cannot undo a later rollout.")
     published_at: FiniteFloat = Field(ge=0, description="Seconds since the epoch when signed.")
     expires_at: FiniteFloat = Field(ge=0, description="Seconds since the epoch; refused afterwards.")
     selftest: SelfTest | None = Field(default=None, description="Input and expected outputs to check.")
@@ -213,6 +218,8 @@ class Release(BaseModel):
             raise ValueError("a release is for a group or for a device, not both")
         if self.rollback and self.device is None:
             raise ValueError("a rollback release is for one device")
+        if self.rollback != (self.rollback_from is not None):
+            raise ValueError("rollback_from is required by rollback and only allowed with it")
         if self.selftest is not None:
             names = {f.name for f in self.manifest.files}
             for role, name, suffix in (("input", self.selftest.input, ".npy"),
@@ -234,8 +241,8 @@ class Release(BaseModel):
             raise InvalidInput(f"invalid release: {one_line(exc)}") from None
 
     def to_dict(self) -> dict:
-        """Plain JSON data, as it is signed: `device` and `rollback` only when set, so a
-        release for every device or a group is what it was before they existed."""
+        """Plain JSON data, as it is signed: `device`, `rollback` and `rollback_from` only
+        when set, so a release for every device or a group is what it was before they existed."""
         data = self.model_dump(mode="json")
         for key, default in OPTIONAL_FIELDS.items():
             if data[key] == default:

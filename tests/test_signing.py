@@ -242,13 +242,14 @@ def test_a_release_without_device_or_rollback_is_signed_as_before(audience):
 
 
 def test_a_device_release_carries_its_device_and_rollback_and_both_are_signed(key, trusted):
-    release = Release.parse(release_dict(device="cam-1", rollback=True))
+    release = Release.parse(release_dict(device="cam-1", rollback=True, rollback_from="4"))
     assert (release.device, release.rollback, release.group) == ("cam-1", True, None)
+    assert release.rollback_from == "4"
     data = release.to_dict()
-    assert data["device"] == "cam-1" and data["rollback"] is True
+    assert data["device"] == "cam-1" and data["rollback"] is True and data["rollback_from"] == "4"
     assert Release.parse(release_dict(device="cam-1")).to_dict().keys() == {*release_dict(), "device"}
     envelope = sign_release(data, key)
-    for field, value in (("device", "cam-2"), ("rollback", False)):
+    for field, value in (("device", "cam-2"), ("rollback", False), ("rollback_from", "5")):
         tampered = copy.deepcopy(envelope)
         tampered["release"][field] = value
         with pytest.raises(SignatureError, match=r"^bad signature$"):
@@ -261,11 +262,14 @@ def test_a_device_release_carries_its_device_and_rollback_and_both_are_signed(ke
 
 
 @pytest.mark.parametrize(("changes", "reason"), [
-    ({"rollback": True}, "a rollback release is for one device"),
+    ({"rollback": True, "rollback_from": "4"}, "a rollback release is for one device"),
+    ({"device": "cam-1", "rollback": True}, "rollback_from is required by rollback"),
+    ({"device": "cam-1", "rollback_from": "4"}, "only allowed with it"),
+    ({"device": "cam-1", "rollback": True, "rollback_from": "../4"}, "rollback_from"),
     ({"group": "canary", "device": "cam-1"}, "for a group or for a device, not both"),
     ({"device": "../cam"}, "device"),
     ({"device": ""}, "device"),
-    ({"device": "cam-1", "rollback": 1}, "rollback"),
+    ({"device": "cam-1", "rollback": 1, "rollback_from": "4"}, "rollback"),
 ])
 def test_device_and_rollback_are_checked(changes, reason):
     with pytest.raises(InvalidInput, match=reason) as caught:
