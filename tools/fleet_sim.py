@@ -177,7 +177,7 @@ def run(args: argparse.Namespace, work: Path) -> dict:
                 "broker": [broker.proc.pid]}
         before = snapshot(observer, pids)
         run_publish(args, registry, models)
-        t0 = wait_until(lambda: bool(observer.releases), 60, "the release on the broker")
+        t0 = wait_until(lambda: bool(observer.releases), 180, "the release on the broker")
         t0 = observer.releases[0][0]
         killed = None
         target = len(ids) - len(set().union(*waves[2:])) - len(faulty) if args.rollout else len(ids)
@@ -202,6 +202,9 @@ def run(args: argparse.Namespace, work: Path) -> dict:
         if not args.rollout:  # probation's end, so no device is mid-update at the stop
             wait_until(lambda: len(observer.device_events("update_kept", "2")) >= target,
                        120 + args.probation_s, "every device keeping version 2")
+        else:  # a halt does not stop the updates its waves started: let them end first
+            wait_until(lambda: updates_ended(observer), 120 + args.probation_s,
+                       "every started update kept or failed")
         final = workers.stop(len(ids))
         serve_lines = registry.stop()
         return figures(args=args, models=models, ids=ids, ready=ready, start_s=start_s, idle=idle,
@@ -261,6 +264,13 @@ def run_publish(args: argparse.Namespace, registry: infra.Registry, models: dict
                      "--max-failures", "0")
     else:
         registry.run("publish", MODEL, *files, "--version", "2", "--selftest", models["selftest"])
+
+
+def updates_ended(observer: infra.Observer) -> bool:
+    started = {d for _t, d, _e in observer.device_events("update_started", "2")}
+    ended = {d for kind in ("update_kept", "update_failed", "update_refused", "update_rolled_back")
+             for _t, d, _e in observer.device_events(kind, "2")}
+    return started <= ended
 
 
 def rollout_settled(registry: infra.Registry, observer: infra.Observer) -> bool:
