@@ -98,6 +98,12 @@ class RegistrySettings(TomlSettings):
         description="How often `serve` advances the rollouts it drives (and an idle instance tries to take "
                     "over driving).",
     )
+    fleet_max_devices: int = Field(
+        default=100_000, ge=1, le=10_000_000,
+        description="Devices `serve` (and `fleet`) follow at most: each is memory, and any client that may "
+                    "publish a device status can make up ids; more are refused, counted and logged once a "
+                    "minute.",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field(default="info", description="Log level.")
     mqtt: MqttSettings = Field(
         default_factory=registry_mqtt,

@@ -1,5 +1,5 @@
-"""`edged-registry fleet`, and the fleet as a rollout sees it: every device the broker knows
-of, as the devices report themselves.
+"""The fleet as `edged-registry fleet` (fleet_table.py) and a rollout see it: every device
+the broker knows of, as the devices report themselves.
 
 Status and state are retained, so they arrive at once; health reports and events are not,
 so a device's health age is known only if it reported during the `--wait` window (make the
@@ -12,19 +12,19 @@ message over MAX_DOCUMENT_BYTES is not parsed, and what is kept per device is bo
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import paho.mqtt.client as mqtt
 
 from edged.config.mqtt import DEVICE_ID
-from edged.registry.config import RegistrySettings
-from edged.registry.connection import Connection
 from edged.topics import Topics
 
+log = logging.getLogger(__name__)
 KINDS = ("status", "state", "health", "events")
 MAX_DOCUMENT_BYTES = 64 << 10  # a state document names a few models; far more is not a device's
 MAX_PROBLEMS = 5
@@ -32,6 +32,15 @@ MAX_OUTCOMES = 64  # (model, version) outcomes kept per device from its events
 # Outcomes of an update, and its activation (the version serves, probation has begun).
 UPDATE_EVENTS = frozenset({"update_activated", "update_kept", "update_failed", "update_refused",
                            "update_rolled_back"})
+
+
+class UpdateEvent(NamedTuple):
+    """A device's last update event for one (model, version)."""
+
+    kind: str
+    reason: str
+    at: float  # the event's own time (epoch seconds), else when it arrived
+    retrying: bool  # an update_failed the device tries again (it says attempt and retry_in_s)
 
 
 @dataclass(frozen=True)
@@ -51,7 +60,7 @@ class DeviceReport:
     online: bool
     group: str | None
     models: dict[str, ModelReport]
-    outcomes: dict[tuple[str, str], tuple[str, str]]  # (model, version) -> (event kind, reason)
+    outcomes: dict[tuple[str, str], UpdateEvent]  # (model, version) -> its last update event
 
 
 @dataclass
@@ -61,7 +70,7 @@ class Device:
     state: dict[str, Any] | None = None
     health_received: float | None = None  # time.monotonic() of the last health report
     problems: list[str] = field(default_factory=list)
-    outcomes: dict[tuple[str, str], tuple[str, str]] = field(default_factory=dict)
+    outcomes: dict[tuple[str, str], UpdateEvent] = field(default_factory=dict)
 
 
 def _text(value: object, limit: int = 200) -> str | None:
@@ -93,7 +102,12 @@ class FleetWatcher:
     arrived: `mark_sync` names a marker the caller publishes right after subscribing, which
     the broker delivers after them (one client's messages stay in order)."""
 
-    def __init__(self, prefix: str) -> None:
+    def __init__(self, prefix: str, max_devices: int = 100_000) -> None:
+        """`max_devices`: entries kept at most (each is memory; ids come from anyone who can
+        publish a status); a device beyond them is refused, counted, logged once a minute."""
+        self.max_devices = max_devices
+        self.refused = 0
+        self._refused_logged = -1.0
         self.topics = Topics(prefix)
         self.devices_root = f"{prefix}/devices/"
         self.sync_topic = f"{prefix}/registry/rollouts/sync"
@@ -117,7 +131,7 @@ class FleetWatcher:
         self._marker = uuid.uuid4().hex.encode()
         with self._lock:
             for device in self.devices.values():
-                for key in [k for k, (kind, _) in device.outcomes.items() if kind == "update_activated"]:
+                for key in [k for k, e in device.outcomes.items() if e.kind == "update_activated"]:
                     del device.outcomes[key]
         return self._marker
 
@@ -143,14 +157,22 @@ class FleetWatcher:
                 return
             document = parsed
         with self._lock:
-            device = self._device(device_id)
+            if kind in ("status", "state"):  # retained: they alone create (and clear) an entry
+                device = self.devices.get(device_id)
+                if device is None and document is not None:
+                    device = self._device(device_id)
+                if device is not None:
+                    setattr(device, kind, document)  # an empty retained message clears it
+                    if device.status is None and device.state is None:
+                        del self.devices[device_id]
+                return
+            device = self.devices.get(device_id)  # events and health of unknown devices: ignored
+            if device is None:
+                return
             if kind == "health":
                 device.health_received = time.monotonic()
-            elif kind == "events":
-                if document is not None:
-                    self._record_event(device, document)
-            else:
-                setattr(device, kind, document)  # an empty retained message clears it
+            elif document is not None:
+                self._record_event(device, document)
 
     @staticmethod
     def _record_event(device: Device, event: dict[str, Any]) -> None:
@@ -158,20 +180,38 @@ class FleetWatcher:
         model, version = _text(event.get("model"), 64), _text(event.get("version"), 64)
         if kind not in UPDATE_EVENTS or model is None or version is None:
             return
+        at = event.get("time")
         device.outcomes.pop((model, version), None)  # the newest last
-        device.outcomes[(model, version)] = (kind, _text(event.get("reason")) or "")
+        device.outcomes[(model, version)] = UpdateEvent(
+            kind, _text(event.get("reason")) or "", float(at) if isinstance(at, int | float) else time.time(),
+            kind == "update_failed" and "retry_in_s" in event)
         while len(device.outcomes) > MAX_OUTCOMES:
             device.outcomes.pop(next(iter(device.outcomes)))
 
     def _problem(self, device_id: str, problem: str) -> None:
         with self._lock:
-            problems = self._device(device_id).problems
+            device = self._device(device_id)
+            if device is None:
+                return
+            problems = device.problems
             if problem not in problems:
                 problems.append(problem)
                 del problems[:-MAX_PROBLEMS]
 
-    def _device(self, device_id: str) -> Device:
-        return self.devices.setdefault(device_id, Device(device_id))
+    def _device(self, device_id: str) -> Device | None:
+        """The device's entry, created if there is room (the caller holds the lock)."""
+        device = self.devices.get(device_id)
+        if device is None:
+            if len(self.devices) >= self.max_devices:
+                self.refused += 1
+                now = time.monotonic()
+                if self._refused_logged < 0 or now - self._refused_logged >= 60:
+                    self._refused_logged = now
+                    log.warning("fleet: %d devices refused so far: fleet_max_devices (%d) are followed",
+                                self.refused, self.max_devices)
+                return None
+            device = self.devices[device_id] = Device(device_id)
+        return device
 
     def reports(self) -> dict[str, DeviceReport]:
         """Every device that has a retained state, as a rollout reads it."""
@@ -218,46 +258,3 @@ class FleetWatcher:
                 "problems": list(device.problems),
             }
         return result
-
-
-def watch(settings: RegistrySettings, wait_s: float) -> dict[str, dict[str, Any]]:
-    """Listen for `wait_s` seconds and summarise what the devices said."""
-    watcher = FleetWatcher(settings.topic_prefix)
-    connection = Connection(settings.mqtt, f"{settings.mqtt.device_id}-fleet-{uuid.uuid4().hex[:8]}")
-    connection.on_message = watcher.on_message
-    connection.open(settings.connect_timeout_s)
-    try:
-        connection.subscribe(watcher.filters(), settings.connect_timeout_s)
-        time.sleep(wait_s)
-    finally:
-        connection.close()
-    return watcher.summary()
-
-
-def _failure_text(failure: dict[str, Any] | None) -> str:
-    if not failure:
-        return ""
-    kind = str(failure.get("kind") or "failed").removeprefix("update_")
-    return f"{failure.get('version')} {kind}: {failure.get('reason') or ''}".strip().rstrip(":")
-
-
-def format_table(summary: dict[str, dict[str, Any]], wait_s: float) -> str:
-    """One line per device and model; the device's columns only on its first line."""
-    if not summary:
-        return "(no devices seen)"
-    rows = [("DEVICE", "STATUS", "MODEL", "DESIRED", "ACTIVE", "HEALTH", "LAST FAILURE")]
-    for device_id, info in summary.items():
-        status = info["status"] + (f" ({info['reason']})" if info["reason"] else "")
-        age = info["health_age_s"]
-        health = f"{age:.1f} s ago" if age is not None else f"none in {wait_s:g} s"
-        empty = {"desired": None, "active": None, "degraded": None, "failure": None}
-        models = info["models"] or {"-": empty}
-        for index, (name, model) in enumerate(models.items()):
-            active = str(model["active"] or "-") + (" (degraded)" if model["degraded"] else "")
-            first = index == 0
-            rows.append((device_id if first else "", status if first else "", name,
-                         str(model["desired"] or "-"), active, health if first else "",
-                         _failure_text(model.get("failure"))))
-    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
-                     for row in rows)

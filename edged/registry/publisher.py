@@ -25,6 +25,7 @@ from edged.models.manifest import ENTRY_SUFFIX, Manifest, check_name, guess_form
 from edged.models.store import version_key
 from edged.registry.config import RegistrySettings
 from edged.registry.connection import BrokerUnavailable, Connection
+from edged.registry.rollout_files import refuse_base_release
 from edged.registry.selftest import EXPECTED_FILE, INPUT_FILE, write_self_test
 from edged.registry.store import MANIFEST_FILE, RegistryStore, Target
 from edged.signing import (
@@ -59,11 +60,14 @@ class Outcome:
 # --- releases --------------------------------------------------------------------------------
 
 def new_release(manifest: Manifest, group: str | None, days: float, selftest: SelfTest | None,
-                now: float | None = None, *, device: str | None = None, rollback: bool = False) -> Release:
-    """A release for every device, one group or (`device`) one device; `rollback`: the device
-    installs it even when older than its active version (an aborted rollout)."""
+                now: float | None = None, *, device: str | None = None,
+                rollback_from: str | None = None) -> Release:
+    """A release for every device, one group or (`device`) one device; `rollback_from`: a
+    rollback release, which the device installs although older, only while it runs that
+    version (an aborted rollout's)."""
     published = round(time.time() if now is None else now, 3)
-    return Release(manifest=manifest, group=group, device=device, rollback=rollback, published_at=published,
+    return Release(manifest=manifest, group=group, device=device, rollback=rollback_from is not None,
+                   rollback_from=rollback_from, published_at=published,
                    expires_at=round(published + days * DAY_S, 3), selftest=selftest)
 
 
@@ -128,6 +132,8 @@ class Publisher:
             if not path.is_file():
                 raise InvalidInput(f"{path}: not a readable file")
         with self.store.lock():
+            if not hold:
+                refuse_base_release(self.store.root, name, group)
             if self.store.version_dir(name, version).exists():
                 raise StoreError(f"{name} {version} already exists in the registry")
             selftest = None
@@ -164,13 +170,14 @@ class Publisher:
                              "retire it and publish it again") from None
         return open_release(original, self._key())
 
-    def envelope_for(self, target: Target, version: str, *, rollback: bool = False,
+    def envelope_for(self, target: Target, version: str, *, rollback_from: str | None = None,
                      original: Release | None = None) -> bytes:
         """A stored version's release signed anew for `target` (a group, a device, every device);
-        `original`: its release as `original()` gave it (many devices: read it once)."""
+        `rollback_from`: a rollback release leaving that version; `original`: its release as
+        `original()` gave it (many devices: read it once)."""
         release = original or self.original(target.name, version)
         return sign(new_release(release.manifest, target.group, self.settings.release_days, release.selftest,
-                                device=target.device, rollback=rollback), self._key())
+                                device=target.device, rollback_from=rollback_from), self._key())
 
     def _key(self) -> Ed25519PrivateKey:
         if self._signing_key is None:
@@ -182,6 +189,7 @@ class Publisher:
         if group is not None:
             check_name(group, "group name")
         with self.store.lock():
+            refuse_base_release(self.store.root, name, group)
             envelope = self.envelope_for(Target(name, group), version)
             outcome = self._retain(Target(name, group), version, envelope)
         self.announce([outcome.target], f"{name} {version}")

@@ -1,10 +1,9 @@
-"""Staged rollouts: the recorded rollout and its state machine (the waves: rollout_plan.py).
+"""Staged rollouts: the state machine (the recorded rollout: rollout_files.py; the waves:
+rollout_plan.py).
 
 No MQTT and no signing here: `step` reads what devices report (fleet.DeviceReport), moves
 the rollout on and says which retained releases must change; the driver (rollout_driver.py)
-signs and records them under the store's lock. The rollout itself is one JSON file,
-`{root}/rollouts/{name}.json`, written atomically, so a registry restarted (or another
-instance taking over) continues where the last one stopped.
+saves the rollout, then signs and records them, under the store's lock.
 
 States: running -> (paused <-> running) -> completed, or halted (too many failures), or
 aborting -> aborted (the targeted devices sent back to their previous versions).
@@ -12,118 +11,22 @@ aborting -> aborted (the targeted devices sent back to their previous versions).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-
-from edged.errors import InvalidInput, StoreError
-from edged.fsio import atomic_write
-from edged.models.manifest import check_name, is_valid_name, one_line
+from edged.errors import InvalidInput
 from edged.registry.fleet import DeviceReport
+from edged.registry.rollout_files import OPEN_STATES as OPEN_STATES  # re-exported
+from edged.registry.rollout_files import DeviceRecord, Outcome, Rollout
+from edged.registry.rollout_files import RolloutFiles as RolloutFiles  # re-exported
+from edged.registry.rollout_files import new_rollout as new_rollout  # re-exported
+from edged.registry.rollout_plan import eligible_devices, plan_waves, skipped_devices
 from edged.registry.rollout_plan import parse_waves as parse_waves  # re-exported: tools/fleet_sim.py
-from edged.registry.rollout_plan import plan_waves
 from edged.registry.rollout_plan import wave_order as wave_order  # re-exported
 
-State = Literal["running", "paused", "halted", "completed", "aborting", "aborted"]
-Outcome = Literal["pending", "done", "failed", "silent"]
-OPEN_STATES = ("running", "paused", "halted", "aborting")  # a rollout that still pins devices
-FAIL_EVENTS = frozenset({"update_failed", "update_refused", "update_rolled_back"})
-
-
-# --- the recorded rollout ---------------------------------------------------------------------
-
-class DeviceRecord(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    wave: int = Field(description="Index of the device's wave.")
-    targeted_at: float = Field(description="When its device release was recorded (epoch seconds).")
-    previous: str | None = Field(description="Its active version then: where abort sends it back.")
-    outcome: Outcome = "pending"
-    reason: str | None = None
-    at: float | None = Field(default=None, description="When the outcome was decided.")
-    returned: bool = Field(default=False, description="Aborting: back on `previous`, release withdrawn.")
-
-
-class Wave(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    spec: str
-    devices: list[str] = Field(default_factory=list)
-    started_at: float | None = None
-    settled_at: float | None = Field(default=None, description="Every device done or failed: soak from here.")
-
-
-class Rollout(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    name: str
-    version: str
-    group: str | None = None
-    soak_s: float = Field(ge=0)
-    max_failures: int = Field(ge=0)
-    report_timeout_s: float = Field(gt=0)
-    state: State = "running"
-    reason: str | None = Field(default=None, description="Why it halted or was aborted.")
-    created_at: float
-    planned_at: float | None = None
-    finished_at: float | None = None
-    current: int = Field(default=-1, description="The wave started last (-1: none yet).")
-    waves: list[Wave]
-    devices: dict[str, DeviceRecord] = Field(default_factory=dict)
-    paused_noted: bool = False  # the driver said once that a wave waits for resume
-
-    def failures(self) -> list[str]:
-        return [d for d, r in self.devices.items() if r.outcome in ("failed", "silent")]
-
-    def counts(self, wave: int) -> dict[str, int]:
-        counts = {"devices": len(self.waves[wave].devices), "targeted": 0, "pending": 0, "done": 0,
-                  "failed": 0, "silent": 0}
-        for record in self.devices.values():
-            if record.wave == wave:
-                counts["targeted"] += 1
-                counts[record.outcome] += 1
-        return counts
-
-    def label(self) -> str:
-        return f"rollout {self.name} {self.version}"
-
-
-def new_rollout(name: str, version: str, specs: list[str], *, group: str | None, soak_s: float,
-                max_failures: int, report_timeout_s: float, now: float) -> Rollout:
-    return Rollout(name=name, version=version, group=group, soak_s=soak_s, max_failures=max_failures,
-                   report_timeout_s=report_timeout_s, created_at=round(now, 3),
-                   waves=[Wave(spec=spec) for spec in specs])
-
-
-class RolloutFiles:
-    """`{root}/rollouts/{name}.json`, one per model; callers hold the store's lock."""
-
-    def __init__(self, root: Path) -> None:
-        self.directory = Path(root) / "rollouts"
-
-    def path(self, name: str) -> Path:
-        check_name(name)
-        return self.directory / f"{name}.json"
-
-    def load(self, name: str) -> Rollout | None:
-        try:
-            text = self.path(name).read_text()
-        except FileNotFoundError:
-            return None
-        try:
-            return Rollout.model_validate_json(text)
-        except ValidationError as exc:
-            raise StoreError(f"{self.path(name)} is damaged: {one_line(exc)}") from None
-
-    def save(self, rollout: Rollout) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        atomic_write(self.path(rollout.name), json.dumps(rollout.model_dump(mode="json"), indent=1).encode())
-
-    def names(self) -> list[str]:
-        return sorted(p.stem for p in self.directory.glob("*.json") if is_valid_name(p.stem))
+# Failures that count at once; an update_failed the device retries is "retrying" (pending).
+HARD_FAILURES = frozenset({"update_refused", "update_rolled_back"})
+FAIL_EVENTS = HARD_FAILURES | {"update_failed"}
+SELF_TEST = "self-test"  # how the device's reason for a failed self-test begins (never retried)
 
 
 # --- the state machine ------------------------------------------------------------------------
@@ -148,24 +51,43 @@ class Changes:
         self.changed = True
 
 
-def judge(rollout: Rollout, device: str, report: DeviceReport | None) -> tuple[Outcome, str] | None:
-    """A targeted device's outcome now, from its state and events; None: nothing decided yet.
-    Done: the state says the version is active and not degraded, and, if its activation was
-    seen, its probation passed (update_kept)."""
+def judge(rollout: Rollout, report: DeviceReport | None, since: float) -> tuple[Outcome | str, str] | None:
+    """A targeted device's outcome now, from its state and events newer than `since` (when
+    it was targeted: an older failure is another attempt's); None: nothing decided yet.
+    Done: the version is active and not degraded and, if its activation was seen, its
+    probation passed (update_kept). "retrying": an update_failed the device tries again, still
+    pending. Failed at once: refused, rolled back, or a failure it does not retry (a self-test)."""
     if report is None:
         return None
     model = report.models.get(rollout.name)
     event = report.outcomes.get((rollout.name, rollout.version))
-    if model is not None and model.failure and model.failure.get("version") == rollout.version:
-        kind = model.failure.get("kind") or "update_failed"
-        return "failed", f"{kind}: {model.failure.get('reason') or ''}".rstrip(": ")
-    if event is not None and event[0] in FAIL_EVENTS:
-        return "failed", f"{event[0]}: {event[1]}".rstrip(": ")
-    if event is not None and event[0] == "update_activated":
+    if event is not None and event.at < since:
+        event = None
+    failure = model.failure if model is not None else None
+    if failure is None or failure.get("version") != rollout.version or (failure.get("at") or since) < since:
+        failure = None
+    if event is not None and event.kind in FAIL_EVENTS and not event.retrying:
+        return "failed", f"{event.kind}: {event.reason}".rstrip(": ")
+    failure = failure or {}
+    kind, reason = failure.get("kind") or "update_failed", failure.get("reason") or ""
+    said = f"{kind}: {reason}".rstrip(": ")
+    if failure and _hard(kind, reason):
+        return "failed", said
+    if event is not None and event.kind == "update_activated":
         return None  # on probation: done once update_kept arrives (or, that missed, never seen)
     if model is not None and model.active == rollout.version and not model.degraded:
-        return "done", "update_kept" if event is not None else "active"
+        return "done", "update_kept" if event is not None and event.kind == "update_kept" else "active"
+    if event is not None and event.kind in FAIL_EVENTS:
+        return "retrying", f"{event.kind}: {event.reason}".rstrip(": ")
+    if failure:
+        return "retrying", said
     return None
+
+
+def _hard(kind: str, reason: str) -> bool:
+    """A failure the device does not try again: the state's failure does not say whether it
+    retries, so an update_failed counts at once only for a failed self-test."""
+    return kind in HARD_FAILURES or reason.startswith(SELF_TEST)
 
 
 def step(rollout: Rollout, fleet: dict[str, DeviceReport], now: float) -> Changes:
@@ -173,7 +95,7 @@ def step(rollout: Rollout, fleet: dict[str, DeviceReport], now: float) -> Change
     retained states all arrived) before the first wave is planned."""
     changes = Changes()
     if rollout.state == "aborting":
-        _returning(rollout, fleet, changes)
+        _returning(rollout, fleet, now, changes)
         return changes
     if rollout.state not in ("running", "paused"):
         return changes
@@ -213,14 +135,9 @@ def step(rollout: Rollout, fleet: dict[str, DeviceReport], now: float) -> Change
     return changes
 
 
-def eligible_devices(rollout: Rollout, fleet: dict[str, DeviceReport]) -> dict[str, str | None]:
-    """Device id -> group of the devices whose state lists the model (in --group, if given)."""
-    return {d: r.group for d, r in fleet.items()
-            if rollout.name in r.models and (rollout.group is None or r.group == rollout.group)}
-
-
 def _plan(rollout: Rollout, fleet: dict[str, DeviceReport], now: float, changes: Changes) -> None:
     eligible = eligible_devices(rollout, fleet)
+    rollout.skipped = len(skipped_devices(rollout, fleet))
     rollout.planned_at = round(now, 3)
     if not eligible:
         rollout.state = "halted"
@@ -239,12 +156,20 @@ def _judge_all(rollout: Rollout, fleet: dict[str, DeviceReport], now: float, cha
     for device, record in rollout.devices.items():
         if record.outcome == "failed":
             continue
-        found = judge(rollout, device, fleet.get(device))
-        if found is None:
-            if record.outcome == "pending" and now - record.targeted_at > rollout.report_timeout_s:
+        found = judge(rollout, fleet.get(device), record.targeted_at)
+        if found is None or found[0] == "retrying":
+            late = record.outcome == "pending" and now - record.targeted_at > rollout.report_timeout_s
+            if late and found is not None:
+                record.outcome, record.reason, record.at = "failed", (
+                    f"still failing after {rollout.report_timeout_s:g} s: {found[1]}"), round(now, 3)
+                changes.say(f"{rollout.label()}: {device} failed ({record.reason})")
+            elif late:
                 record.outcome, record.reason, record.at = "silent", (
                     f"no report of {rollout.version} within {rollout.report_timeout_s:g} s"), round(now, 3)
                 changes.say(f"{rollout.label()}: {device} is silent ({record.reason})")
+            elif found is not None and record.reason != f"retrying: {found[1]}":
+                record.reason = f"retrying: {found[1]}"
+                changes.note(f"{rollout.label()}: {device} {record.reason}")
             continue
         outcome, reason = found
         if outcome != record.outcome:
@@ -276,8 +201,10 @@ def _start_wave(rollout: Rollout, index: int, fleet: dict[str, DeviceReport], no
     for device in wave.devices:
         report = fleet.get(device)
         model = report.models.get(rollout.name) if report else None
-        rollout.devices[device] = DeviceRecord(wave=index, targeted_at=round(now, 3),
-                                               previous=model.active if model else None)
+        existing = rollout.devices.get(device)  # recorded before: its previous is the true one
+        rollout.devices[device] = DeviceRecord(
+            wave=index, targeted_at=round(now, 3),
+            previous=existing.previous if existing else model.active if model else None)
         changes.target.append(device)
     changes.say(f"{rollout.label()} wave {index + 1} of {len(rollout.waves)} ({wave.spec}) started: "
                 f"{len(wave.devices)} devices")
@@ -297,38 +224,64 @@ def resume(rollout: Rollout) -> None:
     rollout.state = "running"
 
 
-def abort(rollout: Rollout, now: float) -> dict[str, str | None]:
+def abort(rollout: Rollout, now: float, force: bool = False) -> dict[str, str | None]:
     """Mark it aborting; returns each targeted device's previous version (None: none known),
-    for the caller to record a rollback release of (or withdraw the device release)."""
+    for the caller to record a rollback release of (or withdraw the device release).
+    `force`: end it at once, every device not back marked not returned (its rollback release
+    stays); an aborting rollout can be forced too (nothing new to record then)."""
+    if force and rollout.state == "aborting":
+        _end_abort(rollout, now, "abort --force")
+        return {}
     if rollout.state not in ("running", "paused", "halted"):
         raise InvalidInput(f"{rollout.label()} is {rollout.state}; only a running, paused or halted "
-                           "rollout can be aborted")
+                           "rollout can be aborted" + (" (or an aborting one with --force)"
+                                                       if rollout.state == "aborting" else ""))
     rollout.state = "aborting" if rollout.devices else "aborted"
     rollout.reason = "aborted by the operator" + (f" after: {rollout.reason}" if rollout.reason else "")
-    rollout.finished_at = round(now, 3)
+    rollout.finished_at = rollout.aborted_at = round(now, 3)
     back = {}
     for device, record in rollout.devices.items():
         back[device] = record.previous
         if record.previous is None or record.previous == rollout.version:
             record.returned = True  # nothing to go back to: its device release is withdrawn
-    if rollout.devices and all(r.returned for r in rollout.devices.values()):
-        rollout.state = "aborted"
     return back
 
 
-def _returning(rollout: Rollout, fleet: dict[str, DeviceReport], changes: Changes) -> None:
+def finish_abort(rollout: Rollout, now: float, force: bool) -> None:
+    """After the caller recorded the rollback releases: aborted if every device is back (or
+    none needs to come back), or at once with `force`."""
+    if force:
+        _end_abort(rollout, now, "abort --force")
+    elif all(r.returned for r in rollout.devices.values()):
+        rollout.state = "aborted"
+
+
+def _end_abort(rollout: Rollout, now: float, why: str) -> None:
+    missing = [r for r in rollout.devices.values() if not r.returned]
+    for record in missing:
+        record.not_returned = True
+    rollout.state, rollout.finished_at = "aborted", round(now, 3)
+    if missing:
+        rollout.reason = (f"{rollout.reason or 'aborted'}; {len(missing)} devices not returned ({why}): "
+                          "their rollback releases stay retained")
+
+
+def _returning(rollout: Rollout, fleet: dict[str, DeviceReport], now: float, changes: Changes) -> None:
     """Aborting: withdraw each rollback release once its device runs the previous version
-    again and says the registry wants that (it has the rollback release); then it follows the
-    group and all-device releases as before the rollout."""
+    again and no longer wants the rollout's; then it follows the group and all-device releases
+    as before. A device not back within report_timeout_s of the abort is not returned."""
     for device, record in rollout.devices.items():
-        if record.returned:
+        if record.returned or record.not_returned:
             continue
         report = fleet.get(device)
         model = report.models.get(rollout.name) if report else None
-        if model is not None and model.active == record.previous == model.desired:  # it saw the rollback
+        if model is not None and model.active == record.previous and model.desired != rollout.version:
             record.returned = True
             changes.withdraw.append(device)
             changes.say(f"{rollout.label()}: {device} is back on {record.previous}")
     if all(r.returned for r in rollout.devices.values()):
-        rollout.state = "aborted"
+        rollout.state, rollout.finished_at = "aborted", round(now, 3)
         changes.say(f"{rollout.label()} aborted: every targeted device is back")
+    elif now - (rollout.aborted_at or rollout.finished_at or now) > rollout.report_timeout_s:
+        _end_abort(rollout, now, f"not back within {rollout.report_timeout_s:g} s")
+        changes.say(f"{rollout.label()} aborted: {rollout.reason}")

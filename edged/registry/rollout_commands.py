@@ -15,6 +15,7 @@ from edged.registry.rollout import (
     Rollout,
     RolloutFiles,
     abort,
+    finish_abort,
     new_rollout,
     pause,
     resume,
@@ -45,10 +46,12 @@ def start_rollout(publisher: Publisher, name: str, version: str, waves: str, *, 
     return rollout
 
 
-def change_rollout(publisher: Publisher, name: str, action: str) -> tuple[Rollout, list[str]]:
+def change_rollout(publisher: Publisher, name: str, action: str, *, force: bool = False
+                   ) -> tuple[Rollout, list[str]]:
     """pause, resume or abort; returns the rollout and notes for the operator. An abort
-    records a rollback release of each targeted device's previous version (or withdraws its
-    device release when it had none) and announces them."""
+    records a rollback release of each targeted device's previous version, signed to leave
+    the rollout's version (or withdraws its device release when it had none) and announces
+    them; `force` ends it at once (devices not back keep their rollback releases)."""
     files, store, notes = RolloutFiles(publisher.store.root), publisher.store, []
     targets: list[Target] = []
     with store.lock():
@@ -60,20 +63,20 @@ def change_rollout(publisher: Publisher, name: str, action: str) -> tuple[Rollou
         elif action == "resume":
             resume(rollout)
         else:
-            for device, previous in abort(rollout, time.time()).items():
+            now = time.time()
+            for device, previous in abort(rollout, now, force).items():
                 target = Target(name, device=device)
                 envelope = b""
                 if previous is not None and previous != rollout.version:
                     try:
-                        envelope = publisher.envelope_for(target, previous, rollback=True)
+                        envelope = publisher.envelope_for(target, previous, rollback_from=rollout.version)
                     except EdgedError as exc:
                         notes.append(f"{device} cannot be sent back to {previous} ({exc}); its device "
                                      "release is withdrawn instead")
                         rollout.devices[device].returned = True
-                store.set_retained(target, envelope)
+                store.set_retained(target, envelope, touch=False)
                 targets.append(target)
-            if rollout.devices and all(r.returned for r in rollout.devices.values()):
-                rollout.state = "aborted"
+            finish_abort(rollout, now, force)
         files.save(rollout)
         store.touch()
     publisher.announce(targets, f"the rollback releases of {rollout.label()}")
@@ -109,6 +112,8 @@ def format_status(rollout: Rollout) -> str:
         lines.append(f"  reason: {rollout.reason}")
     if rollout.planned_at is None and rollout.state == "running":
         lines.append("  waiting for `edged-registry serve` to plan the first wave")
+    if rollout.skipped:
+        lines.append(f"  skipped: {rollout.skipped} devices already on a newer version")
     for index, wave in enumerate(rollout.waves):
         counts = rollout.counts(index)
         where = "not started" if wave.started_at is None else (
@@ -119,7 +124,9 @@ def format_status(rollout: Rollout) -> str:
                      f"{counts['silent']} silent, {counts['pending']} pending ({where})")
     if rollout.state in ("aborting", "aborted"):
         back = sum(1 for r in rollout.devices.values() if r.returned)
-        lines.append(f"  back on their previous version: {back} of {len(rollout.devices)}")
+        lost = sum(1 for r in rollout.devices.values() if r.not_returned)
+        lines.append(f"  back on their previous version: {back} of {len(rollout.devices)}"
+                     + (f", {lost} not returned" if lost else ""))
     for device, record in rollout.devices.items():
         if record.outcome in ("failed", "silent"):
             lines.append(f"  {device}: {record.outcome}: {record.reason}")

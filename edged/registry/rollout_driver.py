@@ -1,10 +1,12 @@
 """The thread in `serve` that drives the store's rollouts (rollout.py), one instance at a time.
 
-Every instance runs one, but only the holder of `{root}/rollouts/.driver` (an `flock`, held
-for the process's life) drives; the others try again each tick, so when the driving
-instance dies another takes over. Each step reads the rollout, decides, records the
-releases it needs and writes the rollout back, all under the store's lock; `serve`'s main
-loop then announces the changed releases as it announces any change to the store.
+Every instance runs one, but only the holder of `{root}/rollouts/.driver` (an `flock`)
+drives; the others try again each tick, so when the driving instance dies another takes
+over. The lock is taken only while the instance can drive (connected, the fleet's retained
+states arrived) and given up after NOT_READY_TICKS ticks without that, so an instance cut
+off from the broker, or whose account cannot read the devices, does not hold it for ever.
+Each step reads the rollout, decides, writes the rollout back and then records the releases
+it needs, all under the store's lock; `serve`'s main loop then announces the changes.
 """
 
 from __future__ import annotations
@@ -19,28 +21,14 @@ from collections.abc import Callable
 from edged.errors import EdgedError
 from edged.registry.fleet import FleetWatcher
 from edged.registry.publisher import Publisher
-from edged.registry.rollout import Changes, Rollout, RolloutFiles, step
-from edged.registry.store import RegistryStore, Target
+from edged.registry.rollout import Rollout, RolloutFiles, step
+from edged.registry.rollout_records import reconcile, record_changes
+from edged.registry.store import RegistryStore
 
 log = logging.getLogger(__name__)
 DRIVER_LOCK = ".driver"
 DONE_STATES = ("completed", "aborted", "halted")  # nothing to drive (until an abort of a halted one)
-
-
-def record_changes(publisher: Publisher, rollout: Rollout, changes: Changes) -> None:
-    """Sign and record in the store the releases a step asked for (the caller holds the lock)."""
-    store, name = publisher.store, rollout.name
-    original = publisher.original(name, rollout.version) if changes.target or changes.finish else None
-    for device in changes.target:
-        target = Target(name, device=device)
-        store.set_retained(target, publisher.envelope_for(target, rollout.version, original=original))
-    for device in changes.withdraw:
-        store.set_retained(Target(name, device=device), b"")
-    if changes.finish:
-        base = Target(name, rollout.group)
-        store.set_retained(base, publisher.envelope_for(base, rollout.version, original=original))
-        for device in rollout.devices:
-            store.set_retained(Target(name, device=device), b"")
+NOT_READY_TICKS = 3  # ticks unable to drive before the lock is given up for another instance
 
 
 class RolloutDriver:
@@ -59,6 +47,8 @@ class RolloutDriver:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="rollouts", daemon=True)
         self._last_error = ""
+        self._not_ready = 0
+        self._reconciled: set[str] = set()  # rollouts checked against the store since taking the lock
 
     def start(self) -> None:
         self._thread.start()
@@ -67,9 +57,13 @@ class RolloutDriver:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout=30)
+        self._give_up()
+
+    def _give_up(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+            self._reconciled.clear()
 
     @property
     def driving(self) -> bool:
@@ -101,14 +95,25 @@ class RolloutDriver:
         return True
 
     def tick(self, now: float | None = None) -> None:
-        """One look at every rollout, if this instance drives and the fleet view is complete."""
-        if not self._take() or not self.ready():
+        """One look at every rollout, if the fleet view is complete and this instance drives."""
+        if not self.ready():
+            self._not_ready += 1
+            if self._fd is not None and self._not_ready >= NOT_READY_TICKS:
+                log.warning("giving up driving the rollouts of %s: no complete view of the fleet for %d "
+                            "ticks (disconnected, or the account cannot read the devices)",
+                            self.store.root, self._not_ready)
+                self._give_up()
+            return
+        self._not_ready = 0
+        if not self._take():
             return
         for name in self.files.names():
             self.advance(name, time.time() if now is None else now)
 
     def advance(self, name: str, now: float) -> Rollout | None:
         peek = self.files.load(name)  # files are replaced whole: no lock needed to look
+        if peek is not None and name not in self._reconciled:
+            self._reconcile(name)
         if peek is None or peek.state in DONE_STATES:
             return peek
         reports = self.watcher.reports()  # before the lock: a large fleet takes a moment
@@ -119,15 +124,29 @@ class RolloutDriver:
             changes = step(rollout, reports, now)
             if not changes.changed:
                 return rollout
+            self.files.save(rollout)  # first: a release written is always one the file knows
             try:
                 record_changes(self.publisher, rollout, changes)
-            except EdgedError as exc:  # the version was retired meanwhile, say
+            except (EdgedError, OSError) as exc:  # the version retired meanwhile, a full disk
                 rollout.state, rollout.reason = "halted", f"cannot record its releases: {exc}"
                 changes.messages.append(f"{rollout.label()} halted: {rollout.reason}")
-            self.files.save(rollout)
+                self.files.save(rollout)
         for detail in changes.details:
             log.debug("%s", detail)
         for message in changes.messages:
             log.info("%s", message)
         self.on_change()
         return rollout
+
+    def _reconcile(self, name: str) -> None:
+        """Once per rollout after taking the lock: record what a crash left out of the store."""
+        with self.store.lock():
+            rollout = self.files.load(name)
+            if rollout is not None:
+                changes = reconcile(self.publisher, rollout)
+                if changes.changed:
+                    record_changes(self.publisher, rollout, changes)
+                    for message in changes.messages:
+                        log.warning("%s", message)
+                    self.on_change()
+        self._reconciled.add(name)

@@ -1,4 +1,5 @@
-"""The waves of a rollout: which eligible devices each one takes, reproducibly.
+"""The waves of a rollout: which devices are eligible, which of them each wave takes,
+reproducibly.
 
 Plain functions, so that a simulator or a test can put chosen devices in chosen waves:
 percentage waves take devices in `wave_order`, group waves take a group's devices.
@@ -13,6 +14,9 @@ from collections.abc import Iterable
 
 from edged.errors import InvalidInput
 from edged.models.manifest import check_name
+from edged.models.store import version_key
+from edged.registry.fleet import DeviceReport
+from edged.registry.rollout_files import Rollout
 
 PERCENT = re.compile(r"^(\d{1,3}(?:\.\d{1,3})?)%$")
 MAX_WAVES = 32
@@ -57,3 +61,26 @@ def plan_waves(specs: list[str], name: str, version: str, eligible: dict[str, st
         waves.append(order[taken:upto])
         taken = max(taken, upto)
     return waves
+
+
+def eligible_devices(rollout: Rollout, fleet: dict[str, DeviceReport]) -> dict[str, str | None]:
+    """Device id -> group of the devices whose state lists the model with a desired or active
+    version (in --group, if given), not already on a newer version than the rollout's."""
+    return {d: r.group for d, r in fleet.items()
+            if _follows(rollout, r) and not _newer(rollout, r)}
+
+
+def skipped_devices(rollout: Rollout, fleet: dict[str, DeviceReport]) -> list[str]:
+    """Devices that would be eligible but already run a newer version: never targeted."""
+    return [d for d, r in fleet.items() if _follows(rollout, r) and _newer(rollout, r)]
+
+
+def _follows(rollout: Rollout, report: DeviceReport) -> bool:
+    model = report.models.get(rollout.name)
+    return (model is not None and (model.desired or model.active) is not None
+            and (rollout.group is None or report.group == rollout.group))
+
+
+def _newer(rollout: Rollout, report: DeviceReport) -> bool:
+    active = report.models[rollout.name].active
+    return active is not None and version_key(active) > version_key(rollout.version)

@@ -6,7 +6,8 @@ store's lock, so the broker always ends up retaining what the store records.
 
 Threads: paho's network thread only checks and queues each request (workers.py);
 `serve_threads` workers read the chunks and reply; the main thread watches the store,
-re-announces and re-signs releases, and handles signals.
+re-announces and re-signs releases (announcer.py), and handles signals; the rollout driver
+(rollout_driver.py) follows the fleet (fleet_follow.py).
 """
 
 from __future__ import annotations
@@ -22,13 +23,14 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
-from edged.errors import EdgedError
+from edged.registry.announcer import Announcer
 from edged.registry.config import RegistrySettings
 from edged.registry.connection import BrokerRefused, BrokerUnavailable, Connection, SharedUnsupported
 from edged.registry.fleet import FleetWatcher
-from edged.registry.publisher import Publisher, refreshed
+from edged.registry.fleet_follow import follow_fleet
+from edged.registry.publisher import Publisher
 from edged.registry.rollout_driver import RolloutDriver
-from edged.registry.store import RegistryStore, ServedFile, Target
+from edged.registry.store import RegistryStore, ServedFile
 from edged.registry.workers import ChunkWorkers
 from edged.topics import Topics
 
@@ -36,8 +38,6 @@ log = logging.getLogger(__name__)
 MAX_QUEUED = 4096  # replies paho may hold unsent (busy ones are not waited for): bounded memory
 RESIGN_CHECK_S = 600.0  # re-signing is due after days; checking every 10 minutes is plenty
 SUMMARY_EVERY_S = 60.0
-ANNOUNCE_BATCH = 256  # retained releases sent before waiting for their PUBACKs
-LOG_EACH_UP_TO = 20  # more announcements at once are logged as counts (many device releases)
 
 
 class ChunkServer:
@@ -48,7 +48,6 @@ class ChunkServer:
         self.index: dict[str, ServedFile] = {}
         self._key = store.signing_key()
         self._generation: tuple[int, int] | None = None
-        self._published: dict[Target, bytes] = {}  # what this process last retained per target
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._reload = threading.Event()
@@ -67,7 +66,8 @@ class ChunkServer:
         self.connection.on_connected = self._on_connected
         self.workers = ChunkWorkers(self.connection, settings.topic_prefix, settings.max_chunk_bytes,
                                     settings.serve_threads, self._index_for)
-        self.watcher = FleetWatcher(settings.topic_prefix)
+        self.announcer = Announcer(settings, store, self.connection, self._key, on_resigned=self._resigned)
+        self.watcher = FleetWatcher(settings.topic_prefix, settings.fleet_max_devices)
         self.driver = RolloutDriver(store, Publisher(settings, store), self.watcher, settings.rollout_tick_s,
                                     ready=self._fleet_ready, on_change=self._wake.set)
 
@@ -98,7 +98,7 @@ class ChunkServer:
                     self._reconnected.clear()
                     self._go_online()
                 elif changed or time.monotonic() >= next_resign:
-                    self._announce(force=False)
+                    self.announcer.announce(force=False)
                 if self._rewatch.is_set() and self.connection.connected.is_set():
                     self._rewatch.clear()
                     self._watch_fleet()
@@ -174,34 +174,17 @@ class ChunkServer:
             log.error("%s; trying again", exc)
             self._reconnected.set()
             return
-        self._announce(force=True)
+        self.announcer.announce(force=True)
         if self._publish_online():
             log.info("online: answering chunk requests on %s", self._fetch_filter)
         self._watch_fleet()
 
     def _watch_fleet(self) -> None:
-        """Follow every device's status, state and events (rollouts judge devices by them), then
-        publish a marker that arrives after the retained ones: the fleet view is complete."""
-        timeout = self.settings.connect_timeout_s
-        states = self.watcher.filters(("status", "state"))
-        try:
-            self.connection.subscribe([*states, self.watcher.sync_topic], timeout)
-        except BrokerRefused as exc:
-            log.warning("rollouts cannot be driven from this instance: %s (the registry's account needs "
-                        "read access to %s)", exc, ", ".join(states))
-            return
-        except BrokerUnavailable as exc:
-            log.error("%s; following the fleet again shortly", exc)
+        if not follow_fleet(self.connection, self.watcher, self.settings.connect_timeout_s):
             self._rewatch.set()
-            return
-        try:  # without events a rollout still sees failures in the retained states
-            self.connection.subscribe(self.watcher.filters(("events",)), timeout)
-        except BrokerUnavailable as exc:
-            log.warning("%s: rollouts judge devices by their retained state only", exc)
-        try:
-            self.connection.publish(self.watcher.sync_topic, self.watcher.mark_sync())
-        except BrokerUnavailable as exc:
-            log.error("%s; the fleet view is complete at the next connect", exc)
+
+    def _resigned(self) -> None:
+        self._generation = self.store.generation()
 
     def _fleet_ready(self) -> bool:
         return self.connection.connected.is_set() and self.watcher.synced.is_set()
@@ -235,66 +218,6 @@ class ChunkServer:
             return False
         self._online = True
         return True
-
-    def _announce(self, force: bool) -> None:
-        """Retain what the store records, re-signing releases past 2/3 of their validity.
-
-        All under the store's lock, until the broker acknowledged: an instance or command that
-        changes a release waits, so no instance can retain an envelope older than the store's
-        after a newer one (and a release due for re-signing is re-signed by one instance; the
-        others find it fresh)."""
-        now = time.time()
-        sent: dict[int, Target] = {}
-        done: list[Target] = []
-        with self.store.lock():
-            for target, current in self.store.retained().items():
-                if current:
-                    try:
-                        renewed = refreshed(current, self._key, self.settings.release_days, now)
-                    except EdgedError as exc:
-                        log.error("not announcing %s: %s", target.describe(), exc)
-                        continue
-                    if renewed is not None:
-                        self.store.set_retained(target, renewed)
-                        self._generation = self.store.generation()
-                        log.info("re-signed the release of %s", target.describe())
-                        current = renewed
-                if not force and self._published.get(target) == current:
-                    continue
-                if not self.connection.connected.is_set():
-                    break
-                try:
-                    topic = self.topics.release(target.name, target.group, target.device)
-                    mid = self.connection.publish(topic, current, retain=True)
-                except BrokerUnavailable as exc:
-                    log.error("announcing %s failed: %s", target.describe(), exc)
-                    continue
-                sent[mid] = target
-                self._published[target] = current
-                if len(sent) >= ANNOUNCE_BATCH:  # paho holds at most MAX_QUEUED: wait for a batch
-                    done += self._acked(sent)
-                    sent = {}
-            done += self._acked(sent)
-        if len(done) <= LOG_EACH_UP_TO:
-            for target in done:
-                log.info("%s %s", "withdrew" if not self._published.get(target) else "announced",
-                         target.describe())
-        else:
-            withdrawn = sum(1 for target in done if not self._published.get(target))
-            log.info("announced %d releases and %d withdrawals", len(done) - withdrawn, withdrawn)
-
-    def _acked(self, sent: dict[int, Target]) -> list[Target]:
-        """The targets whose announcement the broker acknowledged (the others are tried again)."""
-        done = []
-        for mid, target in sent.items():
-            try:
-                self.connection.wait_acked([mid], self.settings.connect_timeout_s)
-            except BrokerUnavailable as exc:
-                log.error("announcing %s failed: %s", target.describe(), exc)
-                self._published.pop(target, None)
-            else:
-                done.append(target)
-        return done
 
     def _status(self, state: str, reason: str = "") -> bytes:
         document: dict[str, Any] = {"state": state, "time": round(time.time(), 3)}

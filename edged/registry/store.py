@@ -9,13 +9,14 @@ Layout under `root`:
     retained/groups/{group}/models/{name}.json   ... on {prefix}/registry/groups/{group}/models/{name}
     retained/devices/{device}/models/{name}.json ... on {prefix}/registry/devices/{device}/models/{name}
     rollouts/{name}.json               a staged rollout of the model (rollout.py), and .driver
-    .changed                           rewritten on every change, so `serve` notices
+    .changed                           rewritten after each change (batch), so `serve` notices
     .lock                              held while the store changes
     tmp/                               scratch space for publishing
 
 `retained/` mirrors what the broker should retain, one file per topic: a release is
 written there before it is announced, so `serve` can announce (again) whatever a
-command could not. An empty file is a withdrawn release (an empty retained message).
+command could not. An empty file is a withdrawn release (an empty retained message); a
+withdrawn device release's file is deleted once the broker acknowledged the withdrawal.
 Every write is atomic (temp file, fsync, rename), so a crash leaves the old or the new.
 """
 
@@ -161,7 +162,7 @@ class RegistryStore:
         self.touch()
 
     # --- retained releases ---------------------------------------------------------------
-    def _retained_path(self, target: Target) -> Path:
+    def retained_path(self, target: Target) -> Path:
         check_name(target.name)
         if target.group is not None:
             check_name(target.group, "group name")
@@ -169,17 +170,29 @@ class RegistryStore:
             raise InvalidInput(f"invalid device id {target.device[:80]!r}")
         return self.retained_dir / f"{target.suffix}.json"
 
-    def set_retained(self, target: Target, envelope: bytes) -> None:
-        """Record what the broker should retain for `target`; b"" withdraws the release."""
-        path = self._retained_path(target)
+    def set_retained(self, target: Target, envelope: bytes, *, touch: bool = True) -> None:
+        """Record what the broker should retain for `target`; b"" withdraws the release.
+        `touch=False`: the caller touches once after a batch (a wave is many devices)."""
+        path = self.retained_path(target)
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, envelope)
-        self.touch()
+        if touch:
+            self.touch()
+
+    def forget_withdrawn(self, target: Target) -> bool:
+        """Delete a device release's file once its withdrawal reached the broker (the caller
+        holds the lock): otherwise every withdrawn device release is kept and re-sent for
+        ever. Group and all-device files stay (they are few)."""
+        path = self.retained_path(target)
+        if target.device is None or self.retained_for(target) != b"":
+            return False
+        path.unlink(missing_ok=True)
+        return True
 
     def retained_for(self, target: Target) -> bytes | None:
         """The envelope recorded for `target`: b"" if withdrawn, None if there never was one."""
         try:
-            return self._retained_path(target).read_bytes()
+            return self.retained_path(target).read_bytes()
         except FileNotFoundError:
             return None
 

@@ -6,6 +6,7 @@ whole thing with real devices."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 
 import paho.mqtt.client as mqtt
@@ -24,7 +25,8 @@ from edged.registry.rollout import (
     step,
 )
 from edged.registry.rollout_commands import change_rollout, start_rollout, status_dict
-from edged.registry.rollout_driver import RolloutDriver
+from edged.registry.rollout_driver import NOT_READY_TICKS, RolloutDriver
+from edged.registry.rollout_files import DeviceRecord
 from edged.registry.rollout_plan import parse_waves, plan_waves, wave_order
 from edged.registry.store import RegistryStore, Target
 from edged.signing import MAX_ENVELOPE_BYTES, Release, key_id, verify_envelope
@@ -53,9 +55,9 @@ class Fleet:
             "models": {"wide": {"desired": desired, "active": active, "degraded": degraded,
                                 "failure": failure}}}))
 
-    def event(self, device: str, kind: str, version: str, reason: str = "") -> None:
+    def event(self, device: str, kind: str, version: str, reason: str = "", **fields) -> None:
         self.watcher.on_message(message(f"edged/devices/{device}/events", {
-            "seq": 1, "kind": kind, "model": "wide", "version": version, "reason": reason}))
+            "seq": 1, "kind": kind, "model": "wide", "version": version, "reason": reason, **fields}))
 
     def reports(self):
         return self.watcher.reports()
@@ -189,9 +191,10 @@ def test_abort_sends_devices_back_and_withdraws_each_rollback_once_it_is_back():
     first, second = step(rollout, fleet.reports(), 1000.0).target
     fleet.state(first, "2")
     assert abort(rollout, 1001.0) == {first: "1", second: "1"} and rollout.state == "aborting"
+    fleet.state(second, "1", desired="2")  # still trying 2
     fleet.state(first, "1", desired="1")
     back = step(rollout, fleet.reports(), 1002.0)
-    assert back.withdraw == [first]  # the second has not said it wants 1 again yet
+    assert back.withdraw == [first]  # the second still wants 2
     fleet.state(second, "1", desired="1")
     assert step(rollout, fleet.reports(), 1003.0).withdraw == [second] and rollout.state == "aborted"
 
@@ -210,6 +213,7 @@ def test_the_watcher_bounds_what_devices_send():
     watcher = FleetWatcher("edged")
     watcher.on_message(message("edged/devices/../state", {"models": {}}))
     watcher.on_message(message("edged/devices/big/state", b"{" + b" " * MAX_DOCUMENT_BYTES + b"}"))
+    watcher.on_message(message("edged/devices/chatty/status", {"state": "online"}))
     for i in range(200):
         watcher.on_message(message("edged/devices/chatty/events",
                                    {"kind": "update_failed", "model": "wide", "version": str(i)}))
@@ -274,7 +278,7 @@ def test_abort_records_rollback_releases_of_the_previous_versions(publisher, bro
     publisher = Publisher(settings, publisher.store)  # abort announces: on a real broker
     store, fleet = publisher.store, Fleet()
     fleet.state("cam-0", "1")
-    fleet.state("cam-1", None)  # a device whose model failed to load: nothing to go back to
+    fleet.state("cam-1", None, desired="1")  # its model failed to load: nothing to go back to
     start_rollout(publisher, "wide", "2", "100%", group=None, soak_s=0, max_failures=5, report_timeout_s=60)
     driver = RolloutDriver(store, publisher, fleet.watcher, 1.0, ready=lambda: True, on_change=lambda: None)
     try:
@@ -285,6 +289,7 @@ def test_abort_records_rollback_releases_of_the_previous_versions(publisher, bro
     assert rollout.state == "aborting" and not notes
     back = verified(store, Target("wide", device="cam-0"))
     assert (back.manifest.version, back.rollback, back.device) == ("1", True, "cam-0")
+    assert back.rollback_from == "2"  # the device takes it only while it runs 2
     assert store.retained_for(Target("wide", device="cam-1")) == b""
     with pytest.raises(InvalidInput):
         change_rollout(publisher, "wide", "pause")
@@ -313,3 +318,232 @@ def test_serve_announces_thousands_of_device_releases_on_connect(make_registry, 
         # broker queues at most max_queued_messages for it)
         found = retained_on(mqtt_subscriber, broker, f"edged/registry/devices/cam-{i}/models/wide")
         assert found is not None and found.payload == envelope
+
+
+# --- the reviewer's findings ----------------------------------------------------------------
+
+def test_a_failure_the_device_retries_is_pending_and_then_done_or_failed_at_the_report_timeout():
+    fleet, rollout = rollout_of(2, "100%")  # max_failures 0, report timeout 100 s
+    first, second = step(rollout, fleet.reports(), 1000.0).target
+    for device in (first, second):  # a chunk timeout under load: the device tries again
+        fleet.event(device, "update_failed", "2", "chunk timed out", time=1000.5, attempt=1, retry_in_s=30)
+        fleet.state(device, "1", desired="2", failure={"version": "2", "kind": "update_failed",
+                                                       "reason": "chunk timed out", "at": 1000.5})
+    step(rollout, fleet.reports(), 1001.0)
+    assert rollout.state == "running" and rollout.devices[first].outcome == "pending"
+    assert rollout.devices[first].reason == "retrying: update_failed: chunk timed out"
+    fleet.event(first, "update_activated", "2", time=1031.0)
+    fleet.event(first, "update_kept", "2", time=1032.0)
+    fleet.state(first, "2", desired="2")  # its failure is forgotten once the active version changed
+    step(rollout, fleet.reports(), 1033.0)
+    assert rollout.devices[first].outcome == "done" and rollout.state == "running"
+    step(rollout, fleet.reports(), 1101.0)  # the second still failing past the report timeout
+    assert rollout.devices[second].outcome == "failed" and rollout.state == "halted"
+    assert "still failing after 100 s: update_failed: chunk timed out" in rollout.reason
+
+
+@pytest.mark.parametrize("kind, reason", [("update_refused", "signed for another device"),
+                                          ("update_rolled_back", "probation: errors"),
+                                          ("update_failed", "self-test: output 'y' differs by up to 1")])
+def test_refused_rolled_back_and_a_failed_self_test_halt_at_once(kind, reason):
+    fleet, rollout = rollout_of(2, "100%")
+    first, _ = step(rollout, fleet.reports(), 1000.0).target
+    failure = {"version": "2", "kind": kind, "reason": reason, "at": 1000.5}
+    fleet.state(first, "1", desired="2", failure=failure)
+    step(rollout, fleet.reports(), 1001.0)
+    assert rollout.state == "halted" and f"{first}: {kind}: {reason}" in rollout.reason
+
+
+def test_failures_and_events_older_than_the_targeting_are_another_attempts():
+    fleet, rollout = rollout_of(2, "100%")
+    old = {"version": "2", "kind": "update_rolled_back", "reason": "an earlier rollout", "at": 900.0}
+    for i in range(2):  # an earlier, aborted rollout of the same version left these behind
+        fleet.state(f"cam-{i}", "1", desired="1", failure=old)
+        fleet.event(f"cam-{i}", "update_rolled_back", "2", "an earlier rollout", time=900.0)
+    step(rollout, fleet.reports(), 1000.0)
+    step(rollout, fleet.reports(), 1001.0)
+    assert rollout.state == "running" and {r.outcome for r in rollout.devices.values()} == {"pending"}
+    fleet.event("cam-0", "update_rolled_back", "2", "this one", time=1000.8)
+    step(rollout, fleet.reports(), 1002.0)
+    assert rollout.state == "halted" and "cam-0: update_rolled_back: this one" in rollout.reason
+
+
+def test_eligible_devices_want_or_run_the_model_and_are_not_on_a_newer_version():
+    fleet, rollout = rollout_of(3, "100%")
+    fleet.state("ahead", "3", desired="3")
+    fleet.state("idle", None)  # lists the model, wants no version of it
+    targets = step(rollout, fleet.reports(), 1000.0).target
+    assert sorted(targets) == ["cam-0", "cam-1", "cam-2"] and rollout.skipped == 1
+
+
+def test_a_device_recorded_before_keeps_its_previous_version_when_its_wave_starts_again():
+    fleet, rollout = rollout_of(1, "100%")
+    rollout.devices["cam-0"] = DeviceRecord(wave=0, targeted_at=999.0, previous="1")
+    fleet.state("cam-0", "2", desired="2")  # already took the new version before a crash
+    step(rollout, fleet.reports(), 1000.0)
+    assert rollout.devices["cam-0"].previous == "1"
+
+
+def test_an_abort_ends_when_devices_do_not_return_within_the_report_timeout():
+    fleet, rollout = rollout_of(2, "100%")
+    first, second = step(rollout, fleet.reports(), 1000.0).target
+    abort(rollout, 1010.0)
+    fleet.state(second, "1", desired="2")
+    fleet.state(first, "1", desired="1")
+    step(rollout, fleet.reports(), 1011.0)
+    assert rollout.state == "aborting"
+    ended = step(rollout, fleet.reports(), 1111.0)  # 100 s after the abort; the second never came back
+    assert rollout.state == "aborted" and not ended.withdraw  # its rollback release stays
+    assert rollout.devices[second].not_returned and "1 devices not returned" in rollout.reason
+
+
+def on_broker(publisher: Publisher, broker) -> Publisher:
+    """The publisher announcing to a real broker (abort, promote)."""
+    settings = RegistrySettings(root=publisher.store.root, mqtt={"host": broker.host, "port": broker.port})
+    return Publisher(settings, publisher.store)
+
+
+def test_abort_force_ends_an_aborting_rollout_and_leaves_the_rollback_releases(publisher, broker):
+    publisher = on_broker(publisher, broker)
+    store, fleet = publisher.store, Fleet()
+    fleet.state("cam-0", "1")
+    start_rollout(publisher, "wide", "2", "100%", group=None, soak_s=0, max_failures=5, report_timeout_s=60)
+    driver = RolloutDriver(store, publisher, fleet.watcher, 1.0, ready=lambda: True, on_change=lambda: None)
+    try:
+        driver.tick(now=2e9)
+    finally:
+        driver.stop()
+    change_rollout(publisher, "wide", "abort")
+    rollback = store.retained_for(Target("wide", device="cam-0"))
+    assert RolloutFiles(store.root).load("wide").state == "aborting"
+    with pytest.raises(InvalidInput, match="--force"):
+        change_rollout(publisher, "wide", "abort")
+    rollout, _ = change_rollout(publisher, "wide", "abort", force=True)
+    assert rollout.state == "aborted" and rollout.devices["cam-0"].not_returned
+    assert "not returned (abort --force)" in rollout.reason
+    assert store.retained_for(Target("wide", device="cam-0")) == rollback
+
+
+def test_publish_and_promote_to_an_open_rollouts_base_are_refused(publisher, broker, tmp_path):
+    publisher = on_broker(publisher, broker)
+    start_rollout(publisher, "wide", "2", "100%", group=None, soak_s=0, max_failures=0, report_timeout_s=60)
+    with pytest.raises(InvalidInput, match="abort it"):
+        publisher.promote("wide", "1")
+    files = ir_files(build_tiny_ir(tmp_path / "v3", scale=4.0, name="wide"))
+    with pytest.raises(InvalidInput, match="abort it"):
+        publisher.publish("wide", files, "3")
+    assert "3" not in publisher.store.versions("wide")
+    assert publisher.promote("wide", "1", "lab").target == Target("wide", "lab")  # not the rollout's
+
+
+def test_completion_leaves_a_newer_base_release_alone(publisher, tmp_path, caplog):
+    store, fleet = publisher.store, Fleet()
+    v3 = ir_files(build_tiny_ir(tmp_path / "v3", scale=4.0, name="wide"))
+    publisher.publish("wide", v3, "3", hold=True)
+    fleet.state("cam-0", "1")
+    start_rollout(publisher, "wide", "2", "100%", group=None, soak_s=0, max_failures=0, report_timeout_s=60)
+    driver = RolloutDriver(store, publisher, fleet.watcher, 1.0, ready=lambda: True, on_change=lambda: None)
+    caplog.set_level(logging.INFO, logger="edged.registry.rollout_driver")
+    try:
+        driver.tick(now=2e9)
+        newer = publisher.envelope_for(Target("wide"), "3")
+        with store.lock():  # as an older registry let a promote race the rollout
+            store.set_retained(Target("wide"), newer)
+        fleet.state("cam-0", "2")
+        for now in (2e9 + 1, 2e9 + 2):
+            driver.tick(now=now)
+    finally:
+        driver.stop()
+    assert RolloutFiles(store.root).load("wide").state == "completed"
+    assert store.retained_for(Target("wide")) == newer
+    assert store.retained_for(Target("wide", device="cam-0")) == b""
+    assert "already holds 3, newer; left as it is" in caplog.text
+
+
+def test_a_release_that_cannot_be_written_halts_the_rollout_which_still_records_its_devices(publisher):
+    store, fleet = publisher.store, Fleet()
+    fleet.state("cam-0", "1")
+    start_rollout(publisher, "wide", "2", "100%", group=None, soak_s=0, max_failures=0, report_timeout_s=60)
+    (store.root / "retained").mkdir(exist_ok=True)
+    (store.root / "retained" / "devices").write_bytes(b"")  # mkdir under it: an OSError
+    driver = RolloutDriver(store, publisher, fleet.watcher, 1.0, ready=lambda: True, on_change=lambda: None)
+    try:
+        driver.tick(now=2e9)
+    finally:
+        driver.stop()
+    rollout = RolloutFiles(store.root).load("wide")
+    assert rollout.state == "halted" and "cannot record its releases" in rollout.reason
+    assert rollout.devices["cam-0"].previous == "1"
+
+
+def test_a_driver_taking_over_records_missing_releases_and_withdraws_unknown_ones(publisher):
+    store, fleet = publisher.store, Fleet()
+    fleet.state("cam-0", "1")
+    start_rollout(publisher, "wide", "2", "100%", group=None, soak_s=0, max_failures=0, report_timeout_s=60)
+    with store.lock():  # a crash: a release the file does not know, and the file's device without one
+        ghost = Target("wide", device="ghost")
+        store.set_retained(ghost, publisher.envelope_for(ghost, "2"))
+        rollout = RolloutFiles(store.root).load("wide")
+        rollout.planned_at, rollout.current, rollout.waves[0].devices = 1.0, 0, ["cam-0"]
+        rollout.devices["cam-0"] = DeviceRecord(wave=0, targeted_at=2e9, previous="1")
+        RolloutFiles(store.root).save(rollout)
+    driver = RolloutDriver(store, publisher, fleet.watcher, 1.0, ready=lambda: True, on_change=lambda: None)
+    try:
+        driver.tick(now=2e9 + 1)
+    finally:
+        driver.stop()
+    assert store.retained_for(Target("wide", device="ghost")) == b""
+    assert verified(store, Target("wide", device="cam-0")).manifest.version == "2"
+
+
+def test_the_driver_lock_is_taken_only_when_ready_and_given_up_when_not(publisher):
+    store, fleet = publisher.store, Fleet()
+    ready = {"a": False}
+    cut_off = RolloutDriver(store, publisher, fleet.watcher, 1.0, ready=lambda: ready["a"],
+                            on_change=lambda: None)
+    other = RolloutDriver(store, publisher, fleet.watcher, 1.0, ready=lambda: True, on_change=lambda: None)
+    try:
+        cut_off.tick(now=2e9)
+        assert not cut_off.driving
+        ready["a"] = True
+        cut_off.tick(now=2e9)
+        assert cut_off.driving
+        ready["a"] = False
+        for _ in range(NOT_READY_TICKS):
+            other.tick(now=2e9)
+            assert not other.driving
+            cut_off.tick(now=2e9)
+        assert not cut_off.driving
+        other.tick(now=2e9)
+        assert other.driving
+    finally:
+        cut_off.stop()
+        other.stop()
+
+
+def test_the_watcher_keeps_at_most_max_devices_made_only_from_retained_status_or_state():
+    watcher = FleetWatcher("edged", max_devices=2)
+    watcher.on_message(message("edged/devices/stranger/events", {"kind": "update_failed", "model": "wide",
+                                                                  "version": "2"}))
+    watcher.on_message(message("edged/devices/stranger/health", {"ok": True}))
+    assert watcher.devices == {}
+    for device in ("a", "b", "c"):
+        watcher.on_message(message(f"edged/devices/{device}/status", {"state": "online"}))
+    assert set(watcher.devices) == {"a", "b"} and watcher.refused == 1
+    watcher.on_message(message("edged/devices/a/status", b""))  # status and state cleared: gone
+    assert set(watcher.devices) == {"b"}
+    watcher.on_message(message("edged/devices/c/state", {"models": {}}))
+    assert set(watcher.devices) == {"b", "c"}
+
+
+def test_serve_deletes_a_withdrawn_device_release_once_the_broker_has_the_withdrawal(
+        make_registry, broker, mqtt_subscriber, tmp_path):
+    registry = make_registry(broker)
+    store = RegistryStore(registry.root)
+    withdrawn, group = Target("wide", device="cam-0"), Target("wide", "lab")
+    with store.lock():
+        store.set_retained(withdrawn, b"")
+        store.set_retained(group, b"")
+    registry.serve(mqtt_subscriber(broker, "edged/registry/status"))
+    wait_until(lambda: store.retained_for(withdrawn) is None, 30, lambda: registry.serve_log())
+    assert store.retained_for(group) == b""  # group and all-device files stay
