@@ -177,10 +177,9 @@ def run(args: argparse.Namespace, work: Path) -> dict:
                 "broker": [broker.proc.pid]}
         before = snapshot(observer, pids)
         run_publish(args, registry, models)
-        t0 = wait_until(lambda: bool(observer.releases), 180, "the release on the broker")
-        t0 = observer.releases[0][0]
+        wait_until(lambda: bool(observer.releases), 180, "the release on the broker")
+        t0 = observer.releases[0][0]  # when the broker passed it on, not when `publish` started
         killed = None
-        target = len(ids) - len(set().union(*waves[2:])) - len(faulty) if args.rollout else len(ids)
 
         def done() -> bool:
             nonlocal killed
@@ -192,15 +191,15 @@ def run(args: argparse.Namespace, work: Path) -> dict:
                 victim.send_signal(signal.SIGKILL)
                 victim.wait()
             if args.rollout:
-                return rollout_settled(registry, observer)
-            return observer.count("2") >= target
+                return rollout_settled(registry)
+            return observer.count("2") == len(ids)
 
         converged = wait_until(done, args.timeout_s, "every device on version 2", every=0.05)
         after = snapshot(observer, pids, killed)
         memory = {"workers_peak_rss_mib": [round(infra.peak_rss_mib(p.pid)) for p in workers.procs],
                   "serves_peak_rss_mib": [round(infra.peak_rss_mib(p.pid)) for p in registry.live()]}
         if not args.rollout:  # probation's end, so no device is mid-update at the stop
-            wait_until(lambda: len(observer.device_events("update_kept", "2")) >= target,
+            wait_until(lambda: len(observer.device_events("update_kept", "2")) >= len(ids),
                        120 + args.probation_s, "every device keeping version 2")
         else:  # a halt does not stop the updates its waves started: let them end first
             wait_until(lambda: updates_ended(observer), 120 + args.probation_s,
@@ -267,13 +266,15 @@ def run_publish(args: argparse.Namespace, registry: infra.Registry, models: dict
 
 
 def updates_ended(observer: infra.Observer) -> bool:
+    """Every device that started the update has kept it or given it up (its events)."""
     started = {d for _t, d, _e in observer.device_events("update_started", "2")}
     ended = {d for kind in ("update_kept", "update_failed", "update_refused", "update_rolled_back")
              for _t, d, _e in observer.device_events(kind, "2")}
     return started <= ended
 
 
-def rollout_settled(registry: infra.Registry, observer: infra.Observer) -> bool:
+def rollout_settled(registry: infra.Registry) -> bool:
+    """The rollout's own record (the file `serve` keeps) says it is over: halted or done."""
     path = registry.workdir / "root" / "rollouts" / f"{MODEL}.json"
     try:
         state = json.loads(path.read_text()).get("state")
