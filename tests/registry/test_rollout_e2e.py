@@ -104,8 +104,10 @@ def assert_completed(registry: Registry, fleet: Fleet, mqtt_subscriber) -> None:
         return base is not None and registry.verify(base.payload).manifest.version == "2"
 
     # The file says completed before the release is announced: a live publish is no retained one.
-    wait_until(lambda: any(f"announced {MODEL} (all devices)" in s.output() for s in registry.servers), 30,
-               "the base release announced")
+    def announced(log: str) -> bool:
+        return f"announced {MODEL} (all devices)" in log.partition(f"rollout {MODEL} 2 completed")[2]
+
+    wait_until(lambda: any(announced(s.output()) for s in registry.servers), 30, "the base release announced")
     wait_until(base_is_2, 30, "the broker to retain tiny 2 for every device")
     wait_until(lambda: all(device_release(mqtt_subscriber, registry, d) is None for d in fleet.ids), 30,
                "every device release withdrawn")
