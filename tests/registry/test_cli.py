@@ -33,6 +33,7 @@ def test_usage_and_configuration_errors_exit_2(make_registry, broker):
     assert registry.run(expect=2).stderr  # no command
     assert "--version" in registry.run("publish", "tiny", "x.tflite", expect=2).stderr
     assert "--wait" in registry.run("fleet", "--wait", "-1", expect=2).stderr
+    assert "with abort only" in registry.run("rollout", "pause", "tiny", "--force", expect=2).stderr
 
     registry.config.write_text("max_chunk_bytes = 5\n")  # tests/registry/test_config.py has the rest
     done = registry.run("list", expect=2)

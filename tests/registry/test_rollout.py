@@ -13,7 +13,9 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from edged.errors import InvalidInput
+from edged.registry.announcer import Announcer
 from edged.registry.config import RegistrySettings
+from edged.registry.connection import Connection
 from edged.registry.fleet import MAX_DOCUMENT_BYTES, FleetWatcher
 from edged.registry.publisher import Publisher
 from edged.registry.rollout import (
@@ -547,3 +549,25 @@ def test_serve_deletes_a_withdrawn_device_release_once_the_broker_has_the_withdr
     registry.serve(mqtt_subscriber(broker, "edged/registry/status"))
     wait_until(lambda: store.retained_for(withdrawn) is None, 30, lambda: registry.serve_log())
     assert store.retained_for(group) == b""  # group and all-device files stay
+
+
+def test_serve_verifies_an_envelope_once_and_again_only_when_it_changes(publisher, broker):
+    publisher = on_broker(publisher, broker)
+    store = publisher.store
+    targets = [Target("wide", device=f"cam-{i}") for i in range(3)]
+    with store.lock():
+        for target in targets:
+            store.set_retained(target, publisher.envelope_for(target, "2"), touch=False)
+        store.touch()
+    connection = Connection(publisher.settings.mqtt, "announcer-test").open(10)
+    try:
+        announcer = Announcer(publisher.settings, store, connection, store.signing_key(), lambda: None)
+        announcer.announce(force=True)
+        first = {t: announcer._verified[t][1] for t in targets}
+        with store.lock():
+            store.set_retained(targets[0], publisher.envelope_for(targets[0], "1"))
+        announcer.announce(force=False)
+    finally:
+        connection.close()
+    assert announcer._verified[targets[0]][1].manifest.version == "1"
+    assert all(announcer._verified[t][1] is first[t] for t in targets[1:])  # not parsed nor verified again
