@@ -195,6 +195,8 @@ def run(args: argparse.Namespace, work: Path) -> dict:
             return observer.count("2") == len(ids)
 
         converged = wait_until(done, args.timeout_s, "every device on version 2", every=0.05)
+        # $SYS counts once a second: the broker's figures are read from a round after this.
+        wait_until(lambda: observer.sys_time("bytes/sent") > converged, 10, "the broker's next $SYS round")
         after = snapshot(observer, pids, killed)
         memory = {"workers_peak_rss_mib": [round(infra.peak_rss_mib(p.pid)) for p in workers.procs],
                   "serves_peak_rss_mib": [round(infra.peak_rss_mib(p.pid)) for p in registry.live()]}

@@ -204,6 +204,11 @@ class Observer:
         with self.lock:
             return float(self.sys.get(f"$SYS/broker/{name}", (0, "0"))[1].split()[0])
 
+    def sys_time(self, name: str) -> float:
+        """When `$SYS/broker/{name}` last arrived (monotonic; 0 if never)."""
+        with self.lock:
+            return self.sys.get(f"$SYS/broker/{name}", (0.0, ""))[0]
+
     def sys_counts(self) -> tuple[int, int]:
         """$SYS messages received so far, and $SYS topics (each retained by the broker)."""
         with self.lock:
