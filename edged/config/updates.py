@@ -67,6 +67,12 @@ class UpdateSettings(Section):
     probation_max_errors: int = Field(
         default=3, ge=1, le=1_000_000, description="Inference errors during probation that cause a rollback."
     )
+    pin_confirm_s: float = Field(
+        default=10.0, gt=0, le=600,
+        description="After each (re)connect, how long a model pinned by its device release waits for "
+        "that release to be retained again (it comes right after the subscription) before taking it "
+        "as withdrawn while the device was offline, and following the other releases again.",
+    )
     keep_versions: int = Field(default=3, ge=2, le=100, description="Versions kept per model (for rollback).")
     download_dir: Path = Field(
         default_factory=lambda: default_data_dir() / "downloads",

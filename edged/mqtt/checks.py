@@ -17,6 +17,8 @@ from edged.errors import EdgedError
 from edged.models.validation import validate_inputs
 from edged.signing import Release, verify_envelope
 
+MAX_RELEASE_BYTES = 1 << 20
+
 
 class UpdateRefused(EdgedError):
     """A release that will not be installed; the message is the reason. Trying it again
@@ -47,6 +49,14 @@ def trusted_release(payload: bytes, trusted: dict, max_bytes: int, name: str, gr
     if release.expired(time.time()):
         raise UpdateRefused(f"release {version} expired at {time.ctime(release.expires_at)}", version)
     return release
+
+
+def check_rollback(release: Release, active: str | None) -> None:
+    """A rollback release leaves `rollback_from` only: replayed once another version is
+    active (a later rollout completed), it must not send the device back."""
+    if release.rollback and active != release.rollback_from:
+        raise UpdateRefused(f"rollback from {release.rollback_from}, but {active} is active",
+                            release.manifest.version)
 
 
 def self_test_data(control: Control, release: Release) -> tuple[np.ndarray, dict[str, np.ndarray]]:

@@ -19,6 +19,10 @@ A rollback release (signed for one device, docs/updates.md) of a version the sto
 holds, with the very files it names, is activated from the store: its files are hashed
 once, and it is served again without a download, a self-test or probation (it served
 before); `update_started`, `update_activated` and `update_kept` say `rollback: true`.
+
+A stop during probation ends it with no event: the version stays active, but it was not
+watched to the end, so `update_kept` would be a lie. The next start serves it as the
+active version and does not watch it again (docs/updates.md, "On the device").
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from typing import Literal
 
 from edged.config import UpdateSettings
 from edged.control import Control, NotServing
@@ -39,6 +44,7 @@ from edged.signing import Release
 
 log = logging.getLogger("edged.mqtt.updates")
 Event = Callable[..., int]  # Reporter.event: kind, then the event's fields
+Probation = Literal["kept", "rolled back", "interrupted"]
 
 
 class Installer:
@@ -119,14 +125,18 @@ class Installer:
                    backend=serving.backend)
         for f in manifest.files:
             self.transfer.discard(f.sha256)
-        if self._probation(release):
+        outcome = self._probation(release)
+        if outcome == "interrupted":
+            log.info("updates: %s %s stays active; its probation was cut short by the shutdown "
+                     "(no update_kept)", name, version)
+        elif outcome == "kept":
             self.event("update_kept", model=name, version=version)
             for removed in self.control.prune(name, self.settings.keep_versions):
                 log.info("updates: removed %s %s (keeping %d versions)", name, removed,
                          self.settings.keep_versions)
 
-    def _probation(self, release: Release) -> bool:
-        """Watch the new version; roll back and return False when it goes bad."""
+    def _probation(self, release: Release) -> Probation:
+        """Watch the new version; roll back when it goes bad. "interrupted": stopping."""
         name, version = release.manifest.name, release.manifest.version
         errors_before = self.control.backend_errors(name)
         deadline = time.monotonic() + self.settings.probation_s
@@ -139,10 +149,10 @@ class Installer:
                 check_served(self.control, release, full=last)  # a stat per file, all bytes at the end
             except EdgedError as exc:
                 self._roll_back(name, version, str(exc))
-                return False
+                return "rolled back"
             if last:
-                return True
-        return True  # stopping: what is active stays; the next start serves it
+                return "kept"
+        return "interrupted"  # what is active stays; the next start serves it
 
     def _roll_back(self, name: str, version: str, reason: str) -> None:
         try:

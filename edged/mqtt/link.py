@@ -56,6 +56,11 @@ class MqttLink:
         self.put_failures = 0  # messages the outbox refused (disk trouble, oversize)
         self.max_packet_size: int | None = None  # the broker's limit, from its CONNACK
         self.on_connected: list[Callable[[], None]] = []
+        # Called on paho's thread with a topic filter once the broker acknowledged its
+        # subscription, on every connect: its retained messages come right after (updates.py
+        # times its pins' confirmation from there).
+        self.on_subscribed: list[Callable[[str], None]] = []
+        self._suback: dict[int, str] = {}  # SUBSCRIBE mid -> filter (under `_subscribing`)
         self._handlers: dict[str, list[MessageHandler]] = {}  # topic filter -> handlers
         self._subscribing = threading.Lock()  # a filter added while connecting is never missed
         self._subscribed = False  # this connection has the filters (set under `_subscribing`)
@@ -79,6 +84,7 @@ class MqttLink:
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
         client.on_message = self._on_message
+        client.on_subscribe = self._on_subscribe
         return client
 
     def _set_will(self, client: mqtt.Client, userdata: object) -> None:
@@ -93,7 +99,7 @@ class MqttLink:
         with self._subscribing:
             self._handlers.setdefault(topic_filter, []).append(handler)
             if self._subscribed:
-                self.client.subscribe(topic_filter, 1)
+                self._subscribe(topic_filter)
 
     # --- lifecycle ----------------------------------------------------------------------
     def start(self) -> None:
@@ -221,8 +227,9 @@ class MqttLink:
         log.info("MQTT: connected to %s%s", self.broker, f" (reconnect {reconnects})" if reconnects else "")
         no_delay(client)
         with self._subscribing:  # before `online`: whoever sees it can send commands at once
+            self._suback.clear()  # the last connection's are never acknowledged
             for topic_filter in self._handlers:
-                client.subscribe(topic_filter, 1)
+                self._subscribe(topic_filter)
             self._subscribed = True
         client.publish(self.topics.status, self._status_payload("online"), qos=1, retain=True)
         self.connected.set()
@@ -232,6 +239,24 @@ class MqttLink:
                 hook()
             except Exception:  # a hook must not break the connection
                 log.exception("MQTT: on-connect hook failed")
+
+    def _subscribe(self, topic_filter: str) -> None:
+        """Under `_subscribing`: so a SUBACK is never handled before its mid is recorded."""
+        result, mid = self.client.subscribe(topic_filter, 1)
+        if result == mqtt.MQTT_ERR_SUCCESS and mid is not None:
+            self._suback[mid] = topic_filter
+
+    def _on_subscribe(self, client: mqtt.Client, userdata: object, mid: int,
+                      reason_codes: list[mqtt.ReasonCode], properties: Properties | None) -> None:
+        with self._subscribing:
+            topic_filter = self._suback.pop(mid, None)
+        if topic_filter is None or any(code.is_failure for code in reason_codes):
+            return
+        for hook in self.on_subscribed:
+            try:
+                hook(topic_filter)
+            except Exception:  # a hook must not break the connection
+                log.exception("MQTT: on-subscribed hook failed")
 
     def _on_connect_fail(self, client: mqtt.Client, userdata: object) -> None:
         self._failed(f"cannot connect to MQTT broker {self.broker}: {self._diagnose()}; retrying")

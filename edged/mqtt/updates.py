@@ -18,7 +18,6 @@ A release signed for this one device pins its model (`pins.py`) and may roll it 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import queue
@@ -34,10 +33,10 @@ from edged.config import UpdateSettings
 from edged.control import Control
 from edged.errors import EdgedError
 from edged.models.store import version_key
-from edged.mqtt.checks import UpdateRefused, trusted_release
+from edged.mqtt.checks import MAX_RELEASE_BYTES, UpdateRefused, check_rollback, trusted_release
 from edged.mqtt.install import Event, Installer
 from edged.mqtt.link import MqttLink
-from edged.mqtt.pins import Pins
+from edged.mqtt.pins import SUBSCRIBED, PinHandling, Pins, seen_key
 from edged.mqtt.retry import NotEnoughDisk, RetryBook, check_disk, disk_full, space_needed
 from edged.mqtt.transfer import RegistrySilent, Transfer
 from edged.signing import Release, trusted_keys, verify_envelope
@@ -45,11 +44,10 @@ from edged.topics import Topics
 
 __all__ = ["NotEnoughDisk", "UpdateAgent", "UpdateRefused", "describe"]
 log = logging.getLogger(__name__)
-MAX_RELEASE_BYTES = 1 << 20
 REMEMBERED = 1024
 
 
-class UpdateAgent:
+class UpdateAgent(PinHandling):
     """`event` queues an event (Reporter.event); `desired` says which version the registry
     wants of a model, None when it withdrew it (Reporter.set_desired)."""
 
@@ -67,8 +65,10 @@ class UpdateAgent:
         self.retries = RetryBook(settings)
         self._stop = threading.Event()
         self.installer = Installer(settings, control, self.transfer, self._stop, event)
-        self.pins = Pins()
+        self.pins = Pins(settings.pin_confirm_s)
         self.topics = self.link.topics.releases(settings.group)
+        self.own_topic = next(t for t in self.topics if Topics.release_parts(t)[2] is not None)
+        self.link.on_subscribed.append(self._on_subscribed)
         self.status_topic = self.link.topics.registry_status
         self._seen: dict[bytes, None] = {}  # releases handled (by topic and payload), oldest first
         self._queue: queue.Queue[tuple[str, bytes, float] | None] = queue.Queue(maxsize=256)
@@ -81,8 +81,7 @@ class UpdateAgent:
         self.transfer.start()
         # This device's own releases first: the broker sends retained messages in the order of
         # the subscriptions, so a pin is known before the releases it overrides arrive.
-        own = [t for t in self.topics if Topics.release_parts(t)[2] is not None]
-        for topic in [*own, *(t for t in self.topics if t not in own), self.status_topic]:
+        for topic in [self.own_topic, *(t for t in self.topics if t != self.own_topic), self.status_topic]:
             self.link.subscribe(topic, self._receive)
         self._thread.start()
         log.info("updates: following %s with %d trusted key(s)", ", ".join(self.topics), len(self.trusted))
@@ -118,7 +117,8 @@ class UpdateAgent:
             if any(p.silent for p in self.retries):
                 self._wake_on_reply.set()
             try:
-                item = self._queue.get(timeout=self.retries.wait_s())
+                waits = [w for w in (self.retries.wait_s(), self.pins.wait_s()) if w is not None]
+                item = self._queue.get(timeout=min(waits, default=None))
             except queue.Empty:
                 item = ("", b"", 0.0)  # time for a retry
             self._wake_on_reply.clear()
@@ -128,8 +128,9 @@ class UpdateAgent:
             try:
                 if topic == self.status_topic:
                     self._registry_status(payload, received_at)
-                elif topic:
+                elif topic and topic != SUBSCRIBED:
                     self.handle(topic, payload, received_at)
+                self._check_pins(topic == SUBSCRIBED)
                 self._retry_due()
             except Exception:  # a bug must not end the agent; the next release is tried
                 log.exception("updates: handling %s failed", topic or "a retry")
@@ -165,16 +166,10 @@ class UpdateAgent:
                 return
         if not payload:
             log.info("updates: the release of %s on %s was withdrawn", name, topic)
-            self.desired(name, None)
-            self._give_up(name)
-            if device is not None:
-                pinned_by = self.pins.payload(name)
-                if pinned_by:  # the same release retained again later pins again
-                    self._seen.pop(seen_key(topic, pinned_by), None)
-                for followed, release in self.pins.unpin(name):
-                    log.info("updates: %s follows %s again", name, followed)
-                    self._attempt(followed, release)
+            self._withdrawn(name, topic if device is not None else None)
             return
+        if device is not None:
+            self.pins.confirm(name, payload)
         key = seen_key(topic, payload)
         if key in self._seen:  # a repeat; sent after it failed, it says the registry is back
             pending = self.retries.get(name)
@@ -265,15 +260,6 @@ class UpdateAgent:
         for digest in self.transfer.sweep(keep):
             log.info("updates: removed the download of %s (no release waits for it)", digest[:12])
 
-    def _pin(self, name: str, topic: str, payload: bytes) -> None:
-        """A trusted device release of `name`: what the all-devices and group topics say
-        waits until it is withdrawn, and so does a retry of theirs."""
-        if self.pins.pin(name, topic, payload):
-            log.info("updates: %s pinned by its device release (%s)", name, topic)
-        pending = self.retries.get(name)
-        if pending is not None and pending.topic != topic:
-            self.retries.forget(name)
-
     def _space_needed(self, release: Release) -> list[tuple[Path, int]]:
         total = sum(f.size for f in release.manifest.files)
         return space_needed(self.settings.download_dir, self.control.store_root, total)
@@ -281,35 +267,34 @@ class UpdateAgent:
     def _verify(self, name: str, group: str | None, device: str | None, topic: str,
                 payload: bytes) -> Release | None:
         """The release, checked; None when there is nothing to do (already active). A
-        trusted device release pins its model; a followed one sets its desired version."""
+        followed one sets its desired version; a device release that passes the checks (a
+        refused one does not) pins its model."""
         release = trusted_release(payload, self.trusted, MAX_RELEASE_BYTES, name, group, device)
         manifest = release.manifest
-        if device is not None:
-            self._pin(name, topic, payload)
         if self.settings.models and name not in self.settings.models:
             return None
         self.desired(name, manifest.version)
         active = self.control.active(name)
+        pin = self._pin if device is not None else lambda *_: None
         if active == manifest.version:
+            pin(name, topic, payload, release)
             return None
+        check_rollback(release, active)
         older = active is not None and version_key(manifest.version) < version_key(active)
         if older and not release.rollback:
             raise UpdateRefused(f"version {manifest.version} is older than the active {active} "
                                 f"(roll back with the models.rollback command or a rollback release)",
                                 manifest.version)
         if self.installer.from_store(release):
+            pin(name, topic, payload, release)
             return release  # a rollback to a version the store still holds: nothing to download
         total = sum(f.size for f in manifest.files)
         if total > self.settings.max_model_bytes:
             raise UpdateRefused(f"{total} bytes is over the {self.settings.max_model_bytes} byte limit",
                                 manifest.version)
+        pin(name, topic, payload, release)  # a release waiting for disk space still pins
         check_disk(self.settings.download_dir, self._space_needed(release), manifest.version)
         return release
-
-
-def seen_key(topic: str, payload: bytes) -> bytes:
-    """A release as handled: the same envelope on another topic is another message."""
-    return hashlib.sha256(topic.encode() + b"\0" + payload).digest()
 
 
 def describe(agent: UpdateAgent | None) -> dict[str, Any]:

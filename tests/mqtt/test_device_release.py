@@ -134,7 +134,7 @@ def test_a_rollback_release_activates_the_stored_version_without_a_download(
     assert state["models"]["tiny"]["failure"]["kind"] == "update_refused"
     assert state["models"]["tiny"]["active"] == "2"
     # With it: served again from the store.
-    retain_signed(broker, OWN_TOPIC, for_device(back, rollback=True), key)
+    retain_signed(broker, OWN_TOPIC, for_device(back, rollback=True, rollback_from="2"), key)
     kept = events.wait_for(kind_of("update_kept", "1"), timeout=30).json()
     assert kept["rollback"] is True
     steps = [m.json() for m in events.messages() if m.json().get("version") == "1"
@@ -158,7 +158,8 @@ def test_a_rollback_release_of_a_version_no_longer_stored_is_downloaded(
     start_daemon(tiny_store.root, device_config(broker, tmp_path, key))
     sign_and_retain(broker, tiny_release(peer, tmp_path, "3", 4.0), key)
     events.wait_for(kind_of("update_kept", "3"), timeout=60)
-    retain_signed(broker, OWN_TOPIC, for_device(tiny_release(peer, tmp_path, "2", 3.0), rollback=True), key)
+    retain_signed(broker, OWN_TOPIC, for_device(tiny_release(peer, tmp_path, "2", 3.0), rollback=True,
+                                                rollback_from="3"), key)
     kept = events.wait_for(kind_of("update_kept", "2"), timeout=60).json()
     assert "rollback" not in kept
     kinds = [m.json()["kind"] for m in events.messages()
@@ -192,24 +193,55 @@ def test_the_state_document_keeps_a_failed_update_until_the_active_version_chang
     assert state["models"]["tiny"]["failure"] is None
 
 
-def test_pins_remember_the_latest_release_per_topic_and_give_them_back_every_devices_first():
-    from edged.mqtt.pins import Pins
+def test_pins_remember_the_latest_release_per_topic_and_hand_back_the_newest(tmp_path, key):
+    from edged.mqtt.checks import trusted_release
+    from edged.mqtt.pins import Pins, newest
+    from edged.signing import key_id
+    from edged.topics import Topics
+    from tests.mqtt.registry_peer import release_for
 
-    pins = Pins()
+    def signed(version: str, **options: object) -> bytes:
+        files = [{"name": "tiny.xml", "sha256": "ab" * 32, "size": 1},
+                 {"name": "tiny.bin", "sha256": "cd" * 32, "size": 1}]
+        return json.dumps(sign_release(release_for("tiny", version, files, **options), key)).encode()
+
+    def verify(topic: str, payload: bytes):
+        trusted = {key_id(key): key.public_key()}
+        return trusted_release(payload, trusted, 1 << 20, *Topics.release_parts(topic))
+
+    pins = Pins(confirm_s=3600)
     group, every = "edged/registry/groups/pilot/models/tiny", "edged/registry/models/tiny"
-    pins.remember("tiny", group, b"g1")
-    pins.remember("tiny", every, b"a1")
-    pins.remember("tiny", every, b"a2")
+    pins.remember("tiny", group, signed("5", group="pilot"))
+    pins.remember("tiny", every, signed("3"))
+    pins.remember("tiny", every, signed("4"))
     pins.remember("other", every.replace("tiny", "other"), b"o1")
     assert pins.unpin("tiny") == []  # not pinned: nothing to follow again
-    assert pins.pin("tiny", OWN_TOPIC, b"d1") and not pins.pin("tiny", OWN_TOPIC, b"d2")
-    assert pins.pinned("tiny") and pins.payload("tiny") == b"d2" and not pins.pinned("other")
+    assert pins.pin("tiny", OWN_TOPIC, b"d1", time.time() + 3600)
+    assert not pins.pin("tiny", OWN_TOPIC, b"d2", time.time() + 3600)
+    assert pins.pinned("tiny") and pins.get("tiny").payload == b"d2" and not pins.pinned("other")
     assert pins.describe() == {"tiny": OWN_TOPIC}
-    assert pins.unpin("tiny") == [(every, b"a2"), (group, b"g1")]
+    # The group's version 5 is the newest: the only one to follow (4 would only be refused after it).
+    topic, _, release = newest(pins.unpin("tiny"), verify)
+    assert (topic, release.manifest.version) == (group, "5")
     assert not pins.pinned("tiny") and pins.describe() == {}
-    pins.pin("tiny", OWN_TOPIC, b"d3")
-    pins.remember("tiny", every, b"")  # withdrawn meanwhile: not followed again
-    assert pins.unpin("tiny") == [(group, b"g1")]
+    pins.pin("tiny", OWN_TOPIC, b"d3", time.time() + 3600)
+    pins.remember("tiny", group, b"")  # withdrawn meanwhile: not followed again
+    pins.remember("tiny", every, signed("6"))
+    assert newest(pins.unpin("tiny"), verify)[2].manifest.version == "6"
+    # A reconnect makes a pin unconfirmed; its release retained again confirms it.
+    pins.pin("tiny", OWN_TOPIC, b"d4", time.time() + 3600)
+    assert pins.reconnected() == 1 and pins.wait_s() is not None
+    pins.confirm("tiny", b"other bytes")
+    assert pins.get("tiny").confirm_by is not None
+    pins.confirm("tiny", b"d4")
+    assert pins.get("tiny").confirm_by is None and pins.ended() == []
+    unconfirmed = Pins(confirm_s=0)  # the window is over as soon as it starts
+    unconfirmed.pin("tiny", OWN_TOPIC, b"d5", time.time() + 3600)
+    unconfirmed.reconnected()
+    assert [name for name, _ in unconfirmed.ended()] == ["tiny"]
+    expired = Pins(confirm_s=3600)
+    expired.pin("tiny", OWN_TOPIC, b"d6", time.time() - 1)
+    assert "expired at" in expired.ended()[0][1]
 
 
 def test_a_pin_holds_across_a_restart(start_daemon, broker, peer, mqtt_subscriber, tiny_store, tmp_path, key):
@@ -222,7 +254,7 @@ def test_a_pin_holds_across_a_restart(start_daemon, broker, peer, mqtt_subscribe
     events.wait_for(kind_of("update_kept", "2"), timeout=60)
     stored = tiny_store.manifest("tiny", "1").model_dump(mode="json")
     back = {**tiny_release(peer, tmp_path, "1", 2.0), "manifest": stored, "selftest": None}
-    retain_signed(broker, OWN_TOPIC, for_device(back, rollback=True), key)
+    retain_signed(broker, OWN_TOPIC, for_device(back, rollback=True, rollback_from="2"), key)
     events.wait_for(kind_of("update_kept", "1"), timeout=30)
     daemon.stop()
     restarted = start_daemon(tiny_store.root, config)
@@ -233,3 +265,146 @@ def test_a_pin_holds_across_a_restart(start_daemon, broker, peer, mqtt_subscribe
     with restarted.client() as client:
         assert client.status()["models"]["tiny"]["version"] == "1"
     assert tiny_store.active("tiny") == "1"
+
+
+# --- the reviewer's findings: retries, missed withdrawals, replays, probation, unpin noise ----
+
+def stored_release(peer, tmp_path, tiny_store, version: str = "1") -> dict:
+    """A release of the store's own copy of `version` (no self-test: its files are the store's)."""
+    stored = tiny_store.manifest("tiny", version).model_dump(mode="json")
+    return {**tiny_release(peer, tmp_path, version, 2.0), "manifest": stored, "selftest": None}
+
+
+def handled_so_far(broker, events, peer, tmp_path, key, mark: str) -> None:
+    """Wait until the agent handled everything sent before: one queue, in order, so the
+    refusal of a release on another model's device topic comes after it."""
+    retain_signed(broker, f"edged/registry/devices/{DEVICE}/models/{mark}",
+                  for_device(tiny_release(peer, tmp_path, "9", 3.0), "cam-2"), key)
+    events.wait_for(lambda m: kind_of("update_refused")(m) and f"'{mark}'" in m.json()["reason"], timeout=30)
+
+
+def test_the_rollback_of_an_aborted_rollout_replaces_its_waiting_retry(
+        start_daemon, broker, peer, mqtt_subscriber, tiny_store, tmp_path, key):
+    """Version 2 fails to download and waits for a retry; the abort's rollback release of the
+    active version 1 arrives on the same topic: nothing to install, and the retry of 2 is gone
+    (it must never come due and install the aborted version)."""
+    events = mqtt_subscriber(broker, EVENTS)
+    daemon = start_daemon(tiny_store.root, device_config(broker, tmp_path, key, retry_min_s=3600))
+    aborted = tiny_release(peer, tmp_path, "2", 3.0)
+    for entry in aborted["manifest"]["files"]:  # the registry cannot serve it: empty chunks
+        del peer.files[entry["sha256"]]
+    retain_signed(broker, OWN_TOPIC, for_device(aborted), key)
+    events.wait_for(kind_of("update_failed", "2"), timeout=60)
+    with daemon.client() as client:
+        assert client.status()["updates"]["retrying"]["tiny"]["version"] == "2"
+    back = stored_release(peer, tmp_path, tiny_store)
+    retain_signed(broker, OWN_TOPIC, for_device(back, rollback=True, rollback_from="2"), key)
+    handled_so_far(broker, events, peer, tmp_path, key, "mark")
+    with daemon.client() as client:
+        status = client.status()
+    assert status["updates"]["retrying"] == {} and status["updates"]["pinned"] == {"tiny": OWN_TOPIC}
+    assert status["models"]["tiny"]["version"] == "1"
+
+
+def test_a_refused_device_release_does_not_pin_and_a_rollback_binds_to_the_version_it_leaves(
+        start_daemon, broker, peer, mqtt_subscriber, tiny_store, tmp_path, key):
+    events = mqtt_subscriber(broker, EVENTS)
+    daemon = start_daemon(tiny_store.root, device_config(broker, tmp_path, key))
+    # Older without rollback: refused, and it does not pin: every device's version 2 installs.
+    retain_signed(broker, OWN_TOPIC, for_device(tiny_release(peer, tmp_path, "0", 3.0)), key)
+    events.wait_for(kind_of("update_refused", "0"), timeout=30)
+    sign_and_retain(broker, tiny_release(peer, tmp_path, "2", 3.0), key)
+    events.wait_for(kind_of("update_kept", "2"), timeout=60)
+    # A rollback release that leaves version 3 (a captured one, replayed): 2 is active, refused.
+    back = stored_release(peer, tmp_path, tiny_store)
+    retain_signed(broker, OWN_TOPIC, for_device(back, rollback=True, rollback_from="3"), key)
+    refused = events.wait_for(kind_of("update_refused", "1"), timeout=30).json()
+    assert refused["reason"] == "rollback from 3, but 2 is active"
+    with daemon.client() as client:
+        status = client.status()
+    assert status["models"]["tiny"]["version"] == "2" and status["updates"]["pinned"] == {}
+    # The one that leaves version 2: served again from the store.
+    retain_signed(broker, OWN_TOPIC, for_device(back, rollback=True, rollback_from="2"), key)
+    assert events.wait_for(kind_of("update_kept", "1"), timeout=30).json()["rollback"] is True
+    assert tiny_store.active("tiny") == "1"
+
+
+def test_a_pin_whose_release_is_not_retained_after_a_reconnect_ends(
+        start_daemon, broker, peer, mqtt_subscriber, tiny_store, tmp_path, key):
+    """A withdrawal sent while the device was offline never reaches it: a broker restarted
+    without persistence has lost every retained release, so after the reconnect the device
+    release does not come back and the pin ends (the remembered version 3 installs)."""
+    events = mqtt_subscriber(broker, EVENTS)
+    daemon = start_daemon(tiny_store.root, device_config(broker, tmp_path, key, pin_confirm_s=1.0))
+    retain_signed(broker, OWN_TOPIC, for_device(tiny_release(peer, tmp_path, "2", 3.0)), key)
+    events.wait_for(kind_of("update_kept", "2"), timeout=60)
+    sign_and_retain(broker, tiny_release(peer, tmp_path, "3", 4.0), key)
+    daemon.wait_for(lambda: "edged/registry/models/tiny not installed: pinned by its device release"
+                    in daemon.output(), what="every device's release left alone")
+    peer.close()  # its subscription dies with the broker: a new peer serves the same files
+    broker.restart()
+    fresh = ChunkPeer(broker)
+    fresh.files = peer.files
+    try:
+        kept = events.wait_for(kind_of("update_kept", "3"), timeout=120).json()
+    finally:
+        fresh.close()
+    assert kept["version"] == "3" and tiny_store.active("tiny") == "3"
+    assert "tiny no longer pinned: its device release was not retained after the reconnect" in daemon.output()
+    with daemon.client() as client:
+        assert client.status()["updates"]["pinned"] == {}
+
+
+def test_a_pin_ends_when_its_device_release_expires(
+        start_daemon, broker, peer, mqtt_subscriber, tiny_store, tmp_path, key):
+    events = mqtt_subscriber(broker, EVENTS)
+    daemon = start_daemon(tiny_store.root, device_config(broker, tmp_path, key))
+    # The active version 1 for this device, valid for a short while: it pins, nothing to install.
+    pinning = {**stored_release(peer, tmp_path, tiny_store), "device": DEVICE}
+    pinning["expires_at"] = pinning["published_at"] + 20
+    retain_signed(broker, OWN_TOPIC, pinning, key)
+    sign_and_retain(broker, tiny_release(peer, tmp_path, "2", 3.0), key)
+    kept = events.wait_for(kind_of("update_kept", "2"), timeout=120).json()
+    assert kept["version"] == "2"
+    output = daemon.output()
+    assert output.index("tiny pinned by its device release") < output.index("tiny no longer pinned: its "
+                                                                              "device release expired at")
+
+
+def test_a_stop_during_probation_reports_no_update_kept_and_the_next_start_serves_the_version(
+        start_daemon, broker, peer, mqtt_subscriber, tiny_store, tmp_path, key):
+    events = mqtt_subscriber(broker, EVENTS)
+    config = device_config(broker, tmp_path, key, probation_s=3600)
+    daemon = start_daemon(tiny_store.root, config)
+    sign_and_retain(broker, tiny_release(peer, tmp_path, "2", 3.0), key)
+    events.wait_for(kind_of("update_activated", "2"), timeout=60)
+    daemon.stop()
+    assert "tiny 2 stays active; its probation was cut short by the shutdown" in daemon.output()
+    # The next start sends what the outbox kept first, then its own events, in order.
+    restarted = start_daemon(tiny_store.root, config)
+    handled_so_far(broker, events, peer, tmp_path, key, "mark")
+    assert not [m for m in events.messages() if m.json()["kind"] == "update_kept"]
+    assert [m.json()["kind"] for m in events.messages() if m.json().get("version") == "2"
+            and m.json()["kind"] == "update_started"] == ["update_started"]  # not installed again
+    with restarted.client() as client:
+        assert client.status()["models"]["tiny"]["version"] == "2"
+    assert tiny_store.active("tiny") == "2"
+
+
+def test_a_withdrawal_does_not_refuse_every_devices_older_release(
+        start_daemon, broker, peer, mqtt_subscriber, tiny_store, tmp_path, key):
+    """The device release installed version 2; every device's release says 1: once the pin
+    ends, there is nothing to install, and no refusal shows as the model's last failure."""
+    events = mqtt_subscriber(broker, EVENTS)
+    states = mqtt_subscriber(broker, STATE)
+    start_daemon(tiny_store.root, device_config(broker, tmp_path, key))
+    sign_and_retain(broker, stored_release(peer, tmp_path, tiny_store), key)
+    retain_signed(broker, OWN_TOPIC, for_device(tiny_release(peer, tmp_path, "2", 3.0)), key)
+    events.wait_for(kind_of("update_kept", "2"), timeout=60)
+    retain(broker, OWN_TOPIC, b"")
+    handled_so_far(broker, events, peer, tmp_path, key, "mark")
+    assert [m.json()["reason"] for m in events.messages() if kind_of("update_refused")(m)] == [
+        "release of 'tiny' on the topic of 'mark'"]
+    state = states.wait_for(lambda m: m.json()["models"]["tiny"]["desired"] == "1"
+                            and m.json()["models"]["tiny"]["active"] == "2", timeout=10).json()
+    assert (state["models"]["tiny"]["failure"] or {}).get("version") != "1"
