@@ -167,9 +167,10 @@ def _judge_all(rollout: Rollout, fleet: dict[str, DeviceReport], now: float, cha
                 record.outcome, record.reason, record.at = "silent", (
                     f"no report of {rollout.version} within {rollout.report_timeout_s:g} s"), round(now, 3)
                 changes.say(f"{rollout.label()}: {device} is silent ({record.reason})")
-            elif found is not None and record.reason != f"retrying: {found[1]}":
-                record.reason = f"retrying: {found[1]}"
-                changes.note(f"{rollout.label()}: {device} {record.reason}")
+            elif found is not None and record.outcome == "pending" and record.reason != (
+                    retrying := f"retrying: {found[1]}"):
+                record.reason = retrying
+                changes.note(f"{rollout.label()}: {device} {retrying}")
             continue
         outcome, reason = found
         if outcome != record.outcome:
