@@ -93,7 +93,7 @@ class SharedOpenVINO(Backend):
 
     def load(self, path: Path, model_format: str, options: LoadOptions) -> LoadedModel:
         files = json.loads((path.parent / "manifest.json").read_bytes())["files"]
-        store_root = path.parent.parent.parent  # {store}/{name}/{version}/{file}
+        store_root = path.parent.parent.parent.resolve()  # {store}/{name}/{version}/{file}
         faulty = store_root in FAULTY_STORES
         key = (tuple(sorted((f["name"], f["sha256"]) for f in files)), model_format,
                options.precision, faulty)
