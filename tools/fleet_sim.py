@@ -2,9 +2,9 @@
 """Fleet simulator: N devices running edged's real update path against a real Mosquitto
 and real `edged-registry serve` instances, and what it costs.
 
-    .venv/bin/python tools/fleet_sim.py --devices 500 --model-mb 10 --registries 2 --processes 6
+    .venv/bin/python tools/fleet_sim.py --devices 500 --model-mb 10 --registries 2 --processes 20
     .venv/bin/python tools/fleet_sim.py ... --registries 2 --kill-at 0.5     # one serve SIGKILLed
-    .venv/bin/python tools/fleet_sim.py --devices 200 --rollout 1%,10%,50%,100% --faulty 5
+    .venv/bin/python tools/fleet_sim.py --devices 200 --processes 8 --rollout 1%,10%,50%,100% --faulty 5
 
 What is real: per device, edged's own store, model manager, control service, outbox
 (SQLite on disk), MQTT link with its retained status, state and Last Will, reporter,
