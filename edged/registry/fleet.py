@@ -73,6 +73,19 @@ class Device:
     outcomes: dict[tuple[str, str], UpdateEvent] = field(default_factory=dict)
 
 
+def _restarted(before: dict[str, Any] | None, after: dict[str, Any] | None) -> bool:
+    """A new run of the daemon: a probation it was in was cut short by the stop, and no
+    update_kept will come for it (the version stays active; docs/updates.md)."""
+    started = (before or {}).get("started_at"), (after or {}).get("started_at")
+    return None not in started and started[0] != started[1]
+
+
+def _forget_activations(device: Device) -> None:
+    """Activations whose update_kept will not come: the retained state says where it is."""
+    for key in [k for k, e in device.outcomes.items() if e.kind == "update_activated"]:
+        del device.outcomes[key]
+
+
 def _text(value: object, limit: int = 200) -> str | None:
     return value[:limit] if isinstance(value, str) else None
 
@@ -131,8 +144,7 @@ class FleetWatcher:
         self._marker = uuid.uuid4().hex.encode()
         with self._lock:
             for device in self.devices.values():
-                for key in [k for k, e in device.outcomes.items() if e.kind == "update_activated"]:
-                    del device.outcomes[key]
+                _forget_activations(device)
         return self._marker
 
     def on_message(self, message: mqtt.MQTTMessage) -> None:
@@ -162,6 +174,8 @@ class FleetWatcher:
                 if device is None and document is not None:
                     device = self._device(device_id)
                 if device is not None:
+                    if kind == "status" and _restarted(device.status, document):
+                        _forget_activations(device)
                     setattr(device, kind, document)  # an empty retained message clears it
                     if device.status is None and device.state is None:
                         del self.devices[device_id]

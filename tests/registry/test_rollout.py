@@ -141,6 +141,27 @@ def test_an_activation_seen_before_a_reconnect_is_forgotten_its_update_kept_may_
     assert rollout.devices["cam-0"].outcome == "done" and rollout.devices["cam-1"].outcome == "failed"
 
 
+def test_an_activation_whose_device_restarted_is_judged_by_its_state_no_update_kept_comes():
+    fleet, rollout = rollout_of(1, "100%")
+    step(rollout, fleet.reports(), 1000.0)
+
+    def online(started_at: float) -> None:
+        fleet.watcher.on_message(message("edged/devices/cam-0/status",
+                                         {"state": "online", "started_at": started_at}))
+
+    fleet.state("cam-0", "2")
+    online(900.0)
+    fleet.event("cam-0", "update_activated", "2")
+    step(rollout, fleet.reports(), 1001.0)
+    assert rollout.devices["cam-0"].outcome == "pending"  # on probation
+    online(900.0)  # the same run, reconnected: still on probation
+    step(rollout, fleet.reports(), 1002.0)
+    assert rollout.devices["cam-0"].outcome == "pending"
+    online(1003.0)  # a new run: the stop cut the probation short (docs/updates.md)
+    step(rollout, fleet.reports(), 1004.0)
+    assert rollout.devices["cam-0"].outcome == "done"
+
+
 def test_a_failure_halts_after_its_wave_and_later_waves_are_untouched():
     fleet, rollout = rollout_of(4, "50%,100%")
     targets = step(rollout, fleet.reports(), 1000.0).target
