@@ -56,3 +56,26 @@ def test_six_devices_converge_and_the_figures_agree(tmp_path: Path) -> None:
     # once $SYS counted it: it updates every second).
     assert r["broker"]["retained"] >= 2 * DEVICES + 1
     assert r["broker"]["publish_per_s"] > 0
+
+    # CPU accounting, both paths side by side: the raw window's broker, publishers and
+    # subscribers (each its own /proc/.../stat), and per GB; central = sending + broker.
+    # At this size the raw window lasts a tenth of a second, a few clock ticks: a part
+    # may read 0, so positivity is asserted where the run is long enough to be sure of it.
+    raw = r["raw"]
+    for name in ("broker", "publishers", "subscribers"):
+        assert raw[f"{name}_cpu_s"] >= 0, raw
+        assert abs(raw[f"{name}_cpu_s_per_gb"] - raw[f"{name}_cpu_s"] / (raw["bytes"] / 1e9)) < 1e-6
+    c = r["cpu_per_gb"]
+    for side in ("raw", "edged"):
+        assert set(c[side]) == {"broker", "sending", "receiving", "central"}, c
+        assert all(v >= 0 for v in c[side].values()), c
+        assert abs(c[side]["central"] - c[side]["broker"] - c[side]["sending"]) <= 0.002, c
+        assert r["central_cpu_s_per_gb"][side] == c[side]["central"]
+    gb = r["delivered_bytes"] / 1e9
+    assert c["edged"]["sending"] > 0 and c["edged"]["receiving"] > 0  # serve and devices: whole seconds
+    assert abs(c["edged"]["sending"] - r["registry_cpu_s"] / gb) <= 0.01 * c["edged"]["sending"] + 0.01
+    assert abs(c["raw"]["broker"] - raw["broker_cpu_s_per_gb"]) <= 0.001
+    assert abs(c["raw"]["receiving"] - raw["subscribers_cpu_s_per_gb"]) <= 0.001
+    assert r["central_ratio"] == c["central_ratio"] >= 0
+    assert abs(r["central_ratio"] - c["raw"]["central"] / c["edged"]["central"]) <= 0.001
+    assert abs(c["receiving_ratio"] - c["raw"]["receiving"] / c["edged"]["receiving"]) <= 0.001

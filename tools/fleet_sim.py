@@ -160,7 +160,8 @@ def run(args: argparse.Namespace, work: Path) -> dict:
         # Before the devices start: with them idle beside it, the baseline's processes took the
         # CPU their MQTT threads need to keep their connections alive (keepalive timeouts).
         baseline = raw.measure(broker.port, args.devices * models["v2_bytes"], args.chunk_kib << 10,
-                               publishers=args.registries, subscribers=len(groups))
+                               publishers=args.registries, subscribers=len(groups),
+                               broker_pid=broker.proc.pid)
         started = time.monotonic()
         workers = Workers(work, groups, settings, models["v1"], faulty)
         ready = workers.wait_ready(600)

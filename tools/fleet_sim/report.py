@@ -93,6 +93,11 @@ def figures(*, args: Any, models: dict, ids: list[str], ready: list[dict], start
     }
     result["aggregate_over_raw"] = (round(result["aggregate_mb_s"] / result["raw_mb_s"], 3)
                                     if result["aggregate_mb_s"] else None)
+    result["cpu_per_gb"] = cpu_per_gb(baseline, sum(delivered), registry_cpu, _delta(before, after, "broker"),
+                                      _delta(before, after, "workers"))
+    result["central_cpu_s_per_gb"] = {side: result["cpu_per_gb"][side]["central"]
+                                      for side in ("raw", "edged")}
+    result["central_ratio"] = result["cpu_per_gb"]["central_ratio"]
     if args.rollout:
         result["rollout"] = rollout_outcome(observer, registry, waves, faulty)
         result["ok"] = result["rollout"]["ok"]
@@ -100,6 +105,31 @@ def figures(*, args: Any, models: dict, ids: list[str], ready: list[dict], start
         result["ok"] = active == len(ids) == observer.count("2") and not (
             result["failures"] or result["refusals"] or result["rollbacks"])
     return result
+
+
+def cpu_per_gb(baseline: dict, delivered: int, serves_cpu: float, broker_cpu: float,
+               devices_cpu: float) -> dict[str, Any]:
+    """CPU seconds per GB delivered, both paths side by side. Central: what the sending
+    side and the broker spend (raw: the publishers and Mosquitto over the raw window;
+    edged: every `serve` and Mosquitto from the release to all active). Receiving: the raw
+    subscribers against the simulated devices (chunk transfer, verification, store,
+    staging, self-test, reporting). `central_ratio` = raw central / edged central: the
+    throughput a central host's cores reach on edged's path relative to the bare broker
+    path, with the devices on their own machines."""
+    raw_gb, gb = baseline["bytes"] / 1e9, delivered / 1e9
+    raw = {"broker": baseline["broker_cpu_s"] / raw_gb, "sending": baseline["publishers_cpu_s"] / raw_gb,
+           "receiving": baseline["subscribers_cpu_s"] / raw_gb}
+    raw["central"] = raw["broker"] + raw["sending"]
+    if gb:
+        edged = {"broker": broker_cpu / gb, "sending": serves_cpu / gb, "receiving": devices_cpu / gb}
+        edged["central"] = edged["broker"] + edged["sending"]
+    else:
+        edged = dict.fromkeys(("broker", "sending", "receiving", "central"))
+    out: dict[str, Any] = {"raw": {k: round(v, 3) for k, v in raw.items()},
+                           "edged": {k: (round(v, 3) if v is not None else None) for k, v in edged.items()}}
+    out["central_ratio"] = round(raw["central"] / edged["central"], 3) if edged["central"] else None
+    out["receiving_ratio"] = round(raw["receiving"] / edged["receiving"], 3) if edged["receiving"] else None
+    return out
 
 
 def _size(path: Any) -> int | None:
@@ -133,7 +163,7 @@ def print_table(result: dict[str, Any]) -> None:
              f"{'y' if s['registries'] == 1 else 'ies'}, {s['processes']} processes"
              + (f", one serve killed at {s['kill_at']:.0%}" if s["kill_at"] else "")
              + (f", rollout {s['rollout']} with {len(s['faulty'])} faulty" if s["rollout"] else ""))
-    b, cpu = result["bytes_per_device_over_model"], result["cpu"]
+    b, cpu, c = result["bytes_per_device_over_model"], result["cpu"], result["cpu_per_gb"]
     rows = [
         ("devices up (connected / model loaded)", f"{result['devices_started']['connected']} / "
          f"{result['devices_started']['loaded']} in {result['devices_started']['seconds']} s"),
@@ -148,7 +178,14 @@ def print_table(result: dict[str, Any]) -> None:
         ("aggregate download", f"{result['aggregate_mb_s']} MB/s"),
         ("raw broker, same bytes and chunks", f"{result['raw_mb_s']} MB/s "
          f"({result['raw']['seconds']:.1f} s)"),
-        ("aggregate / raw (target >= 0.50)", f"{result['aggregate_over_raw']}"),
+        ("aggregate / raw, wall clock (target >= 0.50)", f"{result['aggregate_over_raw']}"),
+        ("central CPU s/GB: raw (pub + broker)", f"{c['raw']['central']} ({c['raw']['sending']} + "
+         f"{c['raw']['broker']})"),
+        ("central CPU s/GB: edged (serve + broker)", f"{c['edged']['central']} ({c['edged']['sending']} + "
+         f"{c['edged']['broker']})"),
+        ("central raw / edged (target >= 0.50)", f"{result['central_ratio']}"),
+        ("receiving CPU s/GB: raw subs, devices", f"{c['raw']['receiving']}, {c['edged']['receiving']} "
+         f"(raw / devices {c['receiving_ratio']})"),
         ("registry CPU", f"{result['registry_cpu_s']} s, {result['registry_cpu_s_per_gb']} s/GB "
          f"({result['delivered_gb']} GB delivered)"),
         ("broker messages/s (all packets)", f"{result['broker']['messages_per_s']}"),
