@@ -3,13 +3,17 @@ the documented bridge and ACLs between them (docs/fleet.md, "Site brokers"). Eve
 update protocol and the device's reporting use crosses the bridge: retained releases and the
 registry's status in, chunk requests out and chunk replies in (MQTT 5 response topic,
 correlation data and user properties intact), health, retained status and state, and
-events out, commands in and their replies out."""
+events out, commands in and their replies out; and a rollout's per-device release in, read
+only by its own device."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from edged.models.store import ModelStore
+from edged.registry.config import load_registry_settings
+from edged.registry.publisher import Publisher
+from edged.registry.store import RegistryStore, Target
 from tests.broker import Subscriber
 from tests.conftest import ir_files
 from tests.mqtt.test_updates_e2e import build_matmul_ir
@@ -17,14 +21,24 @@ from tests.registry.conftest import retained_on, user_properties
 from tests.registry.site_brokers import BRIDGE_TOPIC, start_site_brokers
 
 DEVICE = "cam-1"
+OTHER = "cam-2"  # another device of the site: an account of its own, no daemon
 TOPICS = f"edged/devices/{DEVICE}"
 WIDTH = 256  # a 256 x 256 float32 matrix: 256 KiB, 16 chunks of 16 KiB
 CHUNK = 16 << 10
 
 
+def retained_now(mqtt_subscriber, broker, topic: str):
+    """What `broker` retains on `topic` (a topic known to hold a message): the first message a
+    fresh subscriber gets, right after its SUBACK. Unlike retained_on, it publishes no marker,
+    and a state the device publishes meanwhile arrives after it, live: it cannot take its place."""
+    message = mqtt_subscriber(broker, topic).wait_for(timeout=10)
+    assert message.retain and message.payload, message
+    return message
+
+
 def test_a_device_behind_a_site_broker_updates_reports_and_answers_commands(
         start_broker, make_registry, mqtt_subscriber, start_daemon, tmp_path):
-    brokers = start_site_brokers(start_broker, [DEVICE])
+    brokers = start_site_brokers(start_broker, [DEVICE, OTHER])
     central, site = brokers.central, brokers.site
     # The test user (readwrite #) watches both levels; the others use the documented accounts.
     at_central = mqtt_subscriber(central, "edged/#")
@@ -90,8 +104,8 @@ def test_a_device_behind_a_site_broker_updates_reports_and_answers_commands(
                                  topic=f"{TOPICS}/health").json()
     assert health["device"] == DEVICE
     at_central.wait_for(lambda m: m.json()["models"]["wide"]["active"] == "2", 60, topic=f"{TOPICS}/state")
-    state = retained_on(mqtt_subscriber, central, f"{TOPICS}/state")
-    assert state is not None and state.json()["models"]["wide"]["active"] == "2", state
+    state = retained_now(mqtt_subscriber, central, f"{TOPICS}/state")
+    assert state.json()["models"]["wide"]["active"] == "2", state
     status = retained_on(mqtt_subscriber, central, f"{TOPICS}/status")
     assert status is not None and status.json()["state"] == "online", status
     kinds = [m.json()["kind"] for m in at_central.messages(f"{TOPICS}/events")]
@@ -121,6 +135,52 @@ def test_a_device_behind_a_site_broker_updates_reports_and_answers_commands(
         device.close()
     release = retained_on(mqtt_subscriber, site, "edged/registry/models/wide")
     assert release is not None and registry.verify(release.payload).manifest.version == "2"
+
+    # A device release, as a rollout's wave gets (docs/rollouts.md): version 3 stored and
+    # signed but retained for no one (`--hold`), then signed anew with the registry's key for
+    # cam-1 and recorded in the store, which `serve` announces on the device's own topic. It
+    # crosses the bridge, stays retained at the site, and the device installs it and is pinned
+    # to it. The site's ACL: cam-2, subscribed to cam-1's device topic and to its own, receives
+    # only its own (announced once cam-1's reached the site, so cam-1's would have reached cam-2
+    # first). The central ACL: the registry's account reads the device's events.
+    own_topic = f"edged/registry/devices/{DEVICE}/models/wide"
+    other_topic = f"edged/registry/devices/{OTHER}/models/wide"
+    v3 = ir_files(build_matmul_ir(tmp_path / "v3", seed=3, width=WIDTH))
+    registry.run("publish", "wide", *v3, "--version", "3", "--selftest", tmp_path / "input.npy", "--hold")
+    publisher = Publisher(load_registry_settings(registry.config), RegistryStore(registry.root))
+    mine = Subscriber(site, f"edged/registry/devices/{DEVICE}/models/#", username=DEVICE,
+                      client_id=f"{DEVICE}-releases")
+    theirs = Subscriber(site, [f"edged/registry/devices/{DEVICE}/models/#",
+                               f"edged/registry/devices/{OTHER}/models/#"], username=OTHER, client_id=OTHER)
+    events = Subscriber(central, "edged/devices/+/events", username="edged-registry",
+                        client_id="edged-registry-events")
+    try:
+        for device, watcher in ((DEVICE, mine), (OTHER, theirs)):
+            target = Target("wide", device=device)
+            with publisher.store.lock():
+                publisher.store.set_retained(target, publisher.envelope_for(target, "3"))
+            watcher.wait_for(timeout=30, topic=publisher.topic(target))
+        assert {m.topic for m in mine.messages()} == {own_topic}
+        assert {m.topic for m in theirs.messages()} == {other_topic}
+        try:
+            kept = events.wait_for(lambda m: m.json().get("kind") == "update_kept"
+                                   and m.json().get("version") == "3", 180, topic=f"{TOPICS}/events").json()
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\ndaemon:\n{daemon.output()[-4000:]}\n"
+                                 f"serve:\n{registry.serve_log()[-3000:]}") from None
+        assert kept["model"] == "wide", kept
+    finally:
+        for client in (mine, theirs, events):
+            client.close()
+    assert store.active("wide") == "3"
+    for broker in (central, site):  # (no marker published there: the device would get it)
+        signed = registry.verify(retained_now(mqtt_subscriber, broker, own_topic).payload)
+        assert (signed.device, signed.manifest.version) == (DEVICE, "3"), signed
+    at_central.wait_for(lambda m: m.json()["models"]["wide"]["active"] == "3", 60, topic=f"{TOPICS}/state")
+    state = retained_now(mqtt_subscriber, central, f"{TOPICS}/state")
+    assert (state.json()["models"]["wide"]["active"], state.json()["models"]["wide"]["desired"]) == ("3", "3")
+    at_central.wait_for(lambda m: m.json()["updates"]["pinned"] == {"wide": own_topic}, 30,
+                        topic=f"{TOPICS}/health")
 
     # The site's uplink is lost: the bridge's Last Will says so at the central broker, where
     # the device's retained status still reads what it last said (docs/fleet.md).
