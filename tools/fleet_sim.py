@@ -35,6 +35,14 @@ against the model's size, registry CPU seconds (/proc/<pid>/stat of each `serve`
 delivered, broker messages per second ($SYS), failures, refusals and rollbacks (device
 events, serve's `busy` count), CPU used by the devices' processes and by the rest of the
 machine. Printed as a table; `--json FILE` writes the same figures.
+
+Two forms of the comparison with raw, side by side. `aggregate_over_raw`: wall-clock MB/s,
+bounded here by the simulated devices' own CPU on the shared cores. CPU-accounted, per GB
+delivered (/proc/<pid>/stat of each process over its window; raw.py): `central_cpu_s_per_gb`
+(raw: the publishers + the broker; edged: every `serve` + the broker) and `central_ratio` =
+raw / edged, the throughput a central broker + registry host reaches on edged's path per
+core relative to the bare broker path when the devices are their own machines; and the
+receiving side, raw subscribers against the devices (`cpu_per_gb`).
 """
 
 from __future__ import annotations
