@@ -79,3 +79,18 @@ def test_six_devices_converge_and_the_figures_agree(tmp_path: Path) -> None:
     assert r["central_ratio"] == c["central_ratio"] >= 0
     assert abs(r["central_ratio"] - c["raw"]["central"] / c["edged"]["central"]) <= 0.001
     assert abs(c["receiving_ratio"] - c["raw"]["receiving"] / c["edged"]["receiving"]) <= 0.001
+
+
+def test_the_central_side_alone_is_measured_against_raw_with_nothing_refused() -> None:
+    """tools/fleet_sim/central.py at a small size: two real `serve` over one store answer 20
+    requesters for 0.3 GB, alternating with the raw path; each round is a line of figures."""
+    done = subprocess.run(
+        [sys.executable, "-m", "tools.fleet_sim.central", "--devices", "20", "--gb", "0.3", "--rounds", "2",
+         "--registries", "2"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, f"{done.stdout}\n{done.stderr[-4000:]}"
+    rounds = [line for line in done.stdout.splitlines() if line.startswith("raw: pub ")]
+    assert len(rounds) == 2, done.stdout
+    assert all("| edged: serve " in line and "central raw/edged " in line for line in rounds)
+    summary = done.stdout.splitlines()[-1]
+    assert "20 requesters x 2, 2 serve, 0.3 GB per path per round, refusals 0" in summary, summary
+    assert "median central raw/edged (target >= 0.50) " in summary

@@ -156,7 +156,8 @@ def main() -> int:
             edged = measure_edged(load, serves, broker.proc.pid, args.gb)
             raw_central = bare["publishers_cpu_s_per_gb"] + bare["broker_cpu_s_per_gb"]
             edged_central = edged["serve_cpu_s_per_gb"] + edged["broker_cpu_s_per_gb"]
-            rows.append({"raw": bare, "edged": edged, "central_ratio": raw_central / edged_central,
+            rows.append({"raw": bare, "edged": edged,
+                         "central_ratio": raw_central / edged_central if edged_central else float("nan"),
                          "wall_ratio": edged["mb_per_s"] / bare["mb_per_s"]})
             print(f"raw: pub {bare['publishers_cpu_s_per_gb']:.2f} + broker "
                   f"{bare['broker_cpu_s_per_gb']:.2f} = {raw_central:.2f} CPU s/GB, "
