@@ -49,6 +49,26 @@ def wide_store_at(root: Path, tmp_path: Path, width: int = WIDTH) -> ModelStore:
     return store
 
 
+def stop_registry_with_on_disk(registry: Registry, downloads: Path, wanted: int,
+                               timeout: float = 120) -> None:
+    """Leave the (stopped) registry stopped once `wanted` bytes of the download are on disk,
+    however fast this machine downloads: it is let answer in bursts of 10 ms. (The progress
+    record is written every 0.5 s, and a quiet machine fetched all 16 MB in less: a test
+    waiting for it saw the download finish first.)"""
+    proc = registry.server.proc
+    deadline = time.monotonic() + timeout
+
+    def on_disk() -> int:  # the .part is sparse until each chunk is written into it
+        return sum(p.stat().st_blocks * 512 for p in downloads.glob("*.part") if p.exists())
+
+    while on_disk() < wanted:
+        assert time.monotonic() < deadline, f"{on_disk()} of {wanted} bytes on disk after {timeout} s"
+        proc.send_signal(signal.SIGCONT)
+        time.sleep(0.01)
+        proc.send_signal(signal.SIGSTOP)
+        time.sleep(0.05)  # the reply already on its way is written
+
+
 def kinds(events) -> list[str]:
     return [m.json()["kind"] for m in events.messages() if m.json()["kind"].startswith("update_")]
 
@@ -81,9 +101,11 @@ def test_a_disk_that_fills_up_fails_the_update_cleanly_and_it_completes_once_spa
                            download_dir=str(downloads), **NEVER_BY_TIMER)
     daemon = start_daemon(store.root, config)
     before = wide_output(daemon)
+    registry.server.proc.send_signal(signal.SIGSTOP)  # `publish` retains the release by itself
     size = publish_v2(registry, tmp_path)
-    wait_until(lambda: progress(downloads) > -(-size // (32 << 10)) // 10, 120, "a tenth of the download")
+    stop_registry_with_on_disk(registry, downloads, size // 10)
     disk.fill()  # ENOSPC from here on: the next chunk written, or the store's copy
+    registry.server.proc.send_signal(signal.SIGCONT)
 
     failed = wait_event(events, "update_failed", daemon, registry)
     assert "No space left on device" in failed["reason"] and failed["waiting_for_disk"], failed
