@@ -47,8 +47,8 @@ def build_client(settings: MqttSettings, client_id: str) -> mqtt.Client:
 class _AckWaiter:
     """One wait_acked call: the mids it still waits for, and the event its last PUBACK sets."""
 
-    def __init__(self) -> None:
-        self.pending: set[int] = set()
+    def __init__(self, pending: set[int]) -> None:
+        self.pending = pending
         self._event = threading.Event()
 
     def acked(self, mid: int) -> None:
@@ -150,12 +150,11 @@ class Connection:
         """Wait for the PUBACK of every mid; BrokerUnavailable if one is refused or late.
 
         Each waiter is woken by its own PUBACKs only: `serve`'s workers each wait for their
-        reply's, and waking all of them at every PUBACK cost the registry a quarter of its
-        CPU in wake-ups (measured with py-spy under 500 requesting devices)."""
+        reply's, and waking all of them at every PUBACK took 28% of `serve`'s GIL-holding
+        samples under 500 requesting devices (py-spy)."""
         wanted = set(mids)
-        waiter = _AckWaiter()
         with self._cond:
-            waiter.pending = {m for m in wanted if not self._acked(m)}
+            waiter = _AckWaiter({m for m in wanted if not self._acked(m)})
             for mid in waiter.pending:
                 self._waiting.setdefault(mid, []).append(waiter)
         if waiter.pending:

@@ -9,6 +9,7 @@ registry back, the disk freed), not because a timer ran out.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import time
@@ -59,7 +60,11 @@ def stop_registry_with_on_disk(registry: Registry, downloads: Path, wanted: int,
     deadline = time.monotonic() + timeout
 
     def on_disk() -> int:  # the .part is sparse until each chunk is written into it
-        return sum(p.stat().st_blocks * 512 for p in downloads.glob("*.part") if p.exists())
+        blocks = 0
+        for part in downloads.glob("*.part"):
+            with contextlib.suppress(FileNotFoundError):  # renamed since: the download is done
+                blocks += part.stat().st_blocks
+        return blocks * 512
 
     while on_disk() < wanted:
         assert time.monotonic() < deadline, f"{on_disk()} of {wanted} bytes on disk after {timeout} s"

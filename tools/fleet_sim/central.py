@@ -39,6 +39,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from tests.daemon_process import wait_until
 from tools.fleet_sim import infra, raw
 
 CHUNK = 1 << 20
@@ -134,6 +135,7 @@ def main() -> int:
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="fleet-central-", dir="/dev/shm"))
     broker = infra.start_broker(work / "broker")
+    registry = None
     rows = []
     try:
         models = infra.build_models(work / "models", 10.0)
@@ -141,12 +143,8 @@ def main() -> int:
         registry.run("publish", "wide", *models["v2"], "--version", "2")
         files = [(hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_size) for p in models["v2"]]
         serves = [registry.serve() for _ in range(args.registries)]
-        observer = infra.Observer(broker, "wide")
-        deadline = time.monotonic() + 60
-        while len(observer.registry_online) < args.registries:  # subscribed: no request is lost
-            if time.monotonic() > deadline:
-                raise RuntimeError("`serve` not online in 60 s")
-            time.sleep(0.1)
+        observer = infra.Observer(broker, "wide")  # online means subscribed: no request is lost
+        wait_until(lambda: len(observer.registry_online) >= args.registries, 60, "every `serve` online")
         observer.close()
         load = LoadClient(broker.port, files, args.devices, args.window)
         load.run(args.devices * args.window, timeout=60)  # every file index read
@@ -172,7 +170,7 @@ def main() -> int:
               f"{statistics.median(r['wall_ratio'] for r in rows):.3f}")
         registry.stop()
     finally:
-        for proc in registry.live() if "registry" in locals() else []:
+        for proc in registry.live() if registry is not None else []:
             proc.kill()
         broker.stop()
         shutil.rmtree(work, ignore_errors=True)
