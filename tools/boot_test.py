@@ -210,7 +210,12 @@ def check_restart_socket(c: Checks) -> bool:
     # A client connecting during the restart waits in the backlog and is answered by the new daemon.
     r = c.box.run(f"systemctl restart --no-block edged; sleep 0.2; {CURL} http://localhost/v2/models/face/ready")
     after = c.box.out(f"stat -c %i {SOCK}")
-    props = c.show("edged.service", "MainPID", "ActiveState")
+    # The curl may be answered by the old daemon before systemd's stop reaches it (a busy PID 1 in the
+    # container): wait for the restart to finish before judging the new pid, as check_reload does.
+    props, start = c.show("edged.service", "MainPID", "ActiveState"), time.monotonic()
+    while (props["MainPID"] == pid or props["ActiveState"] != "active") and time.monotonic() - start < 30:
+        time.sleep(0.5)
+        props = c.show("edged.service", "MainPID", "ActiveState")
     return c.check("restart keeps the socket",
                    inode == after and props["MainPID"] != pid and r.stdout == "200",
                    f"inode {inode} -> {after}, pid {pid} -> {props['MainPID']} {props['ActiveState']}, "
