@@ -55,7 +55,7 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     assert settings.socket.group is None
     assert settings.socket.allowed_users == []
     assert settings.socket.allowed_groups == []
-    assert settings.socket.max_connections == 64
+    assert settings.socket.max_connections == 8192
     assert settings.socket.max_pending_requests == 64
     assert settings.socket.request_timeout_s == 10.0
     assert settings.socket.idle_timeout_s == 120.0
@@ -140,11 +140,11 @@ def test_the_default_config_file_is_read_when_present(
     explicit = write(tmp_path, "[store]\npoll_interval_s = 4.0\n", "explicit.toml")
     settings = load_settings(explicit)
     assert settings.store.poll_interval_s == 4.0
-    assert settings.socket.max_connections == 64
+    assert settings.socket.max_connections == 8192
 
 
 def test_an_empty_file_gives_defaults(tmp_path: Path) -> None:
-    assert load_settings(write(tmp_path, "")).socket.max_connections == 64
+    assert load_settings(write(tmp_path, "")).socket.max_connections == 8192
 
 
 # --- environment over TOML ------------------------------------------------------------

@@ -1,22 +1,28 @@
-"""The Unix socket listener: binds safely, caps connections, one thread each.
+"""The Unix socket listener: one event loop holds every waiting connection; workers serve.
 
-A thread per connection keeps a request on the fast path (blocking recv,
-inference with the GIL released, sendall) and isolates slow clients: a
-client that trickles bytes only ever holds its own thread, until its
-deadline. Past `max_connections`, new connections get 503 and are closed.
+An idle keep-alive connection costs a file descriptor and a small buffer, not a
+thread: the loop (epoll, one-shot per connection) waits on all of them, reads
+request heads as they arrive, and hands a connection whose head is complete to
+the worker pool (`workers.py`). A client that trickles its head, or leaks idle
+connections, holds nothing but its buffers until its deadline. Caps: connections
+in all and per peer uid (503 past them), and one uid's share of the workers.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
+import resource
+import select
 import socket
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 from edged.api.access import Peer
-from edged.api.http import ClientGone, Connection, HTTPError, Response
+from edged.api.http import Connection, HTTPError, Response
 from edged.api.routes import Api, error_response
 from edged.api.unix_socket import (
     SOCKET_MODE,
@@ -26,10 +32,13 @@ from edged.api.unix_socket import (
     check_socket_path,
     resolve_group,
 )
+from edged.api.workers import RequestHandler, WorkerPool
 from edged.config import SocketSettings
 
 log = logging.getLogger(__name__)
 SOCKET_BUFFER = 1 << 20
+SWEEP_S = 0.25  # deadlines are looked at this often
+ARMED = select.EPOLLIN | select.EPOLLONESHOT
 
 
 class ApiServer:
@@ -38,14 +47,22 @@ class ApiServer:
         self.api = api
         self.inherited = listener is not None
         self.listener = listener
-        self._connections: dict[socket.socket, Connection | None] = {}
-        self._reused: set[socket.socket] = set()  # kept alive after a response
-        self._threads: set[threading.Thread] = set()
-        self._lock = threading.Lock()
-        self._stopping = threading.Event()
-        self._thread: threading.Thread | None = None
+        self.stopping = threading.Event()
         self.watch: PathWatch | None = None  # the path, checked by check_path()
-        self._next: socket.socket | None = None  # bound again at the path, for the accept loop
+        self._next: socket.socket | None = None  # bound again at the path, for the event loop
+        self._epoll = select.epoll()
+        self._connections: dict[int, Connection] = {}  # by fd: every open connection
+        self._per_uid: Counter[int] = Counter()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._listening = False  # the listener is registered with epoll
+        self._accept_paused_until = 0.0  # out of file descriptors: try again later
+        self._stop_started = 0.0
+        self._closing = False  # stop()'s time is up: the loop ends at once
+        self._wake, self._waker = socket.socketpair()  # stop() wakes the loop through it
+        self._epoll.register(self._wake.fileno(), select.EPOLLIN)
+        self.pool = WorkerPool(settings.workers, self._serve)
+        self._handler = RequestHandler(api, self, self.pool)
 
     @property
     def path(self) -> Path:
@@ -61,184 +78,265 @@ class ApiServer:
             self.listener = bind_unix_socket(self.settings.path, self.settings.group)
         if isinstance(self.listener.getsockname(), str) and self.listener.getsockname():  # not abstract
             self.watch = PathWatch(self.path, self.settings.group, self.inherited)
-        self.listener.settimeout(0.25)
-        self._thread = threading.Thread(target=self._accept_loop, name="api-accept", daemon=True)
+        raise_file_limit(self.settings.max_connections)
+        self.listener.setblocking(False)
+        self._listen(True)
+        self.pool.start()
+        self._thread = threading.Thread(target=self._loop, name="api-loop", daemon=True)
         self._thread.start()
 
     def check_path(self) -> None:
         """Notice the socket's path deleted or replaced (within a second, from the daemon's
         loop), bind it again when it is ours, and keep readiness true to what clients see."""
-        if self.watch is None or self._stopping.is_set():
+        if self.watch is None or self.stopping.is_set():
             return
         listener = self.watch.check()
         self.api.socket_problem = self.watch.problem
         if listener is not None:
-            listener.settimeout(0.25)
             with self._lock:
                 unused, self._next = self._next, listener
             if unused is not None:  # bound again twice before the accept loop took the first
                 unused.close()
 
     def _take_next(self) -> None:
-        """On the accept thread: serve the listener bound again; answer what waits on the old one."""
+        """On the loop: serve the listener bound again; answer what waits on the old one."""
         with self._lock:
             if self._next is None:  # stop() took it meanwhile
                 return
             old, self.listener, self._next = self.listener, self._next, None
         assert old is not None
-        old.setblocking(False)
-        with contextlib.suppress(OSError):
-            while True:
-                self._take(old.accept()[0])
+        self._listen(False, old)
+        self._accept_all(old)
         old.close()
+        self._listen(True)
 
-    def _accept_loop(self) -> None:
-        assert self.listener is not None
+    def _listen(self, on: bool, listener: socket.socket | None = None) -> None:
+        listener = listener or self.listener
+        assert listener is not None
+        if on and not self._listening:
+            listener.setblocking(False)
+            self._epoll.register(listener.fileno(), select.EPOLLIN)
+        elif not on and self._listening:
+            self._epoll.unregister(listener.fileno())
+        self._listening = on
+
+    # --- the event loop -----------------------------------------------------------
+    def _loop(self) -> None:
+        next_sweep = 0.0
         while True:
             if self._next is not None:
                 self._take_next()
-            draining = self._stopping.is_set()
-            if draining and self.inherited:
-                return  # what waits in the backlog is for the next edged systemd starts
+            listener = self.listener
+            assert listener is not None
+            woken = False
+            for fd, _ in self._epoll.poll(SWEEP_S):
+                if fd == self._wake.fileno():
+                    with contextlib.suppress(OSError):
+                        self._wake.recv(64, socket.MSG_DONTWAIT)
+                    woken = True
+                    continue
+                if fd == listener.fileno() and self._listening:
+                    self._accept_all(listener)
+                    continue
+                conn = self._connections.get(fd)
+                if conn is None or not conn.parked:  # stale: closed meanwhile, or a worker's now
+                    continue
+                conn.parked = False
+                self._readable(conn)
+            if self._closing:
+                return
+            now = time.monotonic()
+            if now >= next_sweep or woken:
+                next_sweep = now + SWEEP_S
+                if self._sweep(now):
+                    return
+
+    def _accept_all(self, listener: socket.socket) -> None:
+        while True:
             try:
-                sock, _ = self.listener.accept()
-            except TimeoutError:
-                continue
-            except BlockingIOError:  # draining, and the backlog is empty
+                sock, _ = listener.accept()
+            except BlockingIOError:
                 return
             except OSError as exc:
-                if draining:
-                    return
-                log.warning("accept failed: %s", exc)
-                continue
-            if draining:
-                log.debug("answering a connection made before the socket was removed")
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    log.warning("cannot accept connections for now (%s); %d open", exc.strerror,
+                                len(self._connections))
+                    self._accept_paused_until = time.monotonic() + SWEEP_S
+                    self._listen(False)
+                elif not self.stopping.is_set():
+                    log.warning("accept failed: %s", exc)
+                return
             self._take(sock)
 
     def _take(self, sock: socket.socket) -> None:
-        """Serve one accepted connection on its own thread, or refuse it past the cap."""
+        """Keep an accepted connection, parked until its first request; or refuse it."""
         try:
             # Room for a whole camera frame per syscall instead of a dozen small wake-ups.
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
+            peer = Peer.of(sock)
         except OSError:
             sock.close()
             return
-        with self._lock:
-            full = len(self._connections) >= self.settings.max_connections
-            if not full:
-                self._connections[sock] = None
-        if full:
-            self.api.count("refused_connections")
-            self._refuse(sock)
+        s = self.settings
+        if not self.api.socket_rule.allows(peer):  # refused before it can send anything
+            self.api.count("refused_peer")
+            self._refuse_now(sock, 403, f"uid {peer.uid} is not allowed to use this socket")
             return
-        thread = threading.Thread(target=self._serve, args=(sock,), name="api-conn", daemon=True)
         with self._lock:
-            self._threads.add(thread)
-        thread.start()
+            if len(self._connections) >= s.max_connections:
+                refusal = f"too many connections (limit {s.max_connections}, socket.max_connections)"
+            elif self._per_uid[peer.uid] >= s.max_connections_per_uid:
+                refusal = (f"too many connections from uid {peer.uid} (limit {s.max_connections_per_uid}, "
+                           "socket.max_connections_per_uid)")
+            else:
+                refusal = None
+                conn = Connection(sock, max_body=s.max_body_bytes, request_timeout=s.request_timeout_s,
+                                  idle_timeout=s.idle_timeout_s)
+                conn.peer = peer
+                self._connections[conn.fd] = conn
+                self._per_uid[peer.uid] += 1
+        if refusal is not None:
+            self.api.count("refused_connections")
+            self._refuse_now(sock, 503, refusal)
+            return
+        self.park(conn)
 
-    def _refuse(self, sock: socket.socket) -> None:
+    def _refuse_now(self, sock: socket.socket, status: int, message: str) -> None:
+        """Answer a connection refused at once; a fresh socket's buffer takes it without waiting."""
         try:
             conn = Connection(sock, max_body=0, request_timeout=1.0, idle_timeout=1.0)
-            limit = self.settings.max_connections
-            conn.send(error_response(503, f"too many connections (limit {limit})"), keep_alive=False)
-        except OSError:
-            pass
+            with contextlib.suppress(OSError):
+                conn.send(error_response(status, message), keep_alive=False)
         finally:
             sock.close()
 
-    def _serve(self, sock: socket.socket) -> None:
-        s = self.settings
-        conn = Connection(
-            sock, max_body=s.max_body_bytes, request_timeout=s.request_timeout_s,
-            idle_timeout=s.idle_timeout_s,
-        )
-        with self._lock:
-            self._connections[sock] = conn
+    def _readable(self, conn: Connection) -> None:
+        if not conn.receive():
+            self.close(conn)
+            return
         try:
-            peer = Peer.of(sock)
-            if not self.api.socket_rule.allows(peer):  # refused before it can send anything
-                self.api.count("refused_peer")
-                conn.send(error_response(403, f"uid {peer.uid} is not allowed to use this socket"),
-                          keep_alive=False)
-                return
-            while True:  # ends after a response when stopping: keep_alive is then False
-                try:
-                    request = conn.read_head()
-                    refusal = self.api.admit(request, peer)  # decided on the head alone
-                    if refusal is None:
-                        conn.read_body(request)
-                except HTTPError as exc:
-                    self.api.count(f"http_{exc.status}")
-                    conn.send(error_response(exc.status, str(exc)), keep_alive=False)
-                    return
-                http10 = request.version == "HTTP/1.0"
-                if refusal is not None:  # the body was not read: the connection cannot go on
-                    conn.send(refusal, keep_alive=False, http10=http10)
-                    return
-                head_only = request.method == "HEAD"
-                if head_only:
-                    request.method = "GET"
-                response = self.api.handle(request, peer)
-                keep_alive = request.keep_alive and not self._stopping.is_set() and response.stream is None
-                conn.send(response, keep_alive, http10=http10, head_only=head_only)
-                if not keep_alive:
-                    return
-                with self._lock:
-                    self._reused.add(sock)
-        except ClientGone:
-            pass
-        except OSError as exc:  # the client went away while we answered
-            self.api.count("client_errors")
-            log.debug("connection error: %s", exc)
-        finally:
-            with self._lock:
-                self._connections.pop(sock, None)
-                self._reused.discard(sock)
-                self._threads.discard(threading.current_thread())
-            sock.close()
+            request = conn.take_head()
+        except HTTPError as exc:
+            self.pool.submit(conn, exc)  # answered, and its body read, on a worker
+            return
+        if request is None:
+            self.park(conn, deadline=False)
+        else:
+            self.pool.submit(conn, request)
 
+    def _sweep(self, now: float) -> bool:
+        """Time out what waits too long; while stopping, end idle connections. True when done."""
+        stopping = self.stopping.is_set()
+        if stopping and self._listening:
+            if not self.inherited:  # what waits in our backlog is answered; systemd's is the next edged's
+                assert self.listener is not None
+                self._accept_all(self.listener)
+            self._listen(False)
+        elif not self._listening and now >= self._accept_paused_until and not stopping:
+            self._listen(True)
+        for conn in list(self._connections.values()):
+            if not conn.parked:
+                continue
+            idle = not conn.buffer
+            if now >= conn.deadline:
+                conn.parked = False
+                if idle:
+                    self.close(conn)
+                else:
+                    self.pool.submit(conn, HTTPError(408, "request not received in time"))
+            elif stopping and idle and conn.accepted < self._stop_started:
+                # HTTP lets a server close an idle keep-alive connection; a request that
+                # is already on its way is still read and answered.
+                conn.parked = False
+                self._readable(conn)
+                if conn.parked and not conn.buffer:
+                    conn.parked = False
+                    self.close(conn)
+        return stopping and not self._connections
+
+    # --- for the workers ------------------------------------------------------------
+    def _serve(self, conn: Connection, work) -> None:
+        self._handler(conn, work)
+
+    def park(self, conn: Connection, deadline: bool = True) -> None:
+        """Give a connection to the loop until its next bytes arrive (or its deadline)."""
+        if deadline:
+            wait = conn.request_timeout if conn.buffer else conn.idle_timeout
+            conn.deadline = time.monotonic() + wait
+        conn.parked = True
+        try:
+            self._epoll.modify(conn.fd, ARMED)
+        except FileNotFoundError:
+            self._epoll.register(conn.fd, ARMED)
+        except OSError:  # closed under us: nothing to wait for
+            conn.parked = False
+            self.close(conn)
+
+    def close(self, conn: Connection) -> None:
+        with self._lock:
+            if self._connections.get(conn.fd) is not conn:
+                return
+            del self._connections[conn.fd]
+            self._per_uid[conn.peer.uid] -= 1
+            if not self._per_uid[conn.peer.uid]:
+                del self._per_uid[conn.peer.uid]
+            with contextlib.suppress(OSError):
+                self._epoll.unregister(conn.fd)  # before close: the fd number may be reused
+            conn.sock.close()
+
+    def connections(self) -> int:
+        return len(self._connections)
+
+    # --- stopping ----------------------------------------------------------------------
     def stop(self, timeout: float = 10.0) -> None:
         """Stop taking connections and answer every request already made (up to `timeout`).
 
         A socket we bound is removed first, so new clients are refused, and what is
         already in its backlog is accepted and answered. An inherited one stays
         systemd's: it keeps its path and its backlog, which the next edged answers.
-        A connection idle after a response is closed for reading: a request already
-        sent on it is still answered; one sent after that fails to send (HTTP allows
-        closing an idle keep-alive connection; clients retry on a new one). A new
-        connection still gets its first request answered.
+        An idle keep-alive connection is closed (HTTP allows it; clients retry on a
+        new one); a request already sent on it is still answered, and a connection
+        accepted while stopping gets its first request answered.
         """
         if not self.inherited and (self.watch is None or self.watch.owns_path()):  # not another's
             with contextlib.suppress(FileNotFoundError):
                 self.settings.path.unlink()
-        self._stopping.set()
-        self.api.stopping.set()  # ends event streams
+        self._stop_started = time.monotonic()
         with self._lock:
             unused, self._next = self._next, None  # bound again just now, never served
-            listener = self.listener
         if unused is not None:
             unused.close()
-        if listener is not None and not self.inherited:
-            listener.setblocking(False)  # the accept loop drains the backlog, then ends
+        self.stopping.set()
+        self.api.stopping.set()  # ends event streams
         deadline = time.monotonic() + timeout
         if self._thread is not None:
+            self._waker.send(b"x")
             self._thread.join(timeout=max(0.0, deadline - time.monotonic()))
-        closed: set[socket.socket] = set()
-        while (left := deadline - time.monotonic()) > 0:
-            with self._lock:
-                for sock in self._reused - closed:  # looked at again: one may fall idle meanwhile
-                    conn = self._connections.get(sock)
-                    if conn is not None and not conn.in_request:
-                        with contextlib.suppress(OSError):
-                            sock.shutdown(socket.SHUT_RD)
-                        closed.add(sock)
-                threads = list(self._threads)
-            if not threads:
-                break
-            threads[0].join(timeout=min(0.1, left))
+            self._closing = True
+            self._waker.send(b"x")
+            self._thread.join(timeout=1.0)
+        for conn in list(self._connections.values()):  # what did not finish in time
+            self.close(conn)
+        self.pool.stop(timeout=max(0.0, deadline - time.monotonic()))
         if self.listener is not None:
             self.listener.close()
+        self._epoll.close()
+        self._wake.close()
+        self._waker.close()
+
+
+def raise_file_limit(connections: int) -> None:
+    """Let the process hold `connections` sockets: the soft descriptor limit is often 1024."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = connections + 256  # models, logs, MQTT, the store
+    if soft != resource.RLIM_INFINITY and soft < want:
+        new = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+        if new < want:
+            log.warning("the open file limit (%d) is below socket.max_connections (%d) + 256; "
+                        "raise LimitNOFILE", hard, connections)
 
 
 __all__ = ["SOCKET_MODE", "ApiServer", "Response", "SocketInUse", "bind_unix_socket", "check_socket_path",

@@ -92,7 +92,7 @@ def bind_unix_socket(path: Path, group: str | None, mode: int = SOCKET_MODE) -> 
         with contextlib.suppress(FileNotFoundError):
             temporary.unlink()
         raise
-    listener.listen(128)
+    listener.listen(1024)
     return listener
 
 

@@ -21,7 +21,18 @@ class SocketSettings(Section):
     allowed_groups: list[str] = Field(
         default=[], description="If set, members of these groups (names or gids) may use the socket."
     )
-    max_connections: int = Field(default=64, ge=1, le=10_000, description="Open connections at most.")
+    max_connections: int = Field(
+        default=8192, ge=1, le=65_536,
+        description="Open connections at most, idle ones included (an idle connection holds no thread).",
+    )
+    max_connections_per_uid: int = Field(
+        default=2048, ge=1, le=65_536,
+        description="Open connections at most from one user (peer uid); more get 503.",
+    )
+    workers: int = Field(
+        default=16, ge=2, le=1024,
+        description="Threads that serve requests; one user holds at most half of them at once.",
+    )
     max_pending_requests: int = Field(
         default=64, ge=1, le=100_000,
         description="Requests running or waiting for a model at once; more get 503.",
@@ -38,6 +49,14 @@ class SocketSettings(Section):
     )
     max_body_bytes: int = Field(
         default=64 << 20, ge=1024, le=1 << 32, description="Largest request body accepted (413 beyond)."
+    )
+    max_shm_regions_per_uid: int = Field(
+        default=64, ge=0, le=4096,
+        description="Shared-memory regions one user may register at once (0 turns the extension off).",
+    )
+    max_shm_bytes_per_uid: int = Field(
+        default=1 << 30, ge=0, le=1 << 40,
+        description="Total bytes of the shared-memory regions one user may register at once.",
     )
 
 
