@@ -8,11 +8,15 @@ import math
 import numpy as np
 import pytest
 
+from edged.api import codec
 from edged.api.codec import (
     DATATYPES,
     MAX_RANK,
     MAX_TENSORS,
+    HeaderCache,
     InferRequest,
+    ShmRef,
+    ShmTensor,
     datatype_of,
     decode_request,
     decode_response,
@@ -308,7 +312,7 @@ def test_top_level_must_be_an_object(body: bytes) -> None:
         ({"inputs": [{"name": "x", "shape": [1], "data": [1]}]}, "inputs[0].datatype must be a string"),
         ({"inputs": [{"name": "x", "datatype": "FP32", "data": [1]}]}, "inputs[0].shape must be a list"),
         ({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1]}]},
-         "input 'x' has neither data nor parameters.binary_data_size"),
+         "input 'x' has neither data nor parameters.binary_data_size nor parameters.shared_memory_region"),
         ({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1], "parameters": []}]},
          "inputs[0].parameters must be an object"),
         ({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1]}], "parameters": 3},
@@ -528,3 +532,125 @@ def test_parse_json_names_what_it_parses() -> None:
         parse_json(b"{", "response")
     with pytest.raises(InvalidInput, match="response JSON is nested too deeply"):
         parse_json(b"[" * 100_000, "response")
+
+
+# --- outputs: all when none are named ---------------------------------------------------
+@pytest.mark.parametrize("outputs", [[], None])
+def test_an_empty_or_absent_outputs_list_means_every_output(outputs: list | None) -> None:
+    doc = one_input(datatype="FP32", shape=[1], data=[1])
+    if outputs is not None:
+        doc["outputs"] = outputs
+    request = decode_request(json.dumps(doc).encode(), None)
+    assert request.outputs is None
+    body, _ = encode_response("m", "1", {"a": np.zeros(1, np.float32), "b": np.ones(2, np.int8)}, request)
+    assert [t["name"] for t in json.loads(body)["outputs"]] == ["a", "b"]
+
+
+# --- the system shared memory extension's parameters -----------------------------------------
+def shm_input(**params) -> dict:
+    return one_input(datatype="FP32", shape=[1, 4], parameters=params)
+
+
+def test_an_input_in_shared_memory_decodes_to_where_it_is() -> None:
+    request = decode_request(json.dumps(shm_input(shared_memory_region="cam", shared_memory_byte_size=16,
+                                                  shared_memory_offset=64)).encode(), None)
+    assert request.inputs == {"x": ShmTensor(ShmRef("cam", 16, 64), np.dtype(np.float32), (1, 4))}
+    assert request.uses_shared_memory and request.cacheable
+    doc = shm_input(shared_memory_region="cam", shared_memory_byte_size=16)
+    plain = decode_request(json.dumps(doc).encode(), None)
+    assert plain.inputs["x"].ref == ShmRef("cam", 16, 0)  # the offset is optional, 0 by default
+
+
+@pytest.mark.parametrize(("params", "message"), [
+    ({"shared_memory_region": "cam"}, "inputs[0].parameters.shared_memory_byte_size must be given with"),
+    ({"shared_memory_byte_size": 16}, "inputs[0].parameters.shared_memory_byte_size is given without"),
+    ({"shared_memory_offset": 0}, "inputs[0].parameters.shared_memory_offset is given without"),
+    ({"shared_memory_region": 3, "shared_memory_byte_size": 16}, "shared_memory_region must be a string"),
+    ({"shared_memory_region": "", "shared_memory_byte_size": 16}, "shared_memory_region is empty"),
+    ({"shared_memory_region": "c", "shared_memory_byte_size": 16.0}, "byte_size must be an integer"),
+    ({"shared_memory_region": "c", "shared_memory_byte_size": True}, "byte_size must be an integer"),
+    ({"shared_memory_region": "c", "shared_memory_byte_size": 16, "shared_memory_offset": -8},
+     "shared_memory_offset must be a non-negative int64, got -8"),
+    ({"shared_memory_region": "c", "shared_memory_byte_size": 16, "shared_memory_offset": 2**63},
+     "must be a non-negative int64"),
+    ({"shared_memory_region": "c", "shared_memory_byte_size": 12},
+     "input 'x': shared_memory_byte_size 12 but shape [1, 4] of FP32 needs 16 bytes"),
+    ({"shared_memory_region": "c", "shared_memory_byte_size": 16, "binary_data_size": 16},
+     "input 'x' has parameters.binary_data_size and parameters.shared_memory_region: give only one"),
+])
+def test_bad_shared_memory_parameters_are_refused(params: dict, message: str) -> None:
+    assert message in refused(shm_input(**params))
+
+
+def test_data_with_a_region_is_refused() -> None:
+    doc = shm_input(shared_memory_region="c", shared_memory_byte_size=16)
+    doc["inputs"][0]["data"] = [1, 2, 3, 4]
+    assert refused(doc) == "input 'x' has data and parameters.shared_memory_region: give only one"
+
+
+def test_outputs_asked_for_in_shared_memory() -> None:
+    doc = shm_input(shared_memory_region="in", shared_memory_byte_size=16)
+    doc["outputs"] = [
+        {"name": "y", "parameters": {"shared_memory_region": "out", "shared_memory_byte_size": 64,
+                                     "binary_data": False}},
+        {"name": "z", "parameters": {"binary_data": True}},
+    ]
+    request = decode_request(json.dumps(doc).encode(), None)
+    assert request.outputs == {"y": ShmRef("out", 64), "z": True}
+    doc["outputs"][0]["parameters"]["binary_data"] = True
+    assert refused(doc) == "output 'y' has both shared_memory_region and binary_data: give only one"
+
+
+def test_an_output_in_shared_memory_is_described_without_data() -> None:
+    request = InferRequest(inputs={}, outputs={"y": ShmRef("out", 64, 8), "z": True})
+    outputs = {"y": np.zeros((2, 3), np.float32), "z": np.arange(3, dtype=np.uint8)}
+    for _ in range(2):  # the second answer's header comes from the cache: the same bytes
+        body, header_length = encode_response("m", "1", outputs, request)
+        doc = json.loads(body[:header_length])
+        assert doc["outputs"][0] == {"name": "y", "datatype": "FP32", "shape": [2, 3], "parameters": {
+            "shared_memory_region": "out", "shared_memory_byte_size": 24, "shared_memory_offset": 8}}
+        assert body[header_length:] == bits(outputs["z"])  # only z's bytes follow
+    only_shm = InferRequest(inputs={}, outputs={"y": ShmRef("out", 24)})
+    body, header_length = encode_response("m", "1", outputs, only_shm)
+    assert header_length is None  # nothing follows: plain JSON
+    _, arrays = decode_response(body, header_length)
+    assert arrays == {"y": ShmTensor(ShmRef("out", 24), np.dtype(np.float32), (2, 3))}
+
+
+def test_client_requests_with_regions_round_trip() -> None:
+    inputs = {"x": ShmTensor.at("in", np.int16, (2, 3), offset=4), "w": np.arange(3, dtype=np.float32)}
+    body, header_length = encode_request(inputs, outputs={"y": ShmRef("out", 12, 6), "z": None})
+    request = decode_request(body, header_length)
+    assert request.inputs["x"] == ShmTensor(ShmRef("in", 12, 4), np.dtype(np.int16), (2, 3))
+    assert_identical(request.inputs["w"], inputs["w"])
+    assert request.outputs == {"y": ShmRef("out", 12, 6), "z": True}
+    body, header_length = encode_request({"x": inputs["x"]})
+    assert header_length is None  # every input in a region: a small JSON-only body
+
+
+def test_a_repeated_shared_memory_body_is_parsed_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    parsed = []
+    real = codec.parse_json
+    monkeypatch.setattr(codec, "parse_json", lambda data, *a: parsed.append(1) or real(data, *a))
+    cache = HeaderCache()
+    body, header_length = encode_request({"x": ShmTensor.at("in", np.float32, (1, 4))},
+                                         outputs={"y": ShmRef("out", 16)})
+    first = decode_request(body, header_length, cache)
+    second = decode_request(bytes(body), header_length, cache)
+    assert len(parsed) == 1
+    assert second.inputs == first.inputs and second.outputs == first.outputs
+    json_data = json.dumps(one_input(datatype="FP32", shape=[1], data=[1])).encode()
+    one, two = (decode_request(json_data, None, cache) for _ in range(2))
+    assert len(parsed) == 3  # a body with JSON data is parsed each time: arrays are never kept
+    assert one.inputs["x"] is not two.inputs["x"]
+
+
+def test_binary_and_shared_memory_inputs_mixed_keep_their_layout_in_the_cache() -> None:
+    cache = HeaderCache()
+    inputs = {"a": ShmTensor.at("in", np.uint8, (4,)), "b": np.arange(4, dtype=np.int32)}
+    body, header_length = encode_request(inputs)
+    decode_request(body, header_length, cache)
+    new_b = np.arange(4, 8, dtype=np.int32)
+    again = decode_request(body[:header_length] + new_b.tobytes(), header_length, cache)
+    assert again.inputs["a"] == inputs["a"]
+    assert_identical(again.inputs["b"], new_b)
