@@ -17,6 +17,7 @@ from edged import __version__, strict_json
 from edged.api import codec
 from edged.api.access import Peer, Rule
 from edged.api.http import HTTPError, Request, Response, parse_length
+from edged.api.shared_memory import RegionNotFound, Regions
 from edged.config import Settings
 from edged.errors import (
     BackendError,
@@ -31,14 +32,17 @@ from edged.health import Health
 from edged.metrics import PrometheusText, health_metrics, inference_metrics
 from edged.models.manager import ModelManager, ServedModel
 from edged.pipelines.group import PipelineNotFound, Pipelines
+from edged.untrusted_json import parse_json
 
 log = logging.getLogger(__name__)
 
 STATUS_OF: list[tuple[type[Exception], int]] = [
     (InvalidInput, 400), (Forbidden, 403), (ModelNotFound, 404), (PipelineNotFound, 404),
-    (Busy, 503), (ModelUnavailable, 503), (BackendError, 500),
+    (RegionNotFound, 404), (Busy, 503), (ModelUnavailable, 503), (BackendError, 500),
 ]
 _MODEL = r"/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?"
+_SHM = r"/v2/systemsharedmemory"
+_REGION = r"/region/(?P<name>[^/]+)"
 
 
 def json_response(status: int, doc: object) -> Response:
@@ -67,6 +71,7 @@ class Api:
         self.max_pending = settings.socket.max_pending_requests
         self.max_json = settings.socket.max_json_bytes
         self.header_cache = codec.HeaderCache()
+        self.regions = Regions(settings.socket.max_shm_regions_per_uid, settings.socket.max_shm_bytes_per_uid)
         self.pending = 0
         self.counters: dict[str, int] = {}
         self.pipelines = pipelines
@@ -91,7 +96,15 @@ class Api:
             ("GET", re.compile(r"/v2/edged/pipelines/(?P<name>[^/]+)/events"), self.pipeline_events),
             ("POST", re.compile(r"/v2/edged/pipelines/(?P<name>[^/]+)/(?P<action>start|stop|restart)"),
              self.pipeline_control),
+            ("GET", re.compile(f"{_SHM}(?:{_REGION})?/status"), self.shm_status),
+            ("POST", re.compile(f"{_SHM}{_REGION}/register"), self.shm_register),
+            ("POST", re.compile(f"{_SHM}(?:{_REGION})?/unregister"), self.shm_unregister),
         ]
+
+    def close(self) -> None:
+        """Release what the API holds for its clients (their shared-memory regions); safe to
+        call again."""
+        self.regions.close()
 
     # --- dispatch -------------------------------------------------------------
     def admit(self, request: Request, peer: Peer) -> Response | None:
@@ -170,9 +183,10 @@ class Api:
         return json_response(200 if ready else 503, {"ready": ready})
 
     def server_metadata(self, request: Request, peer: Peer) -> Response:
-        return json_response(200, {
-            "name": "edged", "version": __version__, "extensions": ["binary_tensor_data", "edged"],
-        })
+        extensions = ["binary_tensor_data", "edged"]
+        if self.regions.enabled:
+            extensions.insert(1, "system_shared_memory")
+        return json_response(200, {"name": "edged", "version": __version__, "extensions": extensions})
 
     def model_metadata(self, request: Request, peer: Peer, name: str, version: str | None = None) -> Response:
         served = self._model(name, peer, version)
@@ -216,7 +230,12 @@ class Api:
                 except HTTPError as exc:
                     raise InvalidInput(str(exc)) from None
             decoded = codec.decode_request(request.body, header_length, self.header_cache)
-            result = self.manager.infer(name, decoded.inputs, version)
+            shared = decoded.uses_shared_memory
+            inputs = (self.regions.read_inputs(peer.uid, decoded.inputs, decoded.outputs) if shared
+                      else decoded.inputs)
+            result = self.manager.infer(name, inputs, version)
+            if shared:
+                self.regions.write_outputs(peer.uid, codec.requested(result.outputs, decoded), result.outputs)
             body, json_length = codec.encode_response_parts(
                 name, result.model.version, result.outputs, decoded
             )
@@ -227,6 +246,30 @@ class Api:
             return Response(200, body)
         return Response(200, body, "application/octet-stream",
                         {"Inference-Header-Content-Length": str(json_length)})
+
+    # --- system shared memory (Triton's extension, regions kept per peer uid) -------------
+    def shm_status(self, request: Request, peer: Peer, name: str | None = None) -> Response:
+        return json_response(200, self.regions.status(peer.uid, name))
+
+    def shm_register(self, request: Request, peer: Peer, name: str) -> Response:
+        doc = parse_json(request.body, "register request")
+        if not isinstance(doc, dict):
+            raise InvalidInput('register request must be an object: {"key": "/name", "offset": 0, '
+                               '"byte_size": n}')
+        for field in ("key", "byte_size"):
+            if field not in doc:
+                raise InvalidInput(f"Shared memory register request has no {field!r} field")
+        if not isinstance(doc["key"], str):
+            raise InvalidInput("register request: 'key' must be a string such as \"/camera0\"")
+        numbers = [doc.get("offset", 0), doc["byte_size"]]
+        if not all(isinstance(n, int) and not isinstance(n, bool) for n in numbers):
+            raise InvalidInput("register request: 'offset' and 'byte_size' must be integers")
+        self.regions.register(peer, name, doc["key"], *numbers)
+        return Response(200, b"")  # as Triton: success has an empty body
+
+    def shm_unregister(self, request: Request, peer: Peer, name: str | None = None) -> Response:
+        self.regions.unregister(peer.uid, name)
+        return Response(200, b"")
 
     # --- edged extensions --------------------------------------------------------------
     def status(self, request: Request, peer: Peer) -> Response:

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -41,7 +44,7 @@ def answer(api: Api, method: str, path: str, body: bytes = b"") -> tuple[int, di
     response = api.handle(request(method, path, body), PEER)
     body = response.body if isinstance(response.body, bytes) else b"".join(response.body)
     text = body.decode()
-    is_json = response.content_type == "application/json"
+    is_json = response.content_type == "application/json" and text  # an empty success has no JSON
     return response.status, json.loads(text) if is_json else {"text": text}
 
 
@@ -129,3 +132,73 @@ def test_a_model_not_loaded_yet_is_503(tiny_store, tmp_path):
     assert (status, document) == (503, {"name": "tiny", "ready": False})
     status, document = answer(api, "GET", "/v2/models/tiny")
     assert status == 503 and document["error"] == "edged is still loading its models"
+
+
+# --- the system shared memory extension ------------------------------------------------------
+@pytest.fixture
+def segment() -> Iterator[Path]:
+    """A 32-byte /dev/shm segment of this process's own, removed after the test."""
+    path = Path(f"/dev/shm/edged-test-routes-{uuid.uuid4().hex[:12]}")
+    path.write_bytes(np.array([[1, 2, -3, 0.5]], np.float32).tobytes() + bytes(16))
+    path.chmod(0o600)
+    yield path
+    path.unlink(missing_ok=True)
+
+
+def open_fds_to(path: Path) -> int:
+    return sum(os.readlink(fd) == str(path) for fd in Path("/proc/self/fd").iterdir() if fd.is_symlink())
+
+
+def test_shared_memory_routes_reach_their_handlers(api, segment):
+    key = "/" + segment.name
+    register = json.dumps({"key": key, "offset": 0, "byte_size": 32}).encode()
+    assert answer(api, "POST", "/v2/systemsharedmemory/region/r1/register", register) == (200, {"text": ""})
+    assert answer(api, "GET", "/v2/systemsharedmemory/status") == (
+        200, [{"name": "r1", "key": key, "offset": 0, "byte_size": 32}])
+    status, document = answer(api, "GET", "/v2/systemsharedmemory/region/r%32/status")
+    assert status == 404 and document == {"error": "Unable to find system shared memory region: 'r2'"}
+    body = json.dumps({
+        "inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4],
+                    "parameters": {"shared_memory_region": "r1", "shared_memory_byte_size": 16}}],
+        "outputs": [{"name": "y", "parameters": {"shared_memory_region": "r1", "shared_memory_byte_size": 16,
+                                                 "shared_memory_offset": 16}}],
+    }).encode()
+    status, document = answer(api, "POST", "/v2/models/tiny/infer", body)
+    assert status == 200 and "data" not in document["outputs"][0]
+    assert np.array_equal(np.frombuffer(segment.read_bytes()[16:], np.float32), [3, 5, 0, 2])
+    assert answer(api, "POST", "/v2/systemsharedmemory/region/r1/unregister") == (200, {"text": ""})
+    assert answer(api, "POST", "/v2/systemsharedmemory/unregister") == (200, {"text": ""})
+    assert answer(api, "GET", "/v2/systemsharedmemory/status") == (200, [])
+
+
+@pytest.mark.parametrize(("method", "path", "allow"), [
+    ("GET", "/v2/systemsharedmemory/region/r/register", "POST"),
+    ("GET", "/v2/systemsharedmemory/unregister", "POST"),
+    ("POST", "/v2/systemsharedmemory/status", "GET"),
+    ("POST", "/v2/systemsharedmemory/region/r/status", "GET"),
+])
+def test_shared_memory_routes_answer_405_to_other_methods(api, method, path, allow):
+    response = api.handle(request(method, path), PEER)
+    assert (response.status, response.headers) == (405, {"Allow": allow})
+
+
+def test_close_releases_every_region_and_may_be_called_again(api, segment):
+    register = json.dumps({"key": "/" + segment.name, "byte_size": 32}).encode()
+    for name in ("a", "b"):
+        assert answer(api, "POST", f"/v2/systemsharedmemory/region/{name}/register", register)[0] == 200
+    assert open_fds_to(segment) == 2
+    api.close()
+    assert open_fds_to(segment) == 0
+    assert answer(api, "GET", "/v2/systemsharedmemory/status") == (200, [])
+    api.close()
+
+
+def test_metadata_lists_the_extension_only_when_it_is_on(api, tiny_store, tmp_path):
+    assert "system_shared_memory" in answer(api, "GET", "/v2")[1]["extensions"]
+    settings = load_settings(None, store={"path": str(tiny_store.root)},
+                             socket={"max_shm_regions_per_uid": 0},
+                             backends={"openvino_cache_dir": str(tmp_path / "cache")})
+    off = Api(ModelManager(tiny_store, settings), settings)
+    assert answer(off, "GET", "/v2")[1]["extensions"] == ["binary_tensor_data", "edged"]
+    status, document = answer(off, "GET", "/v2/systemsharedmemory/status")
+    assert status == 400 and "socket.max_shm_regions_per_uid = 0" in document["error"]
