@@ -1,7 +1,9 @@
 """A small, fast client for the edged socket API.
 
 One keep-alive connection, the binary tensor extension by default, and errors
-raised as `ClientError` carrying the server's one-line message.
+raised as `ClientError` carrying the server's one-line message. Tensors may also
+stay in system shared memory (Triton's extension): register a segment as a region,
+give inputs as `ShmTensor`s and ask for outputs at `ShmRef`s.
 """
 
 from __future__ import annotations
@@ -10,10 +12,12 @@ import json
 import socket
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import numpy as np
 
 from edged.api import codec
+from edged.api.codec import ShmRef, ShmTensor
 from edged.api.http import send_parts
 from edged.errors import EdgedError
 
@@ -74,16 +78,20 @@ class Client:
         return body.decode()
 
     def infer(
-        self, model: str, inputs: dict[str, np.ndarray], *, version: str | None = None,
-        binary: bool = True, outputs: list[str] | None = None,
-    ) -> dict[str, np.ndarray]:
-        """Run `model` on `inputs`; returns its outputs by name."""
+        self, model: str, inputs: dict[str, np.ndarray | ShmTensor], *, version: str | None = None,
+        binary: bool = True, outputs: list[str] | dict[str, ShmRef | None] | None = None,
+    ) -> dict[str, np.ndarray | ShmTensor]:
+        """Run `model` on `inputs`; returns its outputs by name (all, or those in `outputs`).
+
+        An input given as a `ShmTensor` is read from that registered region; an output
+        mapped to a `ShmRef` in `outputs` is written there and returned as the `ShmTensor`
+        saying where, its dtype and shape (an output mapped to None comes back as an array)."""
         return self.infer_full(model, inputs, version=version, binary=binary, outputs=outputs)[1]
 
     def infer_full(
-        self, model: str, inputs: dict[str, np.ndarray], *, version: str | None = None,
-        binary: bool = True, outputs: list[str] | None = None,
-    ) -> tuple[dict, dict[str, np.ndarray]]:
+        self, model: str, inputs: dict[str, np.ndarray | ShmTensor], *, version: str | None = None,
+        binary: bool = True, outputs: list[str] | dict[str, ShmRef | None] | None = None,
+    ) -> tuple[dict, dict[str, np.ndarray | ShmTensor]]:
         """Like `infer`, also returning the response document (model_version, id)."""
         body, header_length = codec.encode_request_parts(
             inputs, binary=binary, outputs=outputs, binary_outputs=binary
@@ -98,12 +106,27 @@ class Client:
         length = response_headers.get("inference-header-content-length")
         return codec.decode_response(data, int(length) if length else None)
 
+    # --- system shared memory ----------------------------------------------------
+    def register_system_shared_memory(self, name: str, key: str, byte_size: int, offset: int = 0) -> None:
+        """Register `byte_size` bytes from `offset` of the segment `key` ("/name", under
+        /dev/shm, which this process's user must be able to read and write) as region `name`."""
+        body = json.dumps({"key": key, "offset": offset, "byte_size": byte_size}).encode()
+        self._json("POST", f"{_SHM}{_region(name)}/register", body)
+
+    def unregister_system_shared_memory(self, name: str | None = None) -> None:
+        """Unregister region `name`, or all of this user's regions."""
+        self._json("POST", f"{_SHM}{_region(name)}/unregister")
+
+    def get_system_shared_memory_status(self, name: str | None = None) -> list[dict]:
+        """[{"name", "key", "offset", "byte_size"}] of region `name`, or of all this user's regions."""
+        return self._json("GET", f"{_SHM}{_region(name)}/status")
+
     # --- HTTP -----------------------------------------------------------------
-    def _json(self, method: str, path: str) -> Any:
-        status, _, body = self.request(method, path)
+    def _json(self, method: str, path: str, body: bytes = b"") -> Any:
+        status, _, data = self.request(method, path, body)
         if status != 200:
-            raise ClientError(status, _error_text(body))
-        return json.loads(bytes(body))
+            raise ClientError(status, _error_text(data))
+        return json.loads(bytes(data)) if data else None
 
     def request(
         self, method: str, path: str, body: bytes | codec.Parts = b"", headers: dict[str, str] | None = None
@@ -182,6 +205,13 @@ class Client:
 
 class _Closed(Exception):
     pass
+
+
+_SHM = "/v2/systemsharedmemory"
+
+
+def _region(name: str | None) -> str:
+    return "" if name is None else f"/region/{quote(name, safe='')}"
 
 
 def _model_path(model: str, version: str | None) -> str:

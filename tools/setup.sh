@@ -8,9 +8,10 @@ cd "$(dirname "$0")/.."
 
 # systemd (systemd-analyze), dpkg-dev and lintian: the unit and .deb tests; systemd-container
 # (systemd-nspawn), debootstrap and zstd: the boot test's Debian container; qemu-user-static
-# and binfmt-support: the arm64 package's build and smoke test under emulation.
+# and binfmt-support: the arm64 package's build and smoke test under emulation; socat: the
+# shared-memory test bridges a TCP port to the socket for Triton's own HTTP client (TCP only).
 packages=(python3 python3-venv python3-dev gcc pkg-config libsystemd-dev mosquitto systemd dpkg-dev lintian
-          systemd-container debootstrap zstd qemu-user-static binfmt-support)
+          systemd-container debootstrap zstd qemu-user-static binfmt-support socat)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
