@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -417,9 +417,10 @@ def _describe(arrays: dict[str, np.ndarray], how: dict[str, OutputRequest]) -> l
         tensor: dict[str, Any] = {
             "name": name, "datatype": datatype_of(array.dtype), "shape": list(array.shape)
         }
-        if isinstance(how[name], ShmRef):
-            tensor["parameters"] = ShmRef(how[name].region, array.nbytes, how[name].offset).parameters()
-        elif how[name]:
+        place = how[name]
+        if isinstance(place, ShmRef):  # described with the bytes written there
+            tensor["parameters"] = replace(place, byte_size=array.nbytes).parameters()
+        elif place:
             tensor["parameters"] = {"binary_data_size": array.nbytes}
         else:
             tensor["data"] = array.ravel().tolist()

@@ -129,10 +129,8 @@ class Regions:
         self._check_enabled()
         with self._lock:
             regions = self._by_uid.get(uid, {})
-            dropped = list(regions.values()) if name is None else [r for r in [regions.get(name)] if r]
-            for region in dropped:
-                del regions[region.name]
-                self._drop(region)
+            for gone in list(regions) if name is None else [name] if name in regions else []:
+                self._drop(regions.pop(gone))
 
     def status(self, uid: int, name: str | None = None) -> list[dict]:
         self._check_enabled()
@@ -168,7 +166,7 @@ class Regions:
         for ref in (outputs or {}).values():
             if isinstance(ref, ShmRef):
                 with self._borrowed(uid, ref):
-                    pass
+                    pass  # it exists and the place is inside it; written after the inference
         return {name: self.read(uid, value) if isinstance(value, ShmTensor) else value
                 for name, value in inputs.items()}
 

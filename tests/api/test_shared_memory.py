@@ -11,6 +11,7 @@ import os
 import pwd
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import uuid
@@ -20,10 +21,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from edged.api.access import Peer
 from edged.api.codec import ShmRef, ShmTensor
+from edged.api.shared_memory import RegionNotFound, Regions
 from edged.backends import get_backend
 from edged.backends.base import LoadOptions
 from edged.client import Client, ClientError
+from edged.errors import Forbidden
 from edged.models.store import ModelStore
 from tests.broker import free_port
 from tests.conftest import fill_sample_store
@@ -467,3 +471,52 @@ def test_bad_register_requests_get_one_line_400s(daemon, client, segments, tmp_p
     assert status == 400 and "register request is not JSON" in json.loads(reply)["error"]
     assert client.get_system_shared_memory_status() == []
     assert fds_to(daemon.proc.pid, segments.path(good)) == 0  # each refusal closed what it opened
+
+
+# --- Regions alone: the rules no real client here can reach -------------------------------------------
+def stranger(*groups: int) -> Peer:
+    return Peer(pid=1, uid=NOBODY.pw_uid, gid=NOBODY.pw_gid, supplementary=frozenset(groups))
+
+
+def test_group_rights_count_through_the_peers_own_groups(segments):
+    key = segments.make(16, 0o660, (0, 4242))
+    regions = Regions(4, 1024)
+    try:
+        with pytest.raises(Forbidden, match="may not read and write"):
+            regions.register(stranger(), "r", key, 0, 16)
+        regions.register(stranger(4242), "r", key, 0, 16)  # a supplementary group of the peer process
+        assert regions.status(NOBODY.pw_uid) == [{"name": "r", "key": key, "offset": 0, "byte_size": 16}]
+    finally:
+        regions.close()
+
+
+def test_a_segment_with_an_acl_is_left_to_its_owner(segments):
+    """An ACL's named entries are not in the mode bits: edged refuses rather than guess."""
+    key = segments.make(16, 0o660)
+    entries = [(0x01, 6, 0xFFFFFFFF), (0x02, 6, NOBODY.pw_uid), (0x04, 0, 0xFFFFFFFF), (0x10, 6, 0xFFFFFFFF),
+               (0x20, 0, 0xFFFFFFFF)]  # user::rw- user:nobody:rw- group::--- mask::rw- other::---
+    acl = struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *entry) for entry in entries)
+    try:
+        os.setxattr(segments.path(key), "system.posix_acl_access", acl)
+    except OSError as exc:
+        pytest.skip(f"this /dev/shm takes no POSIX ACL: {exc.strerror}")
+    regions = Regions(4, 1024)
+    try:
+        with pytest.raises(Forbidden, match="has a POSIX ACL, which edged does not evaluate: only its owner"):
+            regions.register(stranger(), "r", key, 0, 16)
+        regions.register(Peer(pid=1, uid=0, gid=0), "r", key, 0, 16)
+    finally:
+        regions.close()
+
+
+def test_a_region_unregistered_while_in_use_keeps_its_fd_until_that_use_ends(segments):
+    key = segments.make(X.tobytes())
+    regions = Regions(4, 1024)
+    regions.register(Peer(pid=1, uid=0, gid=0), "r", key, 0, 16)
+    with regions._borrowed(0, ShmRef("r", 16)):  # a request reading it now
+        regions.unregister(0, "r")
+        assert fds_to(os.getpid(), segments.path(key)) == 1
+        with pytest.raises(RegionNotFound):
+            regions.read(0, ShmTensor.at("r", np.float32, (1, 4)))
+    assert fds_to(os.getpid(), segments.path(key)) == 0
+    regions.close()
