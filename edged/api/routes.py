@@ -31,6 +31,7 @@ from edged.errors import (
 from edged.health import Health
 from edged.metrics import PrometheusText, health_metrics, inference_metrics
 from edged.models.manager import ModelManager, ServedModel
+from edged.models.validation import check_layout
 from edged.pipelines.group import PipelineNotFound, Pipelines
 from edged.untrusted_json import parse_json
 
@@ -231,6 +232,9 @@ class Api:
                     raise InvalidInput(str(exc)) from None
             decoded = codec.decode_request(request.body, header_length, self.header_cache)
             shared = decoded.uses_shared_memory
+            if shared:  # checked before the daemon allocates and reads what the client names
+                layouts = {k: v for k, v in decoded.inputs.items() if isinstance(v, codec.ShmTensor)}
+                check_layout(layouts, self.manager.get(name, version).loaded.inputs)
             inputs = (self.regions.read_inputs(peer.uid, decoded.inputs, decoded.outputs) if shared
                       else decoded.inputs)
             result = self.manager.infer(name, inputs, version)

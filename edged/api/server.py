@@ -319,6 +319,7 @@ class ApiServer:
         for conn in list(self._connections.values()):  # what did not finish in time
             self.close(conn)
         self.pool.stop(timeout=max(0.0, deadline - time.monotonic()))
+        self.api.close()  # shared-memory regions: their descriptors closed
         if self.listener is not None:
             self.listener.close()
         self._epoll.close()

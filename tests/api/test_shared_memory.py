@@ -520,3 +520,21 @@ def test_a_region_unregistered_while_in_use_keeps_its_fd_until_that_use_ends(seg
             regions.read(0, ShmTensor.at("r", np.float32, (1, 4)))
     assert fds_to(os.getpid(), segments.path(key)) == 0
     regions.close()
+
+
+def test_an_input_whose_layout_the_model_refuses_is_not_read(daemon, client, segments):
+    """A big region named with a shape the model does not take: 400 before the daemon allocates
+    and reads what the client names (the face model takes [1, 128, 128, 3] FP32)."""
+    key = segments.make(64 << 20)
+    client.register_system_shared_memory("big", key, 64 << 20)
+    before = bytes_read(daemon.proc.pid)
+    for shape, dtype, message in [((1, 2048, 2048, 3), np.float32, "must have shape [1, 128, 128, 3]"),
+                                  ((1, 128, 128, 3), np.float64, "must be float32")]:
+        error = refused(lambda s=shape, d=dtype: client.infer("face", {"input": ShmTensor.at("big", d, s)}))
+        assert error.status == 400 and message in error.message
+    assert bytes_read(daemon.proc.pid) - before < 1 << 20  # the 48 MB tensor was never read
+
+
+def bytes_read(pid: int) -> int:
+    """What the process has read through read(2)-like calls, preadv included."""
+    return int(Path(f"/proc/{pid}/io").read_text().split("rchar:")[1].split()[0])
