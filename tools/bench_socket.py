@@ -1,18 +1,26 @@
 #!/usr/bin/env python3
-"""Socket overhead benchmark: the face model in-process against the same model behind `edged run`.
+"""Socket benchmark: models in-process against the same models behind `edged run`, over binary
+HTTP and over system shared memory, with the daemon's CPU per request read from /proc.
 
-One run gives every figure, raw (edged's backends, the daemon's default LoadOptions) beside socket
-(`edged run`, edged.client with binary tensors, 4 client processes for throughput), interleaved so
-that drift in machine speed hits both sides of a ratio alike; then idle RSS and warm-cache start time.
+For each model (face, pose, and a 1080p uint8 frame model built here: a resize and a small
+convolution), one run gives, side by side:
+- p50/p99 of sequential calls, in alternating blocks (raw, binary HTTP, shared memory), so
+  that drift in the machine's speed hits every side of a ratio alike;
+- CPU per request: the raw runtime's (this process, during the raw blocks) and the daemon's
+  (utime + stime of its /proc/<pid>/stat during the socket blocks); their difference is the
+  daemon's overhead, which stays meaningful on a noisy 2-core machine where wall time does not;
+- throughput with 4 clients: 4 threads in-process, and 4 client processes over each path.
+Shared memory: each client writes its input into its own /dev/shm segment once, as a camera
+process that decodes frames into it would, and reads outputs where the daemon wrote them.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import mmap
 import multiprocessing as mp
 import os
-import resource
 import shutil
 import sys
 import tempfile
@@ -24,7 +32,8 @@ from pathlib import Path
 import numpy as np
 from fetch_models import ROOT, fetch  # tools/ is sys.path[0] when this script runs
 
-from edged.backends import LoadOptions, get_backend
+from edged.api.codec import ShmRef, ShmTensor
+from edged.backends import get_backend
 from edged.client import Client
 from edged.config import BackendSettings, ModelSettings, Settings
 from edged.models.manager import ModelManager
@@ -33,37 +42,148 @@ from edged.models.store import ModelStore
 sys.path.insert(0, str(ROOT))  # for tests.daemon_process
 from tests.daemon_process import DaemonProcess
 
-BACKENDS = ("openvino", "litert")
+MODELS = ("face", "pose", "frame")
+PATHS = ("raw", "http", "shm")
 CLIENTS = 4
-TARGETS = {"p50_ratio": 1.5, "throughput_ratio": 0.80, "idle_rss_mb": 200.0, "warm_start_s": 2.0}
-WARMUP = 50
-BLOCKS = 10  # latency blocks, alternating raw / socket
+WARMUP = 30
+BLOCKS = 10  # latency blocks, rotating raw / http / shm
+TARGETS = {"http_overhead_ms": 0.15, "shm_overhead_ms": 0.05, "pose_shm_p50_ratio": 1.2,
+           "frame_shm_p50_ratio": 1.2}
 
 
-def face_input() -> dict[str, np.ndarray]:
-    return {"input": np.random.default_rng(0).random((1, 128, 128, 3), dtype=np.float32)}
+def build_frame_ir(directory: Path) -> Path:
+    """A 1080p camera frame model: uint8 [1, 1080, 1920, 3] -> float, resized to 270x480,
+    then a 3x3 convolution to 8 channels and a ReLU (6.2 MB in, 4.1 MB out)."""
+    import openvino as ov
+    from openvino import opset13 as ops
+
+    frame = ops.parameter([1, 1080, 1920, 3], np.uint8, name="frame")
+    x = ops.transpose(ops.convert(frame, np.float32), np.array([0, 3, 1, 2], np.int64))
+    x = ops.interpolate(x, np.array([270, 480], np.int64), "linear", "sizes",
+                        axes=np.array([2, 3], np.int64))
+    weights = np.random.default_rng(0).normal(0, 0.1, (8, 3, 3, 3)).astype(np.float32)
+    y = ops.relu(ops.convolution(x, weights, [1, 1], [1, 1], [1, 1], [1, 1]))
+    y.output(0).get_tensor().set_names({"features"})
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "frame.xml"
+    ov.save_model(ov.Model([y], [frame], "frame"), str(path), compress_to_fp16=False)
+    return path
 
 
-def latency_ms(calls: dict, requests: int) -> dict[str, dict[str, float]]:
-    """p50/p99 in ms of about `requests` sequential calls of each callable, in alternating blocks."""
+def model_input(name: str, spec) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    if spec.dtype == np.uint8:
+        return rng.integers(0, 256, spec.shape, dtype=np.uint8)
+    return rng.uniform(-1, 1, spec.shape).astype(spec.dtype)
+
+
+SHM = Path("/dev/shm")  # noqa: S108 (segments are created O_EXCL, mode 0600)
+
+
+class Segment:
+    """A /dev/shm segment this process creates, maps and removes (its client's side)."""
+
+    def __init__(self, size: int) -> None:
+        self.key = f"/edged-bench-{os.getpid()}-{id(self)}"
+        fd = os.open(SHM / self.key[1:], os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+        try:
+            os.ftruncate(fd, size)
+            self.map = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        self.size = size
+
+    def close(self) -> None:
+        self.map.close()
+        (SHM / self.key[1:]).unlink(missing_ok=True)
+
+
+class ShmCaller:
+    """One client's shared-memory path: input and output regions registered once."""
+
+    def __init__(self, client: Client, model: str, inputs: dict[str, np.ndarray], outputs: dict) -> None:
+        self.client, self.model = client, model
+        self.segments = []
+        self.inputs: dict[str, ShmTensor] = {}
+        self.outputs: dict[str, ShmRef] = {}
+        tag = f"{os.getpid()}-{threading.get_ident() % 10000}"
+        for name, array in inputs.items():
+            segment = self._segment(f"in-{name}-{tag}", array.nbytes)
+            np.frombuffer(segment.map, array.dtype).reshape(array.shape)[...] = array  # written once
+            self.inputs[name] = ShmTensor.at(f"in-{name}-{tag}", array.dtype, array.shape)
+        for name, (dtype, shape) in outputs.items():
+            size = int(np.prod(shape)) * np.dtype(dtype).itemsize
+            self._segment(f"out-{name}-{tag}", size)
+            self.outputs[name] = ShmRef(f"out-{name}-{tag}", size)
+
+    def _segment(self, region: str, size: int) -> Segment:
+        segment = Segment(size)
+        self.segments.append(segment)
+        self.client.register_system_shared_memory(region, segment.key, size)
+        return segment
+
+    def __call__(self) -> dict:
+        return self.client.infer(self.model, self.inputs, outputs=self.outputs)
+
+    def close(self) -> None:
+        regions = [t.ref.region for t in self.inputs.values()] + [r.region for r in self.outputs.values()]
+        for region in regions:  # by name: the other clients' regions are this uid's too
+            self.client.unregister_system_shared_memory(region)
+        for segment in self.segments:
+            segment.close()
+
+
+class Daemon(DaemonProcess):
+    """`edged run` on one store, every model on OpenVINO; its CPU time read from /proc."""
+
+    def __init__(self, workdir: Path, store: Path, cache: Path, models: list[str], threads: int) -> None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        super().__init__(workdir, {
+            "socket": {"path": str(workdir / "edged.sock"), "max_body_bytes": 64 << 20},
+            "store": {"path": str(store)},
+            "backends": {"openvino_cache_dir": str(cache), "openvino_threads": threads},
+            "models": {name: {"backend": "openvino"} for name in models}})
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+    def page_faults(self) -> int:
+        """Minor faults: pages the kernel had to find (and zero) for the daemon."""
+        return int(Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[7])
+
+
+def sequential(calls: dict, requests: int, daemon: Daemon) -> dict:
+    """p50/p99 (ms) and CPU ms per call of each path, in rotating blocks."""
     times: dict[str, list[float]] = {name: [] for name in calls}
+    cpu = dict.fromkeys(calls, 0.0)
+    faults = dict.fromkeys(calls, 0)
     for call in calls.values():
         for _ in range(WARMUP):
             call()
-    order = list(calls.items())
+    order = list(calls)
+    per_block = max(1, requests // BLOCKS)
     for block in range(BLOCKS):
-        for name, call in order if block % 2 == 0 else order[::-1]:
-            for _ in range(max(1, requests // BLOCKS)):
+        for name in order[block % len(order):] + order[:block % len(order)]:
+            call = calls[name]
+            before = time.process_time() if name == "raw" else daemon.cpu_seconds()
+            faulted = daemon.page_faults()
+            for _ in range(per_block):
                 start = time.perf_counter()
                 call()
                 times[name].append(time.perf_counter() - start)
-    ms = {name: np.percentile(values, [50, 99]) * 1000 for name, values in times.items()}
-    return {name: {"p50_ms": round(float(p50), 4), "p99_ms": round(float(p99), 4)}
-            for name, (p50, p99) in ms.items()}
+            cpu[name] += (time.process_time() if name == "raw" else daemon.cpu_seconds()) - before
+            faults[name] += daemon.page_faults() - faulted
+    figures = {}
+    for name, values in times.items():
+        p50, p99 = np.percentile(values, [50, 99]) * 1000
+        figures[name] = {"p50_ms": round(float(p50), 3), "p99_ms": round(float(p99), 3),
+                         "cpu_ms": round(cpu[name] * 1000 / len(values), 4),
+                         "daemon_faults": round(faults[name] / len(values), 1)}
+    return figures
 
 
 def run_for(call, seconds: float) -> tuple[int, float]:
-    """Call back to back for `seconds`: (calls completed, seconds elapsed)."""
     start = time.monotonic()
     deadline, count = start + seconds, 0
     while time.monotonic() < deadline:
@@ -72,190 +192,172 @@ def run_for(call, seconds: float) -> tuple[int, float]:
     return count, time.monotonic() - start
 
 
-def raw_throughput(model, threads: int, seconds: float) -> tuple[float, float]:
-    """Inferences/s with `threads` concurrent callers in-process, and process CPU ms per inference."""
-    inputs, barrier = face_input(), threading.Barrier(threads, timeout=60)
+def raw_throughput(model, inputs: dict, seconds: float) -> float:
+    barrier = threading.Barrier(CLIENTS, timeout=60)
 
     def work(_: int) -> tuple[int, float]:
         barrier.wait()
         return run_for(lambda: model.infer(inputs), seconds)
 
-    cpu = time.process_time()
-    with ThreadPoolExecutor(threads) as pool:
-        done = list(pool.map(work, range(threads)))
-    cpu = time.process_time() - cpu
-    return sum(c / e for c, e in done), cpu * 1000 / sum(c for c, _ in done)
+    with ThreadPoolExecutor(CLIENTS) as pool:
+        return sum(c / e for c, e in pool.map(work, range(CLIENTS)))
 
 
-# --- the daemon ------------------------------------------------------------------------------
-class Daemon(DaemonProcess):
-    """`edged run` on one store with each named model on its backend (the rest on auto), its
-    socket and log in `workdir`; its memory and CPU time read from /proc."""
-
-    def __init__(self, workdir: Path, store: Path, cache: Path, models: dict[str, str],
-                 backend_settings: dict | None = None) -> None:
-        workdir.mkdir(parents=True, exist_ok=True)
-        settings: dict = {"socket": {"path": str(workdir / "edged.sock")}, "store": {"path": str(store)},
-                          "backends": {"openvino_cache_dir": str(cache), **(backend_settings or {})}}
-        if models:
-            settings["models"] = {name: {"backend": backend} for name, backend in models.items()}
-        super().__init__(workdir, settings)
-
-    def memory_mb(self) -> dict[str, float]:
-        lines = Path(f"/proc/{self.proc.pid}/status").read_text().splitlines()
-        kb = {k: int(v.split()[0]) for k, _, v in (line.partition(":") for line in lines) if k[:2] == "Vm"}
-        return {"idle_rss_mb": round(kb["VmRSS"] / 1024, 1), "peak_rss_mb": round(kb["VmHWM"] / 1024, 1)}
-
-    def cpu_seconds(self) -> float:
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
-
-
-def client_worker(socket_path: str, seconds: float, barrier, results) -> None:
-    """One client process with its own connection: requests back to back for `seconds`."""
-    inputs = face_input()
+def client_process(socket_path: str, model: str, path: str, seconds: float, barrier, results) -> None:
+    """One client process with its own connection (and regions): requests back to back."""
     with Client(socket_path) as client:
-        for _ in range(WARMUP):
-            client.infer("face", inputs)
-        barrier.wait()
-        before = resource.getrusage(resource.RUSAGE_SELF)
-        count, elapsed = run_for(lambda: client.infer("face", inputs), seconds)
-        after = resource.getrusage(resource.RUSAGE_SELF)
-    results.put((count, elapsed, after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime))
+        meta = client.metadata(model)
+        inputs = {t["name"]: _array_for(t) for t in meta["inputs"]}
+        if path == "shm":
+            outputs = {t["name"]: (_dtype(t["datatype"]), t["shape"]) for t in meta["outputs"]}
+            call = ShmCaller(client, model, inputs, outputs)
+        else:
+            call = lambda: client.infer(model, inputs)  # noqa: E731
+        try:
+            for _ in range(WARMUP):
+                call()
+            barrier.wait()
+            results.put(run_for(call, seconds))
+        finally:
+            if path == "shm":
+                call.close()
 
 
-def socket_throughput(daemon: Daemon, seconds: float) -> dict:
+def _dtype(datatype: str) -> np.dtype:
+    from edged.api.codec import DATATYPES
+    return DATATYPES[datatype]
+
+
+def _array_for(tensor: dict) -> np.ndarray:
+    dtype, rng = _dtype(tensor["datatype"]), np.random.default_rng(0)
+    if dtype == np.uint8:
+        return rng.integers(0, 256, tensor["shape"], dtype=np.uint8)
+    return rng.uniform(-1, 1, tensor["shape"]).astype(dtype)
+
+
+def socket_throughput(daemon: Daemon, model: str, path: str, seconds: float) -> dict:
     ctx = mp.get_context("spawn")  # never fork a process that has run OpenVINO threads
-    barrier, results = ctx.Barrier(CLIENTS + 1, timeout=120), ctx.Queue()
-    procs = [ctx.Process(target=client_worker, args=(str(daemon.socket), seconds, barrier, results))
-             for _ in range(CLIENTS)]
+    barrier, results = ctx.Barrier(CLIENTS + 1, timeout=300), ctx.Queue()
+    procs = [ctx.Process(target=client_process, args=(str(daemon.socket), model, path, seconds, barrier,
+                                                      results)) for _ in range(CLIENTS)]
     try:
         for p in procs:
             p.start()
         barrier.wait()
-        daemon_cpu = daemon.cpu_seconds()
-        done = [results.get(timeout=seconds + 60) for _ in procs]
-        daemon_cpu = daemon.cpu_seconds() - daemon_cpu
+        cpu = daemon.cpu_seconds()
+        done = [results.get(timeout=seconds + 120) for _ in procs]
+        cpu = daemon.cpu_seconds() - cpu
     finally:
         for p in procs:
-            if p.pid is not None:  # started
-                p.join(timeout=10)
+            if p.pid is not None:
+                p.join(timeout=30)
             if p.is_alive():
                 p.terminate()
                 p.join()
-    count = sum(c for c, _, _ in done)
-    return {"throughput": round(sum(c / e for c, e, _ in done), 1), "clients": CLIENTS,
-            "daemon_cpu_ms_per_req": round(daemon_cpu * 1000 / count, 3),
-            "client_cpu_ms_per_req": round(sum(u for _, _, u in done) * 1000 / count, 3)}
+    count = sum(c for c, _ in done)
+    return {"throughput": round(sum(c / e for c, e in done), 1), "cpu_ms": round(cpu * 1000 / count, 4)}
 
 
-def compare(backend: str, face: Path, options: LoadOptions, daemon: Daemon, args) -> tuple[dict, dict]:
-    """Raw and socket figures for one backend, measured side by side."""
-    model = get_backend(backend).load(face, "tflite", options)
+def measure(name: str, path: Path, model_format: str, store: ModelStore, daemon: Daemon, args) -> dict:
+    settings = Settings(backends=BackendSettings(openvino_cache_dir=daemon.workdir / "ov-raw",
+                                                 openvino_threads=args.threads))
+    options = ModelManager(ModelStore(daemon.workdir / "unused"), settings).load_options(
+        ModelSettings(backend="openvino"), store.manifest(name, "1"))["openvino"]
+    model = get_backend("openvino").load(path, model_format, options)
     try:
-        daemon.wait_ready(120)
-        inputs = face_input()
-        with Client(daemon.socket) as client:
-            lat = latency_ms({"raw": lambda: model.infer(inputs),
-                              "socket": lambda: client.infer("face", inputs)}, args.requests)
-        threads = options.workers  # as many callers as the daemon's clients (LiteRT: one per interpreter)
-        before = raw_throughput(model, threads, args.seconds / 2)
-        sock = socket_throughput(daemon, args.seconds)
-        after = raw_throughput(model, threads, args.seconds / 2)
+        inputs = {spec.name: model_input(name, spec) for spec in model.inputs}
+        outputs = {spec.name: (spec.dtype, spec.shape) for spec in model.outputs}
+        requests = args.requests if name != "frame" else max(BLOCKS * 3, args.requests // 10)
+        with Client(daemon.socket) as http, Client(daemon.socket) as shm_client:
+            shm = ShmCaller(shm_client, name, inputs, outputs)
+            try:
+                seq = sequential({"raw": lambda: model.infer(inputs),
+                                  "http": lambda: http.infer(name, inputs), "shm": shm}, requests, daemon)
+            finally:
+                shm.close()
+        tput = {"raw": raw_throughput(model, inputs, args.seconds / 2)}
+        for p in ("http", "shm"):
+            tput[p] = socket_throughput(daemon, name, p, args.seconds)
+        tput["raw"] = round((tput["raw"] + raw_throughput(model, inputs, args.seconds / 2)) / 2, 1)
     finally:
         model.close()
-        daemon.stop()
-    raw = {"throughput": round((before[0] + after[0]) / 2, 1), "threads": threads,
-           "cpu_ms_per_req": round((before[1] + after[1]) / 2, 3)}
-    return lat["raw"] | raw, lat["socket"] | sock
+    return {"sequential": seq, "throughput": tput,
+            "input_bytes": sum(a.nbytes for a in inputs.values()), "requests": requests}
 
 
-def make_store(root: Path, models: dict[str, Path]) -> Path:
-    store = ModelStore(root)
-    for name, path in models.items():
-        store.add(name, [path], "1")
-        store.activate(name, "1")
-    return root
-
-
-# --- report ------------------------------------------------------------------------------------
 def report(fig: dict) -> None:
     def check(ok: bool, text: str) -> None:
         print(f"  {'PASS' if ok else 'FAIL'}  {text}")
 
-    print(f"\nface_detection_short_range.tflite on {os.cpu_count()} CPUs; latency: {fig['requests']} "
-          f"sequential requests; throughput: {fig['seconds']} s per phase")
-    head = ("backend", "raw p50", "socket p50", "p50 ratio", "raw inf/s", f"sock {CLIENTS}c inf/s",
-            "tput ratio")
-    print("".join(f"{h:>15}" for h in head))
-    for b in BACKENDS:
-        raw, sock, ratio = fig["raw"][b], fig["socket"][b], fig["ratios"][b]
-        row = (b, f"{raw['p50_ms']:.3f} ms", f"{sock['p50_ms']:.3f} ms", f"{ratio['p50']:.2f}",
-               f"{raw['throughput']:.0f}", f"{sock['throughput']:.0f}", f"{ratio['throughput']:.2f}")
-        print("".join(f"{c:>15}" for c in row))
-    print("\np99 (ms) raw / socket, and CPU ms per inference: raw / daemon / all clients")
-    for b in BACKENDS:
-        raw, sock = fig["raw"][b], fig["socket"][b]
-        print(f"  {b:9} p99 {raw['p99_ms']:.3f} / {sock['p99_ms']:.3f}    cpu {raw['cpu_ms_per_req']:.3f}"
-              f" / {sock['daemon_cpu_ms_per_req']:.3f} / {sock['client_cpu_ms_per_req']:.3f}"
-              f"    (raw throughput with {raw['threads']} threads)")
-    print("\nTargets")
-    t, mem, start = TARGETS, fig["memory"], fig["start_s"]
-    for b in BACKENDS:
-        r = fig["ratios"][b]
-        check(r["p50"] <= t["p50_ratio"], f"{b}: socket/raw p50 {r['p50']:.2f} <= {t['p50_ratio']}")
-        check(r["throughput"] >= t["throughput_ratio"], f"{b}: socket {CLIENTS}-client/raw throughput "
-              f"{r['throughput']:.2f} >= {t['throughput_ratio']}")
-    check(mem["idle_rss_mb"] <= t["idle_rss_mb"], f"idle RSS, face + selfie (auto): {mem['idle_rss_mb']:.1f}"
-          f" MB <= {t['idle_rss_mb']:.0f} MB (peak {mem['peak_rss_mb']:.1f} MB)")
-    check(start["warm"] <= t["warm_start_s"], f"spawn to ready, warm OpenVINO cache: {start['warm']:.2f} s"
-          f" <= {t['warm_start_s']:.0f} s (cold cache: {start['cold']:.2f} s)")
+    print(f"\nOpenVINO on {os.cpu_count()} CPUs; sequential blocks rotating raw/http/shm; throughput "
+          f"{fig['seconds']} s per phase with {CLIENTS} clients")
+    head = ("model", "path", "p50 ms", "p99 ms", "p50/raw", "CPU ms/req", "overhead", f"{CLIENTS}c inf/s",
+            "tput/raw")
+    print("".join(f"{h:>12}" for h in head))
+    for name in fig["models"]:
+        m = fig["models"][name]
+        seq, tput = m["sequential"], m["throughput"]
+        raw = seq["raw"]
+        for p in PATHS:
+            s = seq[p]
+            t = tput[p] if p == "raw" else tput[p]["throughput"]
+            overhead = "" if p == "raw" else f"{s['cpu_ms'] - raw['cpu_ms']:+.3f}"
+            row = (name if p == "raw" else "", p, f"{s['p50_ms']:.3f}", f"{s['p99_ms']:.3f}",
+                   f"{s['p50_ms'] / raw['p50_ms']:.2f}", f"{s['cpu_ms']:.3f}", overhead, f"{t:.0f}",
+                   f"{t / tput['raw']:.2f}")
+            print("".join(f"{c:>12}" for c in row))
+        print(f"{'':>12}{'':>12}  input {m['input_bytes'] / 1e6:.2f} MB; {m['requests']} sequential requests "
+              f"per path; daemon CPU ms/req with {CLIENTS} clients: http {tput['http']['cpu_ms']:.3f}, "
+              f"shm {tput['shm']['cpu_ms']:.3f}; daemon page faults per request: http "
+              f"{seq['http']['daemon_faults']:.0f}, shm {seq['shm']['daemon_faults']:.0f}")
+    print("\nTargets (overhead: daemon CPU per sequential request minus the raw runtime's CPU per inference)")
+    t = TARGETS
+    for name in [n for n in ("face", "pose") if n in fig["models"]]:
+        seq = fig["models"][name]["sequential"]
+        for p, limit in (("http", t["http_overhead_ms"]), ("shm", t["shm_overhead_ms"])):
+            over = seq[p]["cpu_ms"] - seq["raw"]["cpu_ms"]
+            check(over <= limit, f"{name}: {p} overhead {over:.3f} ms CPU per request <= {limit}")
+    for name, key in (("pose", "pose_shm_p50_ratio"), ("frame", "frame_shm_p50_ratio")):
+        if name not in fig["models"]:
+            continue
+        seq = fig["models"][name]["sequential"]
+        ratio = seq["shm"]["p50_ms"] / seq["raw"]["p50_ms"]
+        http = seq["http"]["p50_ms"] / seq["raw"]["p50_ms"]
+        check(ratio <= t[key], f"{name}: shm sequential p50 {ratio:.2f}x raw <= {t[key]} "
+              f"(binary HTTP in the same run: {http:.2f}x)")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=5.0, help="length of each throughput phase")
-    parser.add_argument("--requests", type=int, default=2000, help="requests per latency phase")
+    parser.add_argument("--requests", type=int, default=1500, help="sequential requests per path")
     parser.add_argument("--json", action="store_true", help="also print the figures as JSON")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="a [backends] setting for both sides, e.g. openvino_performance_hint=THROUGHPUT")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="backends.openvino_threads on both sides (0: OpenVINO decides)")
+    parser.add_argument("--models", default=",".join(MODELS), help="which of face,pose,frame")
     args = parser.parse_args()
-    tuned: dict = {}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        try:
-            tuned[key] = json.loads(value)
-        except ValueError:
-            tuned[key] = value
-    samples = fetch()
+    samples = fetch(benchmark=True)
     for key in [k for k in os.environ if k.startswith("EDGED_")]:
-        del os.environ[key]  # raw phase and daemons alike run on the plain defaults
+        del os.environ[key]  # raw phase and daemon alike run on the plain defaults
     root = Path(tempfile.mkdtemp(prefix="edged-bench-", dir="/tmp"))  # short: socket paths
-    daemons: list[Daemon] = []
-    fig: dict = {"requests": args.requests, "seconds": args.seconds, "raw": {}, "socket": {}, "ratios": {}}
+    daemon = None
+    fig: dict = {"seconds": args.seconds, "models": {}}
     try:
-        settings = Settings(backends=BackendSettings(openvino_cache_dir=root / "ov-raw", **tuned))
-        fig["backends"] = tuned
-        options = ModelManager(ModelStore(root / "unused"), settings).load_options(ModelSettings())
-        face_store = make_store(root / "store-face", {"face": samples["face"]})
-        for b in BACKENDS:
-            print(f"face on {b}: raw in-process and through edged run ...", flush=True)
-            daemons.append(Daemon(root / f"d-{b}", face_store, root / "ov-face", {"face": b}, tuned))
-            raw, sock = compare(b, samples["face"], options[b], daemons[-1], args)
-            fig["raw"][b], fig["socket"][b] = raw, sock
-            fig["ratios"][b] = {"p50": round(sock["p50_ms"] / raw["p50_ms"], 3),
-                                "throughput": round(sock["throughput"] / raw["throughput"], 3)}
-        print("edged run with face + selfie: idle RSS, start time ...", flush=True)
-        both, fig["start_s"] = make_store(root / "store-both", samples), {}
-        for run in ("cold", "warm"):  # the same cache dir: the cold start fills it
-            daemons.append(Daemon(root / f"d-{run}", both, root / "ov-both", {}, tuned))
-            fig["start_s"][run] = round(daemons[-1].wait_ready(120).ready_s, 3)
-            if run == "cold":
-                time.sleep(1.0)
-                fig["memory"] = daemons[-1].memory_mb()
-            daemons[-1].stop()
+        store = ModelStore(root / "store")
+        frame_xml = build_frame_ir(root / "frame-ir")
+        files = {"face": [samples["face"]], "pose": [samples["pose"]],
+                 "frame": [frame_xml, frame_xml.with_suffix(".bin")]}
+        for name in MODELS:
+            store.add(name, files[name], "1")
+            store.activate(name, "1")
+        daemon = Daemon(root / "daemon", store.root, root / "ov-daemon", list(MODELS), args.threads)
+        daemon.wait_ready(300)
+        for name in args.models.split(","):
+            print(f"{name}: raw in-process, binary HTTP and shared memory through edged run ...", flush=True)
+            path, model_format = (files[name][0], "tflite") if name != "frame" else (frame_xml, "openvino")
+            fig["models"][name] = measure(name, path, model_format, store, daemon, args)
     finally:
-        for daemon in daemons:
+        if daemon is not None:
             daemon.stop()
         shutil.rmtree(root, ignore_errors=True)
     report(fig)

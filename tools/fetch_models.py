@@ -38,12 +38,17 @@ def _sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def fetch(directory: Path | None = None) -> dict[str, Path]:
-    """Return {name: path} of the verified sample models, downloading them when missing."""
+def fetch(directory: Path | None = None, benchmark: bool = False) -> dict[str, Path]:
+    """Return {name: path} of the verified sample models, downloading them when missing.
+
+    `benchmark`: also the pins marked `"sample": false` (models only benchmarks use,
+    never added to a store).
+    """
     pins = json.loads(PINS.read_text())
     directory = directory or cache_dir()
     directory.mkdir(parents=True, exist_ok=True)
-    wanted = {name: directory / m["file"] for name, m in pins["models"].items()}
+    wanted = {name: directory / m["file"] for name, m in pins["models"].items()
+              if benchmark or m.get("sample", True)}
     missing = [n for n, p in wanted.items() if not p.exists() or _sha256(p) != pins["models"][n]["sha256"]]
     if missing:
         with tempfile.TemporaryDirectory() as tmp:
