@@ -70,11 +70,20 @@ class Response:
     stream: Iterator[bytes] | None = None  # sent chunked after the head; the connection then closes
 
 
-def send_parts(sock: socket.socket, parts: list[bytes | memoryview]) -> None:
-    """sendall for several buffers in as few syscalls as the kernel allows, copying none."""
+def send_parts(sock: socket.socket, parts: list[bytes | memoryview], deadline: float | None = None) -> None:
+    """sendall for several buffers in as few syscalls as the kernel allows, copying none.
+
+    `deadline`: on a socket with SO_SNDTIMEO, a client that pauses reading is waited for
+    until then (monotonic time), not dropped at the first timeout.
+    """
     views = [memoryview(p) for p in parts if len(p)]
     while views:
-        sent = sock.sendmsg(views)
+        try:
+            sent = sock.sendmsg(views)
+        except BlockingIOError:
+            if deadline is None or time.monotonic() >= deadline:
+                raise
+            continue
         while views and sent >= len(views[0]):
             sent -= len(views[0])
             views.pop(0)
@@ -137,9 +146,9 @@ def parse_head(head: bytes, max_body: int) -> Request:
         parser.feed_data(head)
     except httptools.HttpParserUpgrade:
         pass  # edged never switches protocols: the request is served as plain HTTP/1.1
-    except HTTPError:
-        raise
     except httptools.HttpParserError as exc:
+        if isinstance(exc.__context__, HTTPError):  # raised by our callback, wrapped by httptools
+            raise exc.__context__ from None
         raise _parser_error(exc, head) from None
     version = parser.get_http_version()
     if version not in ("1.0", "1.1"):
@@ -150,8 +159,8 @@ def parse_head(head: bytes, max_body: int) -> Request:
     length = parse_length(headers.get("content-length", "0"), "Content-Length")
     if length > max_body:
         raise HTTPError(413, f"body of {length} bytes is over the {max_body}-byte limit")
-    connection = headers.get("connection", "").lower()
-    keep_alive = connection != "close" if version == "1.1" else connection == "keep-alive"
+    tokens = {token.strip() for token in headers.get("connection", "").lower().split(",")}  # a token list
+    keep_alive = "close" not in tokens if version == "1.1" else "keep-alive" in tokens
     path, _, query = found.target.decode("latin-1").partition("?")
     method = parser.get_method().decode("latin-1")
     return Request(method, path, query, headers, memoryview(b""), keep_alive, f"HTTP/{version}", length)
@@ -178,6 +187,7 @@ class Connection:
         self.buffer = bytearray()
         self.deadline = time.monotonic() + idle_timeout  # idle, then for the request from its first byte
         self.requests = 0  # answered on this connection
+        self.queued_at = 0.0  # when it was last handed to the worker pool
         self.accepted = time.monotonic()
         self.peer: Any = None  # who connected (edged.api.access.Peer), set by the server
         self.parked = False  # True while the event loop, not a worker, owns the connection
@@ -273,22 +283,26 @@ class Connection:
                 return
             drop += n
 
-    def send_stream(self, response: Response) -> None:
-        """A long-lived chunked response; ends when its iterator does or the client goes."""
+    def send_stream(self, response: Response, http10: bool = False) -> None:
+        """A long-lived response, chunked (HTTP/1.0: ended by closing); ends when its iterator
+        does or the client goes (a client that stops reading for `request_timeout`)."""
         assert response.stream is not None
+        chunked = "" if http10 else "Transfer-Encoding: chunked\r\n"
         head = (f"HTTP/1.1 {response.status} {REASONS.get(response.status, 'Unknown')}\r\n"
-                f"Content-Type: {response.content_type}\r\nTransfer-Encoding: chunked\r\n"
+                f"Content-Type: {response.content_type}\r\n{chunked}"
                 "Cache-Control: no-cache\r\nConnection: close\r\n\r\n").encode("latin-1")
-        self.sock.sendall(head)
+        send_parts(self.sock, [head], time.monotonic() + self.request_timeout)
         for chunk in response.stream:
-            send_parts(self.sock, [f"{len(chunk):x}\r\n".encode(), chunk, b"\r\n"])
-        self.sock.sendall(b"0\r\n\r\n")
+            parts = [chunk] if http10 else [f"{len(chunk):x}\r\n".encode(), chunk, b"\r\n"]
+            send_parts(self.sock, parts, time.monotonic() + self.request_timeout)
+        if not http10:
+            send_parts(self.sock, [b"0\r\n\r\n"], time.monotonic() + self.request_timeout)
 
     def send(
         self, response: Response, keep_alive: bool, http10: bool = False, head_only: bool = False
     ) -> None:
         if response.stream is not None and not head_only:
-            self.send_stream(response)
+            self.send_stream(response, http10)
             return
         body = response.body if isinstance(response.body, list) else [response.body]
         lines = [
@@ -303,5 +317,5 @@ class Connection:
         elif http10:
             lines.append("Connection: keep-alive")
         head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-        # A client that stops reading times out (SO_SNDTIMEO) instead of holding us forever.
-        send_parts(self.sock, [head] if head_only else [head, *body])
+        # A client that stops reading for request_timeout is dropped instead of holding us forever.
+        send_parts(self.sock, [head] if head_only else [head, *body], time.monotonic() + self.request_timeout)

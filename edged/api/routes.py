@@ -288,9 +288,11 @@ class Api:
         if pipeline is None:
             raise PipelineNotFound(f"no running pipeline {name!r}")
         self._check_model_access(pipeline.settings.model, peer)
-        subscription = pipeline.events.subscribe()
 
         def lines():
+            # Subscribed on the first chunk, not before: a stream that is never sent (HEAD, a
+            # refusal, a client gone before the head) must leave no subscription behind.
+            subscription = pipeline.events.subscribe()
             try:
                 while not self.stopping.is_set() and not pipeline.events.closed.is_set():
                     result = subscription.get(timeout=1.0)

@@ -38,6 +38,7 @@ from edged.config import SocketSettings
 log = logging.getLogger(__name__)
 SOCKET_BUFFER = 1 << 20
 SWEEP_S = 0.25  # deadlines are looked at this often
+STOP_GRACE_S = 1.0  # while stopping, a connection accepted from the backlog has this long to send
 ARMED = select.EPOLLIN | select.EPOLLONESHOT
 
 
@@ -122,6 +123,15 @@ class ApiServer:
 
     # --- the event loop -----------------------------------------------------------
     def _loop(self) -> None:
+        try:
+            self._run_loop()
+        except BaseException:
+            if not self.stopping.is_set():  # the API is gone: say so where readiness is read
+                log.exception("the socket's event loop failed; the daemon no longer answers on it")
+                self.api.socket_problem = "the socket's event loop failed (see the log); restart edged"
+            raise
+
+    def _run_loop(self) -> None:
         next_sweep = 0.0
         while True:
             if self._next is not None:
@@ -142,14 +152,21 @@ class ApiServer:
                 if conn is None or not conn.parked:  # stale: closed meanwhile, or a worker's now
                     continue
                 conn.parked = False
-                self._readable(conn)
+                try:
+                    self._readable(conn)
+                except Exception:  # a bug costs this connection, never the loop
+                    log.exception("unhandled error reading a request")
+                    self.close(conn)
             if self._closing:
                 return
             now = time.monotonic()
             if now >= next_sweep or woken:
                 next_sweep = now + SWEEP_S
-                if self._sweep(now):
-                    return
+                try:
+                    if self._sweep(now):
+                        return
+                except Exception:
+                    log.exception("unhandled error looking at deadlines")
 
     def _accept_all(self, listener: socket.socket) -> None:
         while True:
@@ -166,7 +183,11 @@ class ApiServer:
                 elif not self.stopping.is_set():
                     log.warning("accept failed: %s", exc)
                 return
-            self._take(sock)
+            try:
+                self._take(sock)
+            except Exception:  # a bug (or a group lookup failing) costs this connection only
+                log.exception("unhandled error taking a connection")
+                sock.close()
 
     def _take(self, sock: socket.socket) -> None:
         """Keep an accepted connection, parked until its first request; or refuse it."""
@@ -245,7 +266,8 @@ class ApiServer:
                     self.close(conn)
                 else:
                     self.pool.submit(conn, HTTPError(408, "request not received in time"))
-            elif stopping and idle and conn.accepted < self._stop_started:
+            elif stopping and idle and (conn.accepted < self._stop_started
+                                        or now - conn.accepted > STOP_GRACE_S):
                 # HTTP lets a server close an idle keep-alive connection; a request that
                 # is already on its way is still read and answered.
                 conn.parked = False
@@ -266,10 +288,11 @@ class ApiServer:
             conn.deadline = time.monotonic() + wait
         conn.parked = True
         try:
-            self._epoll.modify(conn.fd, ARMED)
-        except FileNotFoundError:
-            self._epoll.register(conn.fd, ARMED)
-        except OSError:  # closed under us: nothing to wait for
+            try:
+                self._epoll.modify(conn.fd, ARMED)
+            except FileNotFoundError:  # new: not registered yet
+                self._epoll.register(conn.fd, ARMED)
+        except (OSError, ValueError):  # closed under us, or the server stopped (epoll closed)
             conn.parked = False
             self.close(conn)
 
@@ -281,7 +304,7 @@ class ApiServer:
             self._per_uid[conn.peer.uid] -= 1
             if not self._per_uid[conn.peer.uid]:
                 del self._per_uid[conn.peer.uid]
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError, ValueError):  # ValueError: stopped, epoll closed
                 self._epoll.unregister(conn.fd)  # before close: the fd number may be reused
             conn.sock.close()
 

@@ -17,6 +17,7 @@ import queue
 import select
 import socket
 import threading
+import time
 from collections import Counter, deque
 from collections.abc import Callable
 from typing import Protocol
@@ -28,7 +29,8 @@ log = logging.getLogger(__name__)
 LINGER_MS = 5  # wait this long on a connection for its next request before parking it
 DISCARD_BYTES = 16 << 20  # read at most this much of a refused request's body ...
 DISCARD_S = 2.0  # ... for at most this long, so that the client reads the refusal
-MAX_STREAMS = 64  # event streams (each holds a thread for as long as its client reads)
+MAX_STREAMS = 64  # event streams (each holds a thread for as long as its client reads) ...
+MAX_STREAMS_PER_UID = MAX_STREAMS // 2  # ... and one user at most half of them
 
 Work = Request | HTTPError  # a head to serve, or the reason it cannot be
 
@@ -43,13 +45,19 @@ class Loop(Protocol):
 
 
 class WorkerPool:
+    """`size` threads; work is started in turn across users. A user with nothing running
+    always gets the next free worker; one with work running gets more only below half the
+    pool and while a quarter of it stays free, so neither one user nor two can take it all."""
+
     def __init__(self, size: int, serve: Callable[[Connection, Work], None]) -> None:
         self.size = size
         self.per_uid = max(1, size // 2)
+        self.reserve = size // 4  # kept free for users with nothing running
         self._serve = serve
         self._queue: queue.SimpleQueue[tuple[Connection, Work] | None] = queue.SimpleQueue()
-        self._active: Counter[int] = Counter()  # per uid: connections being served or queued to be
-        self._waiting: dict[int, deque[tuple[Connection, Work]]] = {}  # per uid, past its share
+        self._active: Counter[int] = Counter()  # per uid: work started (queued here or running)
+        self._started = 0  # in all; never over `size`, so started work finds a free worker
+        self._waiting: dict[int, deque[tuple[Connection, Work]]] = {}  # per uid, in turn (oldest first)
         self._lock = threading.Lock()
         self._threads = [threading.Thread(target=self._run, name=f"api-worker-{i}", daemon=True)
                          for i in range(size)]
@@ -60,24 +68,37 @@ class WorkerPool:
 
     def submit(self, conn: Connection, work: Work) -> None:
         uid = conn.peer.uid
+        conn.queued_at = time.monotonic()
         with self._lock:
-            if self._active[uid] >= self.per_uid:
+            if uid in self._waiting or not self._may_start(uid):
                 self._waiting.setdefault(uid, deque()).append((conn, work))
                 return
-            self._active[uid] += 1
+            self._begin(uid)
         self._queue.put((conn, work))
+
+    def _may_start(self, uid: int) -> bool:
+        """With the lock held."""
+        if self._started >= self.size:
+            return False
+        active = self._active[uid]
+        return active == 0 or (active < self.per_uid and self.size - self._started > self.reserve)
+
+    def _begin(self, uid: int) -> None:
+        self._active[uid] += 1
+        self._started += 1
 
     def busy(self) -> int:
         """Connections being served or waiting for a worker."""
         with self._lock:
-            return sum(self._active.values())
+            return self._started + sum(len(w) for w in self._waiting.values())
 
     def queue_empty(self) -> bool:
-        return self._queue.empty()
+        return self._queue.empty() and not self._waiting
 
     def _run(self) -> None:
         while (item := self._queue.get()) is not None:
             conn, work = item
+            conn.deadline += time.monotonic() - conn.queued_at  # waiting for a worker: not the client's time
             try:
                 self._serve(conn, work)
             except Exception:  # a bug must cost one connection, never a worker
@@ -86,24 +107,30 @@ class WorkerPool:
                 self._done(conn.peer.uid)
 
     def _done(self, uid: int) -> None:
+        following = []
         with self._lock:
-            waiting = self._waiting.get(uid)
-            following = waiting.popleft() if waiting else None
-            if waiting is not None and not waiting:
-                del self._waiting[uid]
-            if following is None:
-                self._active[uid] -= 1
-                if not self._active[uid]:
-                    del self._active[uid]
-        if following is not None:
-            self._queue.put(following)
+            self._active[uid] -= 1
+            if not self._active[uid]:
+                del self._active[uid]
+            self._started -= 1
+            for waiting_uid in list(self._waiting):  # in turn: a uid served goes to the back
+                if not self._may_start(waiting_uid):
+                    continue
+                waiting = self._waiting.pop(waiting_uid)
+                following.append(waiting.popleft())
+                if waiting:
+                    self._waiting[waiting_uid] = waiting
+                self._begin(waiting_uid)
+        for item in following:
+            self._queue.put(item)
 
     def stop(self, timeout: float) -> None:
         for _ in self._threads:
             self._queue.put(None)
+        deadline = time.monotonic() + timeout
         for thread in self._threads:
             if thread.is_alive():
-                thread.join(timeout)
+                thread.join(max(0.0, deadline - time.monotonic()))
 
 
 class RequestHandler:
@@ -113,7 +140,7 @@ class RequestHandler:
         self.api = api
         self.loop = loop
         self.pool = pool
-        self._streams = 0
+        self._streams: Counter[int] = Counter()  # per uid
         self._lock = threading.Lock()
 
     def __call__(self, conn: Connection, work: Work) -> None:
@@ -132,6 +159,10 @@ class RequestHandler:
             self.api.count("client_errors")
             log.debug("connection error: %s", exc)
             self.loop.close(conn)
+        except Exception:  # a bug (or MemoryError) costs this connection, never its descriptor
+            log.exception("unhandled error serving a connection")
+            if not conn.parked:
+                self.loop.close(conn)
 
     def _serve_one(self, conn: Connection, request: Request) -> Request | None:
         """Answer `request`; the connection's next request when it follows at once, else None."""
@@ -146,7 +177,7 @@ class RequestHandler:
             request.method = "GET"
         response = self.api.handle(request, conn.peer)
         if response.stream is not None and not head_only:
-            self._stream(conn, response)
+            self._stream(conn, response, http10)
             return None
         keep_alive = request.keep_alive and not self.loop.stopping.is_set()
         conn.send(response, keep_alive, http10=http10, head_only=head_only)
@@ -169,6 +200,8 @@ class RequestHandler:
                 following = conn.take_head()
         if following is None:
             self.loop.park(conn)
+        else:  # the next request's whole time starts now, not with the bytes it came after
+            conn.deadline = time.monotonic() + conn.request_timeout
         return following
 
     def refuse(self, conn: Connection, response: Response, body: int | None, http10: bool = False) -> None:
@@ -185,24 +218,38 @@ class RequestHandler:
         finally:
             self.loop.close(conn)
 
-    def _stream(self, conn: Connection, response: Response) -> None:
+    def _stream(self, conn: Connection, response: Response, http10: bool) -> None:
         """An event stream keeps its own thread for as long as its client reads, not a worker."""
+        uid = conn.peer.uid
         with self._lock:
-            full = self._streams >= MAX_STREAMS
-            if not full:
-                self._streams += 1
-        if full:
-            self.refuse(conn, error_response(503, f"too many event streams (limit {MAX_STREAMS})"), 0)
+            if sum(self._streams.values()) >= MAX_STREAMS:
+                refusal = f"too many event streams (limit {MAX_STREAMS})"
+            elif self._streams[uid] >= MAX_STREAMS_PER_UID:
+                refusal = f"too many event streams from uid {uid} (limit {MAX_STREAMS_PER_UID})"
+            else:
+                refusal = None
+                self._streams[uid] += 1
+        if refusal is not None:
+            self.refuse(conn, error_response(503, refusal), 0)
             return
 
         def run() -> None:
             try:
-                conn.send_stream(response)
+                conn.send_stream(response, http10)
             except OSError:
                 pass
             finally:
-                with self._lock:
-                    self._streams -= 1
+                self._stream_ended(uid)
                 self.loop.close(conn)
 
-        threading.Thread(target=run, name="api-stream", daemon=True).start()
+        try:
+            threading.Thread(target=run, name="api-stream", daemon=True).start()
+        except BaseException:
+            self._stream_ended(uid)
+            raise
+
+    def _stream_ended(self, uid: int) -> None:
+        with self._lock:
+            self._streams[uid] -= 1
+            if not self._streams[uid]:
+                del self._streams[uid]

@@ -31,7 +31,7 @@ class SocketSettings(Section):
     )
     workers: int = Field(
         default=16, ge=2, le=1024,
-        description="Threads that serve requests; one user holds at most half of them at once.",
+        description="Threads that serve requests, in turn across users; one user holds at most half of them.",
     )
     max_pending_requests: int = Field(
         default=64, ge=1, le=100_000,

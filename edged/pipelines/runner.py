@@ -309,6 +309,7 @@ class Pipeline:
             "last_error": last_error,
             "latency": {stage: hist.summary_ms() for stage, hist in self.stages.items()},
             "sinks": [sink.details() for sink in self.sinks],
+            "event_streams": self.events.subscribers,  # clients reading /v2/edged/pipelines/{name}/events
             **source.details(),
         }
 

@@ -193,3 +193,90 @@ def test_a_forbidden_model_refusal_reaches_a_client_still_sending(start_daemon, 
     response = connection.getresponse()
     assert response.status == 403 and b"not allowed to use model 'tiny'" in response.read()
     connection.close()
+
+
+@pytest.fixture
+def fifo_pipeline(tiny_store, short_dir):
+    """A pipeline `p` on the tiny model, reading 4-channel lines from a FIFO."""
+    fifo = short_dir / "fifo"
+    os.mkfifo(fifo)
+    source = {"kind": "fifo", "uri": str(fifo), "channels": 4}
+    return {"pipelines": {"p": {"model": "tiny", "source": source}}}
+
+
+def event_streams(daemon) -> int:
+    with daemon.client() as client:
+        return client.pipelines()["p"]["event_streams"]
+
+
+def test_event_streams_that_are_never_sent_leave_no_subscription(start_daemon, tiny_store, fifo_pipeline):
+    daemon = start_daemon(tiny_store.root, config=fifo_pipeline)
+    sock = connect(daemon.socket)
+    for _ in range(20):  # HEAD: the stream's head only, on one keep-alive connection
+        sock.sendall(b"HEAD /v2/edged/pipelines/p/events HTTP/1.1\r\n\r\n")
+        reply = b""
+        while b"\r\n\r\n" not in reply:
+            reply += sock.recv(65536)
+        assert reply.startswith(b"HTTP/1.1 200")
+    sock.close()
+    assert event_streams(daemon) == 0
+    stream = connect(daemon.socket)
+    stream.sendall(b"GET /v2/edged/pipelines/p/events HTTP/1.1\r\n\r\n")
+    assert stream.recv(65536).startswith(b"HTTP/1.1 200")
+    wait_until(lambda: event_streams(daemon) == 1, 10, "the stream's subscription")
+    stream.close()
+    wait_until(lambda: event_streams(daemon) == 0, 10, "the subscription gone with its client")
+
+
+def test_one_uid_holds_at_most_half_the_event_streams(start_daemon, tiny_store, fifo_pipeline):
+    daemon = start_daemon(tiny_store.root, config={**fifo_pipeline, "socket": {"group": "nogroup"}})
+    open_to_nobody(daemon.socket)
+    streams = []
+    try:
+        for _ in range(32):
+            sock = connect(daemon.socket)
+            sock.sendall(b"GET /v2/edged/pipelines/p/events HTTP/1.1\r\n\r\n")
+            assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+            streams.append(sock)
+        extra = connect(daemon.socket)
+        extra.sendall(b"GET /v2/edged/pipelines/p/events HTTP/1.1\r\n\r\n")
+        answer = extra.recv(65536)
+        extra.close()
+        assert answer.startswith(b"HTTP/1.1 503")
+        assert b"too many event streams from uid 0 (limit 32)" in answer
+        assert as_nobody(daemon.socket).startswith("HTTP/1.1 200")  # an inference still gets a worker
+    finally:
+        for sock in streams:
+            sock.close()
+
+
+def test_time_waiting_for_a_worker_is_not_counted_against_the_request(start_daemon, tiny_store):
+    """One worker per uid: a bad head whose client goes on trickling holds it while its body is
+    read and dropped (up to 2 s, past the 1 s request_timeout); a whole request sent meanwhile
+    waits for that worker, then is answered, not timed out."""
+    daemon = start_daemon(tiny_store.root, config={"socket": {"workers": 2, "request_timeout_s": 1.0}})
+    bad = connect(daemon.socket)
+    bad.sendall(b"GARBAGE\r\n\r\n")
+    stop = threading.Event()
+
+    def trickle() -> None:
+        while not stop.wait(0.2):
+            try:
+                bad.send(b"x")
+            except OSError:
+                return
+
+    thread = threading.Thread(target=trickle)
+    thread.start()
+    try:
+        body = json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4],
+                                       "data": [1, 2, 3, 4]}]}).encode().ljust(100_000)
+        good = connect(daemon.socket)
+        good.sendall(b"POST /v2/models/tiny/infer HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        reply = good.recv(65536)
+        good.close()
+    finally:
+        stop.set()
+        thread.join()
+        bad.close()
+    assert reply.startswith(b"HTTP/1.1 200"), reply[:200]

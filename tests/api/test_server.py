@@ -212,6 +212,10 @@ def test_oversized_body_is_refused_before_it_is_read(daemon):
      "appears twice"),
     (b"POST /v2/models/tiny/infer HTTP/1.1\r\nContent-Length: 1800000\r\n\r\n", 413,
      "send large tensors with the binary extension"),
+    (b"GET /v2 HTTP/1.1\r\n" + b"".join(b"X-%d: y\r\n" % i for i in range(101)) + b"\r\n", 431,
+     "more than 100 header lines"),
+    (b"GET /v2 HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400, "header Host appears twice"),
+    (b"GET /v2 HTTP/2.0\r\n\r\n", 505, "HTTP/2.0 is not supported"),
 ])
 def test_malformed_http(daemon, data, status, message):
     got, body = raw(daemon.socket, data)
