@@ -113,6 +113,17 @@ class Client:
         body = json.dumps({"key": key, "offset": offset, "byte_size": byte_size}).encode()
         self._json("POST", f"{_SHM}{_region(name)}/register", body)
 
+    def register_memfd(self, name: str, fd: int, byte_size: int, offset: int = 0) -> None:
+        """Register a memfd as region `name`, passing the descriptor itself over the socket: the
+        zero-copy way (an edged extension). It must be sealed against shrinking, e.g.
+        `fd = os.memfd_create("camera0", os.MFD_ALLOW_SEALING)`, `os.ftruncate(fd, size)`,
+        `fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)`; the daemon then maps it and
+        reads inputs and writes outputs in place. This process keeps its own `fd`."""
+        body = json.dumps({"memfd": True, "offset": offset, "byte_size": byte_size}).encode()
+        status, _, data = self.request("POST", f"{_SHM}{_region(name)}/register", body, fds=[fd])
+        if status != 200:
+            raise ClientError(status, _error_text(data))
+
     def unregister_system_shared_memory(self, name: str | None = None) -> None:
         """Unregister region `name`, or all of this user's regions."""
         self._json("POST", f"{_SHM}{_region(name)}/unregister")
@@ -129,8 +140,10 @@ class Client:
         return json.loads(bytes(data)) if data else None
 
     def request(
-        self, method: str, path: str, body: bytes | codec.Parts = b"", headers: dict[str, str] | None = None
+        self, method: str, path: str, body: bytes | codec.Parts = b"", headers: dict[str, str] | None = None,
+        fds: list[int] | None = None,
     ) -> tuple[int, dict[str, str], bytearray]:
+        """`fds`: descriptors passed with the request (SCM_RIGHTS), as `register_memfd` does."""
         parts = body if isinstance(body, list) else [body]
         length = sum(len(p) for p in parts)
         head = [f"{method} {path} HTTP/1.1", "Host: localhost", f"Content-Length: {length}"]
@@ -141,6 +154,9 @@ class Client:
             sock = self._connect()
             try:
                 try:
+                    if fds:  # the descriptors go with the head's first byte
+                        sent = socket.send_fds(sock, [message[0]], fds)
+                        message = [message[0][sent:], *message[1:]]
                     send_parts(sock, message)
                 except BrokenPipeError:
                     # The server may have refused the request early (413, 503) and closed:

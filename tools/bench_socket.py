@@ -10,13 +10,16 @@ convolution), one run gives, side by side:
   (utime + stime of its /proc/<pid>/stat during the socket blocks); their difference is the
   daemon's overhead, which stays meaningful on a noisy 2-core machine where wall time does not;
 - throughput with 4 clients: 4 threads in-process, and 4 client processes over each path.
-Shared memory: each client writes its input into its own /dev/shm segment once, as a camera
-process that decodes frames into it would, and reads outputs where the daemon wrote them.
+Shared memory, two ways: a /dev/shm region (Triton's extension: the daemon reads it with one
+kernel copy) and a sealed memfd passed over the socket (edged's: mapped, read and written in
+place). Each client writes its input there once, as a camera process that decodes frames
+into it would, and reads outputs where the daemon wrote them.
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import mmap
 import multiprocessing as mp
@@ -43,10 +46,10 @@ sys.path.insert(0, str(ROOT))  # for tests.daemon_process
 from tests.daemon_process import DaemonProcess
 
 MODELS = ("face", "pose", "frame")
-PATHS = ("raw", "http", "shm")
+PATHS = ("raw", "http", "shm", "memfd")
 CLIENTS = 4
 WARMUP = 30
-BLOCKS = 10  # latency blocks, rotating raw / http / shm
+BLOCKS = 12  # latency blocks, rotating raw / http / shm / memfd
 TARGETS = {"http_overhead_ms": 0.15, "shm_overhead_ms": 0.05, "pose_shm_p50_ratio": 1.2,
            "frame_shm_p50_ratio": 1.2}
 
@@ -133,6 +136,39 @@ class ShmCaller:
             segment.close()
 
 
+class MemfdCaller:
+    """One client's zero-copy path: one sealed memfd holding its input and output places,
+    passed to the daemon over the socket and mapped there."""
+
+    def __init__(self, client: Client, model: str, inputs: dict[str, np.ndarray], outputs: dict) -> None:
+        self.client, self.model = client, model
+        sizes = [a.nbytes for a in inputs.values()]
+        sizes += [int(np.prod(shape)) * np.dtype(dtype).itemsize for dtype, shape in outputs.values()]
+        self.fd = os.memfd_create("edged-bench", os.MFD_ALLOW_SEALING | os.MFD_CLOEXEC)
+        os.ftruncate(self.fd, sum(sizes))
+        self.map = mmap.mmap(self.fd, sum(sizes))
+        fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+        self.region = f"memfd-{os.getpid()}-{threading.get_ident() % 10000}"
+        client.register_memfd(self.region, self.fd, sum(sizes))
+        self.inputs, self.outputs, offset = {}, {}, 0
+        for name, array in inputs.items():
+            np.frombuffer(self.map, array.dtype, array.size, offset).reshape(array.shape)[...] = array
+            self.inputs[name] = ShmTensor.at(self.region, array.dtype, array.shape, offset)
+            offset += array.nbytes
+        for name, (dtype, shape) in outputs.items():
+            size = int(np.prod(shape)) * np.dtype(dtype).itemsize
+            self.outputs[name] = ShmRef(self.region, size, offset)
+            offset += size
+
+    def __call__(self) -> dict:
+        return self.client.infer(self.model, self.inputs, outputs=self.outputs)
+
+    def close(self) -> None:
+        self.client.unregister_system_shared_memory(self.region)
+        self.map.close()
+        os.close(self.fd)
+
+
 class Daemon(DaemonProcess):
     """`edged run` on one store, every model on OpenVINO; its CPU time read from /proc."""
 
@@ -208,9 +244,9 @@ def client_process(socket_path: str, model: str, path: str, seconds: float, barr
     with Client(socket_path) as client:
         meta = client.metadata(model)
         inputs = {t["name"]: _array_for(t) for t in meta["inputs"]}
-        if path == "shm":
+        if path in ("shm", "memfd"):
             outputs = {t["name"]: (_dtype(t["datatype"]), t["shape"]) for t in meta["outputs"]}
-            call = ShmCaller(client, model, inputs, outputs)
+            call = (ShmCaller if path == "shm" else MemfdCaller)(client, model, inputs, outputs)
         else:
             call = lambda: client.infer(model, inputs)  # noqa: E731
         try:
@@ -219,7 +255,7 @@ def client_process(socket_path: str, model: str, path: str, seconds: float, barr
             barrier.wait()
             results.put(run_for(call, seconds))
         finally:
-            if path == "shm":
+            if path in ("shm", "memfd"):
                 call.close()
 
 
@@ -268,15 +304,19 @@ def measure(name: str, path: Path, model_format: str, store: ModelStore, daemon:
         inputs = {spec.name: model_input(name, spec) for spec in model.inputs}
         outputs = {spec.name: (spec.dtype, spec.shape) for spec in model.outputs}
         requests = args.requests if name != "frame" else max(BLOCKS * 3, args.requests // 10)
-        with Client(daemon.socket) as http, Client(daemon.socket) as shm_client:
+        with Client(daemon.socket) as http, Client(daemon.socket) as shm_client, \
+                Client(daemon.socket) as memfd_client:
             shm = ShmCaller(shm_client, name, inputs, outputs)
+            memfd = MemfdCaller(memfd_client, name, inputs, outputs)
             try:
-                seq = sequential({"raw": lambda: model.infer(inputs),
-                                  "http": lambda: http.infer(name, inputs), "shm": shm}, requests, daemon)
+                calls = {"raw": lambda: model.infer(inputs), "http": lambda: http.infer(name, inputs),
+                         "shm": shm, "memfd": memfd}
+                seq = sequential(calls, requests, daemon)
             finally:
                 shm.close()
+                memfd.close()
         tput = {"raw": raw_throughput(model, inputs, args.seconds / 2)}
-        for p in ("http", "shm"):
+        for p in ("http", "shm", "memfd"):
             tput[p] = socket_throughput(daemon, name, p, args.seconds)
         tput["raw"] = round((tput["raw"] + raw_throughput(model, inputs, args.seconds / 2)) / 2, 1)
     finally:
@@ -289,7 +329,7 @@ def report(fig: dict) -> None:
     def check(ok: bool, text: str) -> None:
         print(f"  {'PASS' if ok else 'FAIL'}  {text}")
 
-    print(f"\nOpenVINO on {os.cpu_count()} CPUs; sequential blocks rotating raw/http/shm; throughput "
+    print(f"\nOpenVINO on {os.cpu_count()} CPUs; sequential blocks rotating raw/http/shm/memfd; throughput "
           f"{fig['seconds']} s per phase with {CLIENTS} clients")
     head = ("model", "path", "p50 ms", "p99 ms", "p50/raw", "CPU ms/req", "overhead", f"{CLIENTS}c inf/s",
             "tput/raw")
@@ -306,25 +346,28 @@ def report(fig: dict) -> None:
                    f"{s['p50_ms'] / raw['p50_ms']:.2f}", f"{s['cpu_ms']:.3f}", overhead, f"{t:.0f}",
                    f"{t / tput['raw']:.2f}")
             print("".join(f"{c:>12}" for c in row))
-        print(f"{'':>12}{'':>12}  input {m['input_bytes'] / 1e6:.2f} MB; {m['requests']} sequential requests "
-              f"per path; daemon CPU ms/req with {CLIENTS} clients: http {tput['http']['cpu_ms']:.3f}, "
-              f"shm {tput['shm']['cpu_ms']:.3f}; daemon page faults per request: http "
-              f"{seq['http']['daemon_faults']:.0f}, shm {seq['shm']['daemon_faults']:.0f}")
-    print("\nTargets (overhead: daemon CPU per sequential request minus the raw runtime's CPU per inference)")
+        cpu4 = ", ".join(f"{p} {tput[p]['cpu_ms']:.3f}" for p in PATHS[1:])
+        faults = ", ".join(f"{p} {seq[p]['daemon_faults']:.0f}" for p in PATHS[1:])
+        print(f"{'':>24}input {m['input_bytes'] / 1e6:.2f} MB; {m['requests']} sequential requests per path; "
+              f"daemon CPU ms/req with {CLIENTS} clients: {cpu4}; daemon page faults per request: {faults}")
+    print("\nTargets (overhead: daemon CPU per sequential request minus the raw runtime's CPU per inference;"
+          "\nshared memory: /dev/shm regions (shm, one kernel copy) and sealed memfds (memfd, in place))")
     t = TARGETS
     for name in [n for n in ("face", "pose") if n in fig["models"]]:
         seq = fig["models"][name]["sequential"]
-        for p, limit in (("http", t["http_overhead_ms"]), ("shm", t["shm_overhead_ms"])):
+        for p, limit in (("http", t["http_overhead_ms"]), ("shm", t["shm_overhead_ms"]),
+                         ("memfd", t["shm_overhead_ms"])):
             over = seq[p]["cpu_ms"] - seq["raw"]["cpu_ms"]
             check(over <= limit, f"{name}: {p} overhead {over:.3f} ms CPU per request <= {limit}")
     for name, key in (("pose", "pose_shm_p50_ratio"), ("frame", "frame_shm_p50_ratio")):
         if name not in fig["models"]:
             continue
         seq = fig["models"][name]["sequential"]
-        ratio = seq["shm"]["p50_ms"] / seq["raw"]["p50_ms"]
         http = seq["http"]["p50_ms"] / seq["raw"]["p50_ms"]
-        check(ratio <= t[key], f"{name}: shm sequential p50 {ratio:.2f}x raw <= {t[key]} "
-              f"(binary HTTP in the same run: {http:.2f}x)")
+        for p in ("shm", "memfd"):
+            ratio = seq[p]["p50_ms"] / seq["raw"]["p50_ms"]
+            check(ratio <= t[key], f"{name}: {p} sequential p50 {ratio:.2f}x raw <= {t[key]} "
+                  f"(binary HTTP in the same run: {http:.2f}x)")
 
 
 def main() -> int:

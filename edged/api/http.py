@@ -9,11 +9,13 @@ is received straight into the buffer its tensors are read from.
 
 from __future__ import annotations
 
+import array
+import os
 import socket
 import struct
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import httptools
@@ -22,6 +24,8 @@ MAX_HEADER_BYTES = 16 * 1024
 HEAD_CHUNK = 8192
 BODY_CHUNK = 1 << 20  # a head fits; the body is then received in place, not through this buffer
 MAX_HEADERS = 100
+PASSED_FDS = 4  # descriptors a request may carry (SCM_RIGHTS); more are closed at once
+FDS_SPACE = socket.CMSG_SPACE(PASSED_FDS * 4)
 REASONS = {
     100: "Continue", 200: "OK", 400: "Bad Request", 403: "Forbidden", 404: "Not Found",
     405: "Method Not Allowed", 408: "Request Timeout", 411: "Length Required",
@@ -52,6 +56,7 @@ class Request:
     keep_alive: bool
     version: str = "HTTP/1.1"
     length: int = 0
+    fds: list[int] = field(default_factory=list)  # descriptors passed with it (SCM_RIGHTS); see PASSED_FDS
 
 
 def parse_length(text: str, name: str) -> int:
@@ -188,6 +193,7 @@ class Connection:
         self.deadline = time.monotonic() + idle_timeout  # idle, then for the request from its first byte
         self.requests = 0  # answered on this connection
         self.queued_at = 0.0  # when it was last handed to the worker pool
+        self.passed_fds: list[int] = []  # received with the next request's head, not yet taken
         self.accepted = time.monotonic()
         self.peer: Any = None  # who connected (edged.api.access.Peer), set by the server
         self.parked = False  # True while the event loop, not a worker, owns the connection
@@ -201,19 +207,38 @@ class Connection:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
 
     def receive(self) -> bool:
-        """Take what the kernel holds without waiting; False when the peer has closed."""
+        """Take what the kernel holds without waiting; False when the peer has closed.
+
+        Descriptors sent with a request's head (SCM_RIGHTS: a sealed memfd to register as a
+        shared-memory region) are kept for that request, at most PASSED_FDS; any more are
+        closed. Those sent with a body are dropped by the kernel (the body is read without
+        room for them)."""
         try:
-            chunk = self.sock.recv(HEAD_CHUNK, socket.MSG_DONTWAIT)
+            chunk, ancillary, _, _ = self.sock.recvmsg(HEAD_CHUNK, FDS_SPACE,
+                                                       socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC)
         except BlockingIOError:
             return True
         except OSError:
             return False
+        for level, kind, data in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds = array.array("i", data[: len(data) - len(data) % 4])
+                for fd in fds:
+                    if len(self.passed_fds) < PASSED_FDS:
+                        self.passed_fds.append(fd)
+                    else:
+                        os.close(fd)
         if not chunk:
             return False
         if not self.buffer:  # a request starts: it has request_timeout to arrive whole
             self.deadline = time.monotonic() + self.request_timeout
         self.buffer += chunk
         return True
+
+    def close_passed_fds(self) -> None:
+        for fd in self.passed_fds:
+            os.close(fd)
+        self.passed_fds.clear()
 
     def take_head(self) -> Request | None:
         """The next request's head if it has arrived whole (HTTPError when it is bad)."""

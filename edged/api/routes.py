@@ -260,15 +260,22 @@ class Api:
         if not isinstance(doc, dict):
             raise InvalidInput('register request must be an object: {"key": "/name", "offset": 0, '
                                '"byte_size": n}')
-        for field in ("key", "byte_size"):
+        memfd = doc.get("memfd") is True  # edged's zero-copy way: the segment's fd comes with the request
+        for field in ("byte_size",) if memfd else ("key", "byte_size"):
             if field not in doc:
                 raise InvalidInput(f"Shared memory register request has no {field!r} field")
-        if not isinstance(doc["key"], str):
+        if not memfd and not isinstance(doc["key"], str):
             raise InvalidInput("register request: 'key' must be a string such as \"/camera0\"")
         numbers = [doc.get("offset", 0), doc["byte_size"]]
         if not all(isinstance(n, int) and not isinstance(n, bool) for n in numbers):
             raise InvalidInput("register request: 'offset' and 'byte_size' must be integers")
-        self.regions.register(peer, name, doc["key"], *numbers)
+        if not memfd:
+            self.regions.register(peer, name, doc["key"], *numbers)
+        elif len(request.fds) != 1:
+            raise InvalidInput(f'a "memfd" register request must carry exactly one descriptor (SCM_RIGHTS) '
+                               f"with its head; it carried {len(request.fds)}")
+        else:
+            self.regions.register_memfd(peer, name, request.fds.pop(), *numbers)
         return Response(200, b"")  # as Triton: success has an empty body
 
     def shm_unregister(self, request: Request, peer: Peer, name: str | None = None) -> Response:

@@ -307,6 +307,7 @@ class ApiServer:
             with contextlib.suppress(OSError, ValueError):  # ValueError: stopped, epoll closed
                 self._epoll.unregister(conn.fd)  # before close: the fd number may be reused
             conn.sock.close()
+            conn.close_passed_fds()
 
     def connections(self) -> int:
         return len(self._connections)

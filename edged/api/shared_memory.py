@@ -1,5 +1,5 @@
-"""The system shared memory extension: regions a caller registers, kept per uid, read and
-written with one kernel copy each way.
+"""The system shared memory extension: regions a caller registers, kept per uid; a /dev/shm
+segment read and written with one kernel copy each way, a sealed memfd in place.
 
 Triton's extension lets a client name a POSIX shared-memory segment (`/dev/shm/<key>`) and
 then pass tensors as (region, offset, byte size) instead of in the request. Triton maps any
@@ -15,6 +15,12 @@ write past the end would silently grow the file). A segment that shrank is a sho
 failed size check, answered with a 400; the daemon never crashes. (Shrunk between the check
 and the write, the file grows back within the region the client registered, no further.)
 
+The zero-copy way (an edged extension): a client passes a memfd over the socket (SCM_RIGHTS,
+with the register request) sealed against shrinking (F_SEAL_SHRINK). Its pages cannot
+vanish, so the daemon maps it: inputs are arrays over the client's memory, outputs are
+written straight into it. The client may still change an input while the model reads it;
+that only changes its own answer.
+
 Why checks on every use: the segment's size can change after registration, so the bounds
 given then are checked against the file then, and each request's offset and size against
 the region, and the file's size, every time. An fd is closed only when no request is using
@@ -24,6 +30,8 @@ it, so a request never reads a file that another open reused the descriptor for.
 from __future__ import annotations
 
 import errno
+import fcntl
+import mmap
 import os
 import re
 import stat
@@ -43,6 +51,7 @@ KEY = re.compile(r"/[A-Za-z0-9._-]{1,200}")
 MAX_NAME = 255
 OPEN_FLAGS = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK  # a FIFO never blocks the open
 ACL = "system.posix_acl_access"
+F_SEAL_FUTURE_WRITE = getattr(fcntl, "F_SEAL_FUTURE_WRITE", 0x10)  # Linux 5.1; not in Python 3.11's fcntl
 
 
 class RegionNotFound(EdgedError):
@@ -58,6 +67,7 @@ class Region:
     fd: int
     users: int = 0  # requests reading or writing it now
     dropped: bool = False  # unregistered: the fd closes once `users` falls to 0
+    map: mmap.mmap | None = None  # a sealed memfd's mapping: tensors are read in place
 
     def status(self) -> dict:
         return {"name": self.name, "key": self.key, "offset": self.offset, "byte_size": self.byte_size}
@@ -85,14 +95,10 @@ class Regions:
     # --- registration -----------------------------------------------------------------
     def register(self, peer: Peer, name: str, key: str, offset: int, byte_size: int) -> None:
         """Open `key` under /dev/shm for `peer` as region `name`, or say why not."""
-        self._check_enabled()
-        if not 0 < len(name) <= MAX_NAME:
-            raise InvalidInput(f"a region name must have 1 to {MAX_NAME} characters")
+        self._check_request(name, offset, byte_size)
         if not KEY.fullmatch(key) or key in ("/.", "/.."):
             raise InvalidInput(f"key {key[:60]!r} must be one name under {SHM_DIR}: '/' then 1 to 200 of "
                                "A-Z a-z 0-9 . _ - (not '.' or '..')")
-        if offset < 0 or byte_size <= 0:
-            raise InvalidInput(f"offset must be 0 or more and byte_size over 0, not {offset} and {byte_size}")
         with self._lock:
             self._check_room(peer.uid, name, byte_size)
         path = f"{SHM_DIR}/{key[1:]}"
@@ -111,6 +117,49 @@ class Regions:
         except BaseException:
             os.close(fd)
             raise
+
+    def register_memfd(self, peer: Peer, name: str, fd: int, offset: int, byte_size: int) -> None:
+        """Map a memfd the caller passed over the socket (SCM_RIGHTS) as region `name`.
+
+        Only a memfd sealed against shrinking (F_SEAL_SHRINK) is taken: its pages can then
+        never vanish under the mapping, so inputs are read in place (no copy) and outputs
+        written straight into it, with no SIGBUS possible. Takes ownership of `fd`."""
+        try:
+            self._check_request(name, offset, byte_size)
+            info = os.fstat(fd)
+            try:
+                seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+            except OSError:
+                seals = None
+            if not stat.S_ISREG(info.st_mode) or seals is None:
+                raise InvalidInput("the descriptor passed is not a memfd made with MFD_ALLOW_SEALING")
+            if not seals & fcntl.F_SEAL_SHRINK:
+                raise InvalidInput("the memfd passed is not sealed against shrinking: add F_SEAL_SHRINK "
+                                   "(fcntl F_ADD_SEALS) before registering it")
+            if offset + byte_size > info.st_size:
+                raise InvalidInput(f"failed to register shared memory region {name!r}: offset {offset} + "
+                                   f"byte_size {byte_size} is past the memfd's end ({info.st_size} bytes)")
+            writable = not seals & (fcntl.F_SEAL_WRITE | F_SEAL_FUTURE_WRITE)
+            access = mmap.ACCESS_WRITE if writable else mmap.ACCESS_READ
+            mapped = mmap.mmap(fd, offset + byte_size, access=access)
+            with self._lock:
+                try:
+                    self._check_room(peer.uid, name, byte_size)
+                except BaseException:
+                    mapped.close()
+                    raise
+                region = Region(name, f"memfd:{info.st_ino}", offset, byte_size, fd, map=mapped)
+                self._by_uid.setdefault(peer.uid, {})[name] = region
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def _check_request(self, name: str, offset: int, byte_size: int) -> None:
+        self._check_enabled()
+        if not 0 < len(name) <= MAX_NAME:
+            raise InvalidInput(f"a region name must have 1 to {MAX_NAME} characters")
+        if offset < 0 or byte_size <= 0:
+            raise InvalidInput(f"offset must be 0 or more and byte_size over 0, not {offset} and {byte_size}")
 
     def _check_room(self, uid: int, name: str, byte_size: int) -> None:
         regions = self._by_uid.get(uid, {})
@@ -154,6 +203,12 @@ class Regions:
         """With the lock held: unregistered; its fd closes now, or when its last user is done."""
         region.dropped = True
         if region.users == 0 and region.fd >= 0:
+            if region.map is not None:
+                try:
+                    region.map.close()
+                except BufferError:  # an array still views it: unmapped when that array goes
+                    pass
+                region.map = None
             os.close(region.fd)
             region.fd = -1
 
@@ -172,6 +227,9 @@ class Regions:
 
     def read(self, uid: int, tensor: ShmTensor) -> np.ndarray:
         with self._borrowed(uid, tensor.ref) as (region, start):
+            if region.map is not None:  # a sealed memfd: the tensor is read where it is
+                count = tensor.ref.byte_size // tensor.dtype.itemsize
+                return np.frombuffer(region.map, tensor.dtype, count, start).reshape(tensor.shape)
             array = np.empty(tensor.shape, tensor.dtype)  # bounded: byte_size fits the region
             view = memoryview(array.reshape(-1).view(np.uint8))
             done = 0
@@ -196,6 +254,13 @@ class Regions:
                                f"({ref.byte_size} bytes) should be at least {len(data)} bytes to hold "
                                "the results")
         with self._borrowed(uid, ref) as (region, start):
+            if region.map is not None:  # a sealed memfd: it cannot have shrunk
+                try:
+                    region.map[start : start + len(data)] = data
+                except TypeError:  # mapped read-only: the memfd is sealed against writes
+                    raise InvalidInput(f"shared memory region {region.name!r} is sealed against writes: "
+                                       f"output {name!r} cannot go there") from None
+                return
             size = os.fstat(region.fd).st_size
             if size < start + len(data):
                 raise InvalidInput(f"shared memory region {region.name!r} ({region.key}) shrank to {size} "

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import queue
 import select
 import socket
@@ -175,7 +176,12 @@ class RequestHandler:
         head_only = request.method == "HEAD"
         if head_only:
             request.method = "GET"
-        response = self.api.handle(request, conn.peer)
+        request.fds, conn.passed_fds = conn.passed_fds, []
+        try:
+            response = self.api.handle(request, conn.peer)
+        finally:
+            for fd in request.fds:  # passed with the request and not taken by its handler
+                os.close(fd)
         if response.stream is not None and not head_only:
             self._stream(conn, response, http10)
             return None

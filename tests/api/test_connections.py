@@ -105,6 +105,8 @@ def test_a_thousand_idle_and_64_trickling_connections_lock_nobody_out(start_daem
     finally:
         stop.set()
         thread.join()
+        for sock in idle + trickling:
+            sock.close()
     assert reply.startswith("HTTP/1.1 200"), reply
     grown_mb = (rss_after - rss_before) / 1024
     assert grown_mb < 50, f"RSS grew {grown_mb:.1f} MB for 1064 connections"
@@ -112,8 +114,6 @@ def test_a_thousand_idle_and_64_trickling_connections_lock_nobody_out(start_daem
     with daemon.client() as client:
         api = client.status()["api"]
     assert api.get("refused_connections", 0) == 0
-    for sock in idle + trickling:
-        sock.close()
 
 
 def test_connections_per_uid_are_capped_and_another_uid_still_gets_in(start_daemon, tiny_store):
@@ -122,10 +122,8 @@ def test_connections_per_uid_are_capped_and_another_uid_still_gets_in(start_daem
     open_to_nobody(daemon.socket)
     held = [connect(daemon.socket) for _ in range(5)]
     try:
-        extra = connect(daemon.socket)
-        extra.sendall(b"GET /v2/health/live HTTP/1.1\r\n\r\n")
-        answer = extra.recv(65536)
-        extra.close()
+        with connect(daemon.socket) as extra:  # refused at once: the 503 comes without a request
+            answer = extra.recv(65536)
         assert answer.startswith(b"HTTP/1.1 503")
         assert b"too many connections from uid 0" in answer and b"socket.max_connections_per_uid" in answer
         assert as_nobody(daemon.socket).startswith("HTTP/1.1 200")
@@ -211,20 +209,18 @@ def event_streams(daemon) -> int:
 
 def test_event_streams_that_are_never_sent_leave_no_subscription(start_daemon, tiny_store, fifo_pipeline):
     daemon = start_daemon(tiny_store.root, config=fifo_pipeline)
-    sock = connect(daemon.socket)
-    for _ in range(20):  # HEAD: the stream's head only, on one keep-alive connection
-        sock.sendall(b"HEAD /v2/edged/pipelines/p/events HTTP/1.1\r\n\r\n")
-        reply = b""
-        while b"\r\n\r\n" not in reply:
-            reply += sock.recv(65536)
-        assert reply.startswith(b"HTTP/1.1 200")
-    sock.close()
+    with connect(daemon.socket) as sock:
+        for _ in range(20):  # HEAD: the stream's head only, on one keep-alive connection
+            sock.sendall(b"HEAD /v2/edged/pipelines/p/events HTTP/1.1\r\n\r\n")
+            reply = b""
+            while b"\r\n\r\n" not in reply:
+                reply += sock.recv(65536)
+            assert reply.startswith(b"HTTP/1.1 200")
     assert event_streams(daemon) == 0
-    stream = connect(daemon.socket)
-    stream.sendall(b"GET /v2/edged/pipelines/p/events HTTP/1.1\r\n\r\n")
-    assert stream.recv(65536).startswith(b"HTTP/1.1 200")
-    wait_until(lambda: event_streams(daemon) == 1, 10, "the stream's subscription")
-    stream.close()
+    with connect(daemon.socket) as stream:
+        stream.sendall(b"GET /v2/edged/pipelines/p/events HTTP/1.1\r\n\r\n")
+        assert stream.recv(65536).startswith(b"HTTP/1.1 200")
+        wait_until(lambda: event_streams(daemon) == 1, 10, "the stream's subscription")
     wait_until(lambda: event_streams(daemon) == 0, 10, "the subscription gone with its client")
 
 
@@ -238,10 +234,9 @@ def test_one_uid_holds_at_most_half_the_event_streams(start_daemon, tiny_store, 
             sock.sendall(b"GET /v2/edged/pipelines/p/events HTTP/1.1\r\n\r\n")
             assert sock.recv(65536).startswith(b"HTTP/1.1 200")
             streams.append(sock)
-        extra = connect(daemon.socket)
-        extra.sendall(b"GET /v2/edged/pipelines/p/events HTTP/1.1\r\n\r\n")
-        answer = extra.recv(65536)
-        extra.close()
+        with connect(daemon.socket) as extra:
+            extra.sendall(b"GET /v2/edged/pipelines/p/events HTTP/1.1\r\n\r\n")
+            answer = extra.recv(65536)
         assert answer.startswith(b"HTTP/1.1 503")
         assert b"too many event streams from uid 0 (limit 32)" in answer
         assert as_nobody(daemon.socket).startswith("HTTP/1.1 200")  # an inference still gets a worker

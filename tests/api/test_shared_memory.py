@@ -5,8 +5,10 @@ on unregister. Every /dev/shm file made here is removed after its test."""
 
 from __future__ import annotations
 
+import fcntl
 import grp
 import json
+import mmap
 import os
 import pwd
 import shutil
@@ -538,3 +540,87 @@ def test_an_input_whose_layout_the_model_refuses_is_not_read(daemon, client, seg
 def bytes_read(pid: int) -> int:
     """What the process has read through read(2)-like calls, preadv included."""
     return int(Path(f"/proc/{pid}/io").read_text().split("rchar:")[1].split()[0])
+
+
+# --- a sealed memfd passed over the socket: read and written in place ---------------------------
+def sealed_memfd(size: int, seals: int = fcntl.F_SEAL_SHRINK) -> tuple[int, mmap.mmap]:
+    fd = os.memfd_create("edged-test", os.MFD_ALLOW_SEALING | os.MFD_CLOEXEC)
+    os.ftruncate(fd, size)
+    mapped = mmap.mmap(fd, size)
+    if seals:
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
+    return fd, mapped
+
+
+def memfds_of(pid: int) -> int:
+    """Descriptors and mappings process `pid` holds of memfds made here."""
+    fds = sum("memfd:edged-test" in os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir())
+    maps = sum("memfd:edged-test" in line for line in Path(f"/proc/{pid}/maps").read_text().splitlines())
+    return fds + maps
+
+
+def test_a_sealed_memfd_is_read_and_written_in_place(daemon, client, expected):
+    fd, mapped = sealed_memfd(FACE.nbytes + REGRESSORS + CLASSIFICATORS)
+    try:
+        np.frombuffer(mapped, np.float32, FACE.size).reshape(FACE.shape)[...] = FACE
+        client.register_memfd("cam", fd, len(mapped))
+        status = client.get_system_shared_memory_status("cam")
+        assert status[0]["key"].startswith("memfd:") and status[0]["byte_size"] == len(mapped)
+        image = ShmTensor.at("cam", np.float32, FACE.shape)
+        places = {"regressors": ShmRef("cam", REGRESSORS, FACE.nbytes),
+                  "classificators": ShmRef("cam", CLASSIFICATORS, FACE.nbytes + REGRESSORS)}
+        read_before = bytes_read(daemon.proc.pid)
+        for _ in range(10):
+            client.infer("face", {"input": image}, outputs=places)
+        assert bytes_read(daemon.proc.pid) - read_before < FACE.nbytes  # 10 inputs, not one copied in
+        for name, array in expected.items():
+            ref = places[name]
+            written = mapped[ref.offset : ref.offset + ref.byte_size]  # a copy: no view left on the map
+            got = np.frombuffer(written, np.float32).reshape(array.shape)
+            assert np.array_equal(got, array), name
+        client.unregister_system_shared_memory("cam")
+        assert memfds_of(daemon.proc.pid) == 0  # its descriptors closed, its mapping gone
+    finally:
+        mapped.close()
+        os.close(fd)
+
+
+def test_a_memfd_the_daemon_cannot_trust_is_refused_and_not_kept(daemon, client, tmp_path):
+    unsealed, unsealed_map = sealed_memfd(4096, seals=0)
+    plain = os.open(tmp_path / "plain", os.O_CREAT | os.O_RDWR, 0o600)
+    os.ftruncate(plain, 4096)
+    try:
+        error = refused(lambda: client.register_memfd("m", unsealed, 4096))
+        assert error.status == 400 and "not sealed against shrinking: add F_SEAL_SHRINK" in error.message
+        error = refused(lambda: client.register_memfd("m", plain, 4096))
+        assert error.status == 400 and "not a memfd" in error.message
+        body = json.dumps({"memfd": True, "byte_size": 4096}).encode()
+        status, _, data = client.request("POST", "/v2/systemsharedmemory/region/m/register", body)
+        assert status == 400 and "exactly one descriptor" in json.loads(data)["error"]
+        status, _, data = client.request("POST", "/v2/systemsharedmemory/region/m/register", body,
+                                         fds=[unsealed, plain, unsealed])
+        assert status == 400 and "it carried 3" in json.loads(data)["error"]
+        assert memfds_of(daemon.proc.pid) == 0  # every descriptor passed was closed
+        assert client.get_system_shared_memory_status() == []
+    finally:
+        unsealed_map.close()
+        os.close(unsealed)
+        os.close(plain)
+
+
+def test_a_memfd_sealed_against_writes_gives_inputs_but_takes_no_outputs(daemon, client, expected):
+    fd, mapped = sealed_memfd(FACE.nbytes + REGRESSORS, seals=0)
+    try:
+        np.frombuffer(mapped, np.float32, FACE.size)[...] = FACE.reshape(-1)
+        mapped.close()
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_WRITE)
+        client.register_memfd("ro", fd, FACE.nbytes + REGRESSORS)
+        image = ShmTensor.at("ro", np.float32, FACE.shape)
+        outputs = client.infer("face", {"input": image})
+        assert np.array_equal(outputs["regressors"], expected["regressors"])
+        error = refused(lambda: client.infer("face", {"input": image},
+                                             outputs={"regressors": ShmRef("ro", REGRESSORS, FACE.nbytes)}))
+        assert error.status == 400 and "sealed against writes" in error.message
+        client.unregister_system_shared_memory("ro")
+    finally:
+        os.close(fd)
