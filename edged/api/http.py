@@ -171,9 +171,9 @@ def parse_head(head: bytes, max_body: int) -> Request:
     return Request(method, path, query, headers, memoryview(b""), keep_alive, f"HTTP/{version}", length)
 
 
-def head_end(buffer: bytearray, start: int = 0) -> int:
+def head_end(buffer: bytearray) -> int:
     """Where the head in `buffer` ends (past its blank line), or -1 while it is incomplete."""
-    end = buffer.find(b"\r\n\r\n", max(0, start - 3))
+    end = buffer.find(b"\r\n\r\n")
     return -1 if end < 0 else end + 4
 
 

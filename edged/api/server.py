@@ -309,9 +309,6 @@ class ApiServer:
             conn.sock.close()
             conn.close_passed_fds()
 
-    def connections(self) -> int:
-        return len(self._connections)
-
     # --- stopping ----------------------------------------------------------------------
     def stop(self, timeout: float = 10.0) -> None:
         """Stop taking connections and answer every request already made (up to `timeout`).

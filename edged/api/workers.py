@@ -88,11 +88,6 @@ class WorkerPool:
         self._active[uid] += 1
         self._started += 1
 
-    def busy(self) -> int:
-        """Connections being served or waiting for a worker."""
-        with self._lock:
-            return self._started + sum(len(w) for w in self._waiting.values())
-
     def queue_empty(self) -> bool:
         return self._queue.empty() and not self._waiting
 
