@@ -231,15 +231,17 @@ class Api:
                 except HTTPError as exc:
                     raise InvalidInput(str(exc)) from None
             decoded = codec.decode_request(request.body, header_length, self.header_cache)
-            shared = decoded.uses_shared_memory
-            if shared:  # checked before the daemon allocates and reads what the client names
-                layouts = {k: v for k, v in decoded.inputs.items() if isinstance(v, codec.ShmTensor)}
-                check_layout(layouts, self.manager.get(name, version).loaded.inputs)
-            inputs = (self.regions.read_inputs(peer.uid, decoded.inputs, decoded.outputs) if shared
-                      else decoded.inputs)
-            result = self.manager.infer(name, inputs, version)
-            if shared:
-                self.regions.write_outputs(peer.uid, codec.requested(result.outputs, decoded), result.outputs)
+            inputs, places = decoded.inputs, {}
+            if decoded.uses_shared_memory:  # checked before the daemon allocates and reads anything
+                loaded = self.manager.get(name, version).loaded
+                check_layout({k: v for k, v in inputs.items() if isinstance(v, codec.ShmTensor)},
+                             loaded.inputs)
+                places = self.regions.output_places(peer.uid, decoded.outputs, loaded.outputs)
+                inputs = self.regions.read_inputs(peer.uid, inputs)
+            result = self.manager.infer(name, inputs, version, into=places)
+            if decoded.uses_shared_memory:
+                self.regions.write_outputs(peer.uid, codec.requested(result.outputs, decoded), result.outputs,
+                                           places)
             body, json_length = codec.encode_response_parts(
                 name, result.model.version, result.outputs, decoded
             )

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import math
 import mmap
 import os
 import re
@@ -44,6 +45,7 @@ import numpy as np
 
 from edged.api.access import Peer
 from edged.api.codec import OutputRequest, ShmRef, ShmTensor, Tensor
+from edged.backends.base import TensorSpec
 from edged.errors import EdgedError, Forbidden, InvalidInput
 
 SHM_DIR = "/dev/shm"  # noqa: S108 - the POSIX shared memory directory, not a temp file
@@ -213,15 +215,32 @@ class Regions:
             region.fd = -1
 
     # --- use ----------------------------------------------------------------------------
-    def read_inputs(self, uid: int, inputs: dict[str, Tensor],
-                    outputs: dict[str, OutputRequest] | None) -> dict[str, np.ndarray]:
-        """The inputs with those in shared memory read into fresh arrays, once the output
-        places are known to be usable (before the model runs for nothing)."""
+    def output_places(self, uid: int, outputs: dict[str, OutputRequest] | None,
+                      specs: list[TensorSpec]) -> dict[str, np.ndarray]:
+        """Checks that every output region named exists and holds its place (before the model
+        runs for nothing). Returns, for outputs going to a writable sealed memfd with a shape
+        the model fixes, the array there that the runtime may write itself (no copy after)."""
         self._check_enabled()
-        for ref in (outputs or {}).values():
-            if isinstance(ref, ShmRef):
-                with self._borrowed(uid, ref):
-                    pass  # it exists and the place is inside it; written after the inference
+        fixed = {spec.name: spec for spec in specs if -1 not in spec.shape}
+        places = {}
+        for name, ref in (outputs or {}).items():
+            if not isinstance(ref, ShmRef):
+                continue
+            with self._borrowed(uid, ref) as (region, start):
+                spec = fixed.get(name)
+                if spec is None or region.map is None or start % spec.dtype.itemsize:
+                    continue
+                count = math.prod(spec.shape)
+                if count * spec.dtype.itemsize <= ref.byte_size:
+                    view = np.frombuffer(region.map, spec.dtype, count, start).reshape(spec.shape)
+                    if view.flags.writeable:  # not a memfd sealed against writes
+                        places[name] = view
+        return places
+
+    def read_inputs(self, uid: int, inputs: dict[str, Tensor]) -> dict[str, np.ndarray]:
+        """The inputs with those in shared memory read into fresh arrays (a /dev/shm region)
+        or viewed where they are (a sealed memfd)."""
+        self._check_enabled()
         return {name: self.read(uid, value) if isinstance(value, ShmTensor) else value
                 for name, value in inputs.items()}
 
@@ -241,10 +260,11 @@ class Regions:
                 done += got
         return array
 
-    def write_outputs(self, uid: int, wanted: dict[str, OutputRequest],
-                      outputs: dict[str, np.ndarray]) -> None:
+    def write_outputs(self, uid: int, wanted: dict[str, OutputRequest], outputs: dict[str, np.ndarray],
+                      places: dict[str, np.ndarray]) -> None:
+        """Copy the outputs to their regions, but for those the runtime already wrote in place."""
         for name, ref in wanted.items():
-            if isinstance(ref, ShmRef):
+            if isinstance(ref, ShmRef) and outputs[name] is not places.get(name):
                 self.write(uid, name, ref, outputs[name])
 
     def write(self, uid: int, name: str, ref: ShmRef, array: np.ndarray) -> None:

@@ -12,7 +12,7 @@ import logging
 import os
 import re
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -141,8 +141,15 @@ class LoadedModel(abc.ABC):
     outputs: list[TensorSpec]
 
     @abc.abstractmethod
-    def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def infer(
+        self, inputs: dict[str, np.ndarray], into: Mapping[str, np.ndarray] | None = None
+    ) -> dict[str, np.ndarray]:
         """Run one request. Inputs are already validated against `inputs`.
+
+        `into`: arrays the caller would like some outputs in (a client's shared memory). A
+        runtime that can write there itself does, and returns those very arrays, saving two
+        copies of each; one that cannot (or an array that does not fit) returns its own and
+        the caller copies. Either way the caller gets outputs by name.
 
         A runtime error propagates as the runtime raised it, and the runtime that raised
         has been replaced (`WarmPool.borrow`), so no later call sees its state.

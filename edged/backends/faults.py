@@ -21,6 +21,7 @@ A bad request thus costs two failed runs and one probe; a good one costs nothing
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -31,18 +32,19 @@ from edged.errors import BackendError, InputRejected
 log = logging.getLogger(__name__)
 
 
-def run_checked(model: LoadedModel, inputs: dict[str, np.ndarray], label: str) -> dict[str, np.ndarray]:
-    """`model.infer(inputs)`; on an error, InputRejected or BackendError whose message is
-    the runtime's reason in one line.
+def run_checked(model: LoadedModel, inputs: dict[str, np.ndarray], label: str,
+                into: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """`model.infer(inputs, into)`; on an error, InputRejected or BackendError whose message
+    is the runtime's reason in one line.
 
     `label` names the model in the log ("tiny 1 on openvino").
     """
     try:
-        return model.infer(inputs)
+        return model.infer(inputs, into)
     except Exception as exc:
         log.debug("%s: inference failed, trying the inputs on a fresh runtime: %s", label, exc)
     try:
-        outputs = model.infer(inputs)
+        outputs = model.infer(inputs, into)
     except Exception as exc:
         reason = first_line(exc)
         log.debug("%s: inference failed again; full error:\n%s", label, exc)

@@ -7,6 +7,7 @@ so a model holds a small pool of them, one per concurrent caller.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -71,7 +72,10 @@ class LiteRTModel(LoadedModel):
         others = [build() for _ in range(max(1, options.workers) - 1)]
         self._pool = WarmPool([first, *others], build)
 
-    def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def infer(
+        self, inputs: dict[str, np.ndarray], into: Mapping[str, np.ndarray] | None = None
+    ) -> dict[str, np.ndarray]:
+        # `into` is not used: LiteRT's outputs live in its own arena, the caller copies them.
         # An interpreter that raised is replaced, never reused: see WarmPool.
         with self._pool.borrow() as instance:
             return instance.run(inputs)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -60,8 +60,10 @@ class OpenVINOModel(LoadedModel):
 
     def __init__(self, compile_model: Callable[[], ov.CompiledModel]) -> None:
         self._compile_model = compile_model
-        self._compiled: ov.CompiledModel | None = compile_model()
-        self._request: ov.InferRequest | None = self._compiled.create_infer_request()
+        self._compiled: ov.CompiledModel | None = None
+        self._request: ov.InferRequest | None = None
+        self._own_outputs: list[ov.Tensor] = []  # the request's output memory, put back after a caller's
+        self._rebuild()
         self._lock = threading.Lock()
         self.inputs = [_spec(p, i, "input") for i, p in enumerate(self._compiled.inputs)]
         self.outputs = [_spec(p, i, "output") for i, p in enumerate(self._compiled.outputs)]
@@ -69,23 +71,30 @@ class OpenVINOModel(LoadedModel):
         self._input_index = {spec.name: i for i, spec in enumerate(self.inputs)}
         self._output_names = list(enumerate(spec.name for spec in self.outputs))
 
-    def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def infer(
+        self, inputs: dict[str, np.ndarray], into: Mapping[str, np.ndarray] | None = None
+    ) -> dict[str, np.ndarray]:
         # The tensor API directly: OpenVINO's generic `infer(dict)` dispatch costs more
         # Python time than this small model's whole inference.
         with self._lock:
             if self._request is None:  # the rebuild after the last error failed: again
                 self._rebuild()
             request = self._request
+            placed: dict[int, np.ndarray] = {}
             try:
                 for name, array in inputs.items():
                     # Zero-copy where the array may be shared; OpenVINO refuses read-only memory.
                     tensor = ov.Tensor(array, shared_memory=array.flags.writeable)
                     request.set_input_tensor(self._input_index[name], tensor)
+                if into:
+                    placed = self._place_outputs(request, into)
                 request.infer()
-                # Copies: the request's own output memory is reused by its next inference.
-                return {name: request.get_output_tensor(i).data.copy() for i, name in self._output_names}
+                # Copies of the rest: the request's own output memory is reused by its next inference.
+                return {name: placed[i] if i in placed else request.get_output_tensor(i).data.copy()
+                        for i, name in self._output_names}
             except BaseException:
                 self._compiled = self._request = None  # never run on that graph again
+                placed = {}
                 try:
                     self._rebuild()
                 except Exception as exc:
@@ -93,10 +102,28 @@ class OpenVINOModel(LoadedModel):
                                 first_line(exc))
                     log.debug("the compile error in full:\n%s", exc)
                 raise
+            finally:
+                for i in placed:  # the next caller's outputs go to the request's memory again
+                    request.set_output_tensor(i, self._own_outputs[i])
+
+    def _place_outputs(
+        self, request: ov.InferRequest, into: Mapping[str, np.ndarray]
+    ) -> dict[int, np.ndarray]:
+        """Point the request's outputs at the caller's arrays that fit them exactly (static
+        shape, dtype, contiguous, writable): the runtime then writes there, no copy after."""
+        placed = {}
+        for i, spec in enumerate(self.outputs):
+            array = into.get(spec.name)
+            if (array is not None and array.shape == spec.shape and array.dtype == spec.dtype
+                    and array.flags.c_contiguous and array.flags.writeable):
+                request.set_output_tensor(i, ov.Tensor(array, shared_memory=True))
+                placed[i] = array
+        return placed
 
     def _rebuild(self) -> None:
         self._compiled = self._compile_model()
         self._request = self._compiled.create_infer_request()
+        self._own_outputs = [self._request.get_output_tensor(i) for i in range(len(self._compiled.outputs))]
 
     def close(self) -> None:
         with self._lock:

@@ -13,6 +13,7 @@ import hashlib
 import logging
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -76,10 +77,12 @@ class ModelManager:
 
     # --- serving -----------------------------------------------------------
     def infer(
-        self, name: str, inputs: dict[str, np.ndarray], version: str | None = None, *, internal: bool = False
+        self, name: str, inputs: dict[str, np.ndarray], version: str | None = None, *, internal: bool = False,
+        into: Mapping[str, np.ndarray] | None = None,
     ) -> InferResult:
         """`internal`: the daemon's own inference (a watchdog check, an update's self-test),
-        counted apart from client traffic; it runs the same path otherwise."""
+        counted apart from client traffic; it runs the same path otherwise. `into`: where
+        the caller would like outputs written (see `LoadedModel.infer`)."""
         served, model_stats = self._acquire(name, version)
         try:
             stats = model_stats.internal if internal else model_stats
@@ -93,7 +96,7 @@ class ModelManager:
             start = time.perf_counter()
             where = f"{name} {served.version} on {served.selection.backend}"
             try:  # a runtime error is judged there: the inputs' fault or the runtime's
-                outputs = run_checked(served.loaded, checked, where)
+                outputs = run_checked(served.loaded, checked, where, into)
             except InputRejected as exc:  # the backend is sound: no step towards a fallback
                 self._count(stats, "rejected")
                 raise InputRejected(f"{where}: the model rejected these inputs: {exc}") from exc

@@ -59,6 +59,34 @@ def test_tiny_ir_runs_exactly_on_openvino(tiny_ir):
     model.close()
 
 
+@pytest.mark.parametrize("backend", ["openvino", "litert"])
+def test_outputs_go_into_the_callers_arrays_and_only_for_that_call(backend, sample_models):
+    """`into`: OpenVINO writes a fitting output into the caller's array itself and returns
+    that array; the next call without `into` must not write there again. An array that does
+    not fit (wrong dtype), and every output on LiteRT, come back as the runtime's own."""
+    model = get_backend(backend).load(sample_models["face"], "tflite", LoadOptions())
+    try:
+        expected = model.infer({"input": FACE_INPUT})
+        place = np.full((1, 896, 16), -7.0, np.float32)
+        misfit = np.zeros((1, 896, 1), np.float64)
+        out = model.infer({"input": FACE_INPUT}, {"regressors": place, "classificators": misfit})
+        np.testing.assert_array_equal(out["regressors"], expected["regressors"])
+        np.testing.assert_array_equal(out["classificators"], expected["classificators"])
+        assert (out["regressors"] is place) == (backend == "openvino")
+        if backend == "litert":
+            assert (place == -7.0).all()  # untouched
+        assert out["classificators"] is not misfit and not misfit.any()
+        written = place.copy()
+        other = np.random.default_rng(2).uniform(-1, 1, FACE_INPUT.shape).astype(np.float32)
+        fresh = model.infer({"input": other})
+        np.testing.assert_array_equal(place, written)  # the last caller's array is left alone
+        assert not np.array_equal(fresh["regressors"], expected["regressors"])
+        again = model.infer({"input": FACE_INPUT})
+        np.testing.assert_array_equal(again["regressors"], expected["regressors"])
+    finally:
+        model.close()
+
+
 def test_litert_refuses_openvino_ir(tiny_ir):
     with pytest.raises(BackendError, match="litert cannot read 'openvino'"):
         get_backend("litert").load(tiny_ir, "openvino", LoadOptions())

@@ -103,7 +103,7 @@ def test_a_failing_backend_hands_the_model_to_the_next(sample_store, tmp_path):
         served = manager.get("face")
         first = served.selection.backend
 
-        def broken_infer(inputs):  # a fault the real runtime cannot produce on demand
+        def broken_infer(inputs, into=None):  # a fault the real runtime cannot produce on demand
             raise RuntimeError("device lost")
 
         served.loaded.infer = broken_infer
