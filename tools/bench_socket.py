@@ -7,8 +7,14 @@ convolution), one run gives, side by side:
 - p50/p99 of sequential calls, in alternating blocks (raw, binary HTTP, shared memory), so
   that drift in the machine's speed hits every side of a ratio alike;
 - CPU per request: the raw runtime's (this process, during the raw blocks) and the daemon's
-  (utime + stime of its /proc/<pid>/stat during the socket blocks); their difference is the
-  daemon's overhead, which stays meaningful on a noisy 2-core machine where wall time does not;
+  (its threads' run time from /proc/<pid>/task/*/schedstat, in ns, during the socket blocks);
+  their difference is the daemon's overhead, which stays meaningful on a noisy 2-core machine
+  where wall time does not;
+- what that overhead is made of: the raw runtime paced as a client paces the daemon (idle for
+  the time a request spends outside the runtime, between inferences: what waking costs it,
+  OpenVINO's threads spinning included), the raw CPU spread between blocks (the noise a
+  figure is read against), and two floors taken on the server's side: a bare Python server
+  (one recv, one fixed reply) and edged's cheapest route (GET /v2/health/live);
 - throughput with 4 clients: 4 threads in-process, and 4 client processes over each path.
 Shared memory, two ways: a /dev/shm region (Triton's extension: the daemon reads it with one
 kernel copy) and a sealed memfd passed over the socket (edged's: mapped, read and written in
@@ -181,12 +187,87 @@ class Daemon(DaemonProcess):
             "models": {name: {"backend": "openvino"} for name in models}})
 
     def cpu_seconds(self) -> float:
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+        return cpu_seconds_of(self.proc.pid)
 
     def page_faults(self) -> int:
         """Minor faults: pages the kernel had to find (and zero) for the daemon."""
         return int(Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[7])
+
+
+def cpu_seconds_of(pid: int) -> float:
+    """CPU time of a process's threads to the nanosecond (schedstat's run time), where
+    /proc/<pid>/stat counts in 10 ms ticks. Threads that ended are not counted: the daemon's
+    serving threads live as long as it does."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            total += int((task / "schedstat").read_text().split()[0])
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return total / 1e9
+
+
+def bare_server(path: str, ready) -> None:
+    """The least a Python server can do per request: one blocking recv, one fixed reply."""
+    import socket
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen()
+    ready.set()
+    conn, _ = listener.accept()
+    reply = b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 13\r\n\r\n{"live":true}'
+    while conn.recv(65536):
+        conn.sendall(reply)
+
+
+def floors(daemon: Daemon, seconds: float) -> dict:
+    """CPU per request (ms) of a bare Python socket server and of edged's cheapest route
+    (GET /v2/health/live), each measured on the server's side for `seconds`."""
+    import socket
+    ctx = mp.get_context("spawn")
+    path = str(daemon.workdir / "bare.sock")
+    ready = ctx.Event()
+    server = ctx.Process(target=bare_server, args=(path, ready), daemon=True)
+    server.start()
+    try:
+        ready.wait(60)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.connect(path)
+            head = b"GET /v2/health/live HTTP/1.1\r\nHost: edged\r\n\r\n"
+
+            def bare() -> None:
+                sock.sendall(head)
+                sock.recv(65536)
+
+            bare_ms = server_cpu_ms(bare, server.pid, seconds)
+    finally:
+        server.terminate()
+        server.join()
+        Path(path).unlink(missing_ok=True)
+    with Client(daemon.socket) as client:
+        live_ms = server_cpu_ms(lambda: client.request("GET", "/v2/health/live"), daemon.proc.pid, seconds)
+    return {"bare_ms": round(bare_ms, 4), "live_ms": round(live_ms, 4)}
+
+
+def server_cpu_ms(call, pid: int, seconds: float) -> float:
+    for _ in range(WARMUP * 10):
+        call()
+    before = cpu_seconds_of(pid)
+    count, _ = run_for(call, seconds)
+    return (cpu_seconds_of(pid) - before) * 1000 / count
+
+
+def client_gap(calls: dict) -> float:
+    """What a request through the socket adds to the runtime's time (s): memfd's median
+    minus raw's, over short runs; the paced raw path sleeps this long between inferences."""
+    def median(call) -> float:
+        times = []
+        for _ in range(WARMUP * 2):
+            start = time.perf_counter()
+            call()
+            times.append(time.perf_counter() - start)
+        return float(np.median(times))
+    return max(0.0, median(calls["memfd"]) - median(calls["raw"]))
 
 
 def sequential(calls: dict, requests: int, daemon: Daemon) -> dict:
@@ -194,6 +275,7 @@ def sequential(calls: dict, requests: int, daemon: Daemon) -> dict:
     times: dict[str, list[float]] = {name: [] for name in calls}
     cpu = dict.fromkeys(calls, 0.0)
     faults = dict.fromkeys(calls, 0)
+    blocks: dict[str, list[float]] = {name: [] for name in calls}
     for call in calls.values():
         for _ in range(WARMUP):
             call()
@@ -202,20 +284,24 @@ def sequential(calls: dict, requests: int, daemon: Daemon) -> dict:
     for block in range(BLOCKS):
         for name in order[block % len(order):] + order[:block % len(order)]:
             call = calls[name]
-            before = time.process_time() if name == "raw" else daemon.cpu_seconds()
+            in_process = name in ("raw", "paced")
+            before = time.process_time() if in_process else daemon.cpu_seconds()
             faulted = daemon.page_faults()
             for _ in range(per_block):
                 start = time.perf_counter()
                 call()
                 times[name].append(time.perf_counter() - start)
-            cpu[name] += (time.process_time() if name == "raw" else daemon.cpu_seconds()) - before
+            spent = (time.process_time() if in_process else daemon.cpu_seconds()) - before
+            cpu[name] += spent
+            blocks[name].append(spent * 1000 / per_block)
             faults[name] += daemon.page_faults() - faulted
     figures = {}
     for name, values in times.items():
         p50, p99 = np.percentile(values, [50, 99]) * 1000
         figures[name] = {"p50_ms": round(float(p50), 3), "p99_ms": round(float(p99), 3),
                          "cpu_ms": round(cpu[name] * 1000 / len(values), 4),
-                         "daemon_faults": round(faults[name] / len(values), 1)}
+                         "daemon_faults": round(faults[name] / len(values), 1),
+                         "cpu_ms_blocks": [round(b, 4) for b in blocks[name]]}
     return figures
 
 
@@ -311,6 +397,13 @@ def measure(name: str, path: Path, model_format: str, store: ModelStore, daemon:
             try:
                 calls = {"raw": lambda: model.infer(inputs), "http": lambda: http.infer(name, inputs),
                          "shm": shm, "memfd": memfd}
+                gap = client_gap(calls)
+
+                def paced() -> None:  # the runtime at a client's pace: idle between inferences
+                    model.infer(inputs)
+                    time.sleep(gap)
+
+                calls["paced"] = paced
                 seq = sequential(calls, requests, daemon)
             finally:
                 shm.close()
@@ -321,7 +414,7 @@ def measure(name: str, path: Path, model_format: str, store: ModelStore, daemon:
         tput["raw"] = round((tput["raw"] + raw_throughput(model, inputs, args.seconds / 2)) / 2, 1)
     finally:
         model.close()
-    return {"sequential": seq, "throughput": tput,
+    return {"sequential": seq, "throughput": tput, "gap_ms": round(gap * 1000, 3),
             "input_bytes": sum(a.nbytes for a in inputs.values()), "requests": requests}
 
 
@@ -350,6 +443,18 @@ def report(fig: dict) -> None:
         faults = ", ".join(f"{p} {seq[p]['daemon_faults']:.0f}" for p in PATHS[1:])
         print(f"{'':>24}input {m['input_bytes'] / 1e6:.2f} MB; {m['requests']} sequential requests per path; "
               f"daemon CPU ms/req with {CLIENTS} clients: {cpu4}; daemon page faults per request: {faults}")
+        paced, blocks = seq["paced"]["cpu_ms"], raw["cpu_ms_blocks"]
+        wake = paced - raw["cpu_ms"]
+        print(f"{'':>24}raw CPU ms per inference across blocks {min(blocks):.3f}-{max(blocks):.3f}; "
+              f"paced at the client's rate (idle {m['gap_ms']:.3f} ms between) {paced:.3f} ({wake:+.3f})")
+        if "floors" in fig:
+            bare = fig["floors"]["bare_ms"]
+            net = ", ".join(f"{p} {seq[p]['cpu_ms'] - paced - bare:+.3f}" for p in PATHS[1:])
+            print(f"{'':>24}overhead beyond the paced runtime and the bare socket floor: {net}")
+    if "floors" in fig:
+        f = fig["floors"]
+        print(f"\nFloors, daemon-side CPU per request: a bare Python server (one recv, one fixed reply) "
+              f"{f['bare_ms']:.3f} ms; edged's GET /v2/health/live {f['live_ms']:.3f} ms")
     print("\nTargets (overhead: daemon CPU per sequential request minus the raw runtime's CPU per inference;"
           "\nshared memory: /dev/shm regions (shm, one kernel copy) and sealed memfds (memfd, in place))")
     t = TARGETS
@@ -395,6 +500,7 @@ def main() -> int:
             store.activate(name, "1")
         daemon = Daemon(root / "daemon", store.root, root / "ov-daemon", list(MODELS), args.threads)
         daemon.wait_ready(300)
+        fig["floors"] = floors(daemon, args.seconds)
         for name in args.models.split(","):
             print(f"{name}: raw in-process, binary HTTP and shared memory through edged run ...", flush=True)
             path, model_format = (files[name][0], "tflite") if name != "frame" else (frame_xml, "openvino")
