@@ -1,4 +1,4 @@
-"""Counters and latency histograms, and their Prometheus text form.
+"""Counters and latency histograms, and the metrics page made from them.
 
 Histograms use fixed buckets so recording is one bisect and one add, cheap
 enough for the request path; quantiles are read from the buckets.
@@ -9,6 +9,10 @@ from __future__ import annotations
 import bisect
 import threading
 from collections.abc import Sequence
+
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import Metric
+from prometheus_client.utils import floatToGoString
 
 # Seconds: 50 us .. 10 s, roughly x1.5 apart.
 LATENCY_BUCKETS: tuple[float, ...] = (
@@ -52,29 +56,24 @@ class Histogram:
         return {f"p{int(q * 100)}_ms": ms(self.quantile(q)) for q in (0.5, 0.95, 0.99)}
 
 
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-def _labels(labels: dict[str, str]) -> str:
-    if not labels:
-        return ""
-    inner = ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items())
-    return "{" + inner + "}"
-
-
-class PrometheusText:
-    """Builds the text exposition format, one metric family at a time."""
+class MetricsPage:
+    """One scrape's metric families, written out by prometheus_client in the format the
+    scraper asks for: the Prometheus text format, or OpenMetrics when its Accept header
+    prefers it (as Prometheus 2.x and later do). The figures come from edged's own cheap
+    counters and histograms; only the exposition is the library's (escaping, number
+    formatting, `_total` and `# EOF` rules, content negotiation)."""
 
     def __init__(self) -> None:
-        self.lines: list[str] = []
+        self._families: list[Metric] = []
 
     def family(self, name: str, kind: str, help_text: str) -> None:
-        self.lines.append(f"# HELP {name} {help_text}")
-        self.lines.append(f"# TYPE {name} {kind}")
+        """Start a family; the samples that follow belong to it. A counter's name ends in
+        `_total`, which prometheus_client adds to its samples itself."""
+        base = name.removesuffix("_total") if kind == "counter" else name
+        self._families.append(Metric(base, help_text, kind))
 
     def sample(self, name: str, value: float, labels: dict[str, str] | None = None) -> None:
-        self.lines.append(f"{name}{_labels(labels or {})} {value}")
+        self._families[-1].add_sample(name, labels or {}, value)
 
     def histogram(self, name: str, hist: Histogram, labels: dict[str, str]) -> None:
         with hist._lock:
@@ -82,13 +81,19 @@ class PrometheusText:
         cumulative = 0
         for bound, n in zip(hist.buckets, counts, strict=False):
             cumulative += n
-            self.sample(f"{name}_bucket", cumulative, {**labels, "le": repr(bound)})
+            self.sample(f"{name}_bucket", cumulative, {**labels, "le": floatToGoString(bound)})
         self.sample(f"{name}_bucket", count, {**labels, "le": "+Inf"})
-        self.sample(f"{name}_sum", total, labels)
         self.sample(f"{name}_count", count, labels)
+        self.sample(f"{name}_sum", total, labels)
 
-    def render(self) -> bytes:
-        return ("\n".join(self.lines) + "\n").encode()
+    def collect(self) -> list[Metric]:
+        """What prometheus_client's encoders read (the collector protocol)."""
+        return self._families
+
+    def render(self, accept: str = "") -> tuple[bytes, str]:
+        """The page and its content type, for a scraper that sent `accept`."""
+        encode, content_type = choose_encoder(accept)
+        return encode(self), content_type
 
 
 class Counts:
@@ -130,14 +135,14 @@ class ModelStats(Counts):
         return {**super().as_dict(), "internal": self.internal.as_dict()}
 
 
-def inference_metrics(text: PrometheusText, stats_by_model: list[tuple[str, ModelStats]]) -> None:
+def inference_metrics(text: MetricsPage, stats_by_model: list[tuple[str, ModelStats]]) -> None:
     """Per-model inference families: client traffic, then the daemon's own inferences."""
     _count_families(text, "edged_inference", "Client inferences", stats_by_model)
     _count_families(text, "edged_internal_inference", "Watchdog and update self-test inferences",
                     [(name, stats.internal) for name, stats in stats_by_model])
 
 
-def _count_families(text: PrometheusText, prefix: str, who: str, rows: Sequence[tuple[str, Counts]]) -> None:
+def _count_families(text: MetricsPage, prefix: str, who: str, rows: Sequence[tuple[str, Counts]]) -> None:
     text.family(f"{prefix}_errors_total", "counter", f"{who} the backend failed.")
     for name, counts in rows:
         text.sample(f"{prefix}_errors_total", counts.errors, {"model": name})
@@ -149,7 +154,7 @@ def _count_families(text: PrometheusText, prefix: str, who: str, rows: Sequence[
         text.histogram(f"{prefix}_seconds", counts.latency, {"model": name})
 
 
-def health_metrics(text: PrometheusText, doc: dict) -> None:
+def health_metrics(text: MetricsPage, doc: dict) -> None:
     """The health document's pipeline, system and MQTT figures, as Prometheus families."""
     pipelines = doc.get("pipelines") or {}
     for name, kind, help_text, key in (

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from edged.config import load_settings
 from edged.health import CpuMeter, Health, free_bytes, meminfo, rss_bytes, temperatures
-from edged.metrics import PrometheusText, health_metrics
+from edged.metrics import MetricsPage, health_metrics
 from edged.models.manager import ModelManager
 from edged.models.store import ModelStore
 
@@ -43,9 +45,11 @@ def test_the_document_and_metrics_agree(tmp_path: Path) -> None:
     document = health.document()
     assert document["broken"] == {"error": "ZeroDivisionError: division by zero"}  # the rest still reported
     assert document["system"]["memory_rss_bytes"] > 0 and document["uptime_s"] >= 0
-    text = PrometheusText()
+    text = MetricsPage()
     health_metrics(text, document)
-    rendered = text.render().decode()
-    assert 'edged_pipeline_dropped_total{pipeline="door"} 3' in rendered
-    assert 'edged_pipeline_state{pipeline="door",state="degraded"} 1' in rendered
-    assert f"edged_process_resident_memory_bytes {document['system']['memory_rss_bytes']}" in rendered
+    page = text.render()[0].decode()
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(page) for s in family.samples}
+    assert samples[("edged_pipeline_dropped_total", (("pipeline", "door"),))] == 3
+    assert samples[("edged_pipeline_state", (("pipeline", "door"), ("state", "degraded")))] == 1
+    assert samples[("edged_process_resident_memory_bytes", ())] == document["system"]["memory_rss_bytes"]

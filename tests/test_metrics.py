@@ -1,4 +1,4 @@
-"""Unit tests for latency histograms and the Prometheus text exposition format."""
+"""Unit tests for latency histograms and the metrics page (Prometheus text and OpenMetrics)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import re
 import threading
 
 import pytest
+from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
-from edged.metrics import LATENCY_BUCKETS, Histogram, ModelStats, PrometheusText, _labels, inference_metrics
+from edged.metrics import LATENCY_BUCKETS, Histogram, MetricsPage, ModelStats, inference_metrics
 
 SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(.*)\})? (\S+)$')
 LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\\n]|\\[\\"n])*)"(,|$)')
@@ -148,9 +149,9 @@ def test_internal_inferences_are_counted_and_exposed_apart_from_clients() -> Non
     assert (stats.requests, stats.errors, stats.internal.requests) == (1, 1, 3)
     assert stats.backend_errors == 3  # what probation watches: a failing watchdog check counts
     assert stats.as_dict()["latency"]["p99_ms"] < 5000  # the slow internal ones stay out
-    text = PrometheusText()
+    text = MetricsPage()
     inference_metrics(text, [("face", stats)])
-    samples = {(name, labels.get("le")): value for name, labels, value in parse(text.render())}
+    samples = {(name, labels.get("le")): value for name, labels, value in parse(text.render()[0])}
     assert samples[("edged_inference_seconds_count", None)] == 1
     assert samples[("edged_inference_errors_total", None)] == 1
     assert samples[("edged_internal_inference_seconds_count", None)] == 3
@@ -163,7 +164,7 @@ def exposition() -> tuple[bytes, Histogram]:
     hist = Histogram((0.01, 0.1, 1.0))
     for value in (0.005, 0.05, 0.05, 0.5, 0.5, 0.5, 7.0):
         hist.observe(value)
-    text = PrometheusText()
+    text = MetricsPage()
     text.family("edged_requests_total", "counter", "Inferences that succeeded.")
     text.sample("edged_requests_total", 7, {"model": "face"})
     text.sample("edged_requests_total", 0, {"model": "selfie"})
@@ -171,7 +172,7 @@ def exposition() -> tuple[bytes, Histogram]:
     text.sample("edged_up", 1)
     text.family("edged_latency_seconds", "histogram", "Inference latency.")
     text.histogram("edged_latency_seconds", hist, {"model": "face"})
-    return text.render(), hist
+    return text.render()[0], hist
 
 
 def test_help_and_type_come_before_the_samples_of_their_family() -> None:
@@ -212,10 +213,10 @@ def test_histogram_buckets_are_cumulative_and_inf_equals_count() -> None:
 
 
 def test_an_empty_histogram_renders_zeros() -> None:
-    text = PrometheusText()
+    text = MetricsPage()
     text.family("h", "histogram", "empty")
     text.histogram("h", Histogram(), {})
-    samples = parse(text.render())
+    samples = parse(text.render()[0])
     buckets = [s for s in samples if s[0] == "h_bucket"]
     assert len(buckets) == len(LATENCY_BUCKETS) + 1
     assert all(value == 0 for _, _, value in samples)
@@ -228,18 +229,33 @@ def test_an_empty_histogram_renders_zeros() -> None:
     "value", ['plain', 'quote"d', "back\\slash", 'both\\"', "new\nline", "trail\\", "", "ünïcode"]
 )
 def test_label_values_are_escaped_and_read_back_exactly(value: str) -> None:
-    text = PrometheusText()
+    text = MetricsPage()
     text.family("m", "gauge", "a gauge")
     text.sample("m", 1, {"model": value, "version": "1"})
-    body = text.render()
+    body, _ = text.render()
     assert body.decode().count("\n") == 3  # HELP, TYPE, one sample: nothing broke the line
     [(name, labels, sample)] = parse(body)
     assert (name, sample) == ("m", 1.0)
     assert labels == {"model": value, "version": "1"}
 
 
-def test_labels_helper() -> None:
-    assert _labels({}) == ""
-    assert _labels({"a": "1", "b": "x"}) == '{a="1",b="x"}'
-    assert _labels({"a": 'q"'}) == r'{a="q\""}'
-    assert _labels({"a": "s\\"}) == r'{a="s\\"}'
+def test_openmetrics_when_the_scraper_asks_for_it_read_back_by_a_strict_parser() -> None:
+    """Prometheus asks for OpenMetrics first; its `# EOF`, counter naming and content type
+    are prometheus_client's, and its own strict parser reads every figure back."""
+    _, hist = exposition()
+    text = MetricsPage()
+    text.family("edged_requests_total", "counter", "Inferences that succeeded.")
+    text.sample("edged_requests_total", 7, {"model": 'fa"ce\\'})
+    text.family("edged_latency_seconds", "histogram", "Inference latency.")
+    text.histogram("edged_latency_seconds", hist, {"model": "face"})
+    page, content_type = text.render("application/openmetrics-text;version=1.0.0,text/plain;q=0.5")
+    assert content_type.startswith("application/openmetrics-text; version=1.0.0")
+    assert page.endswith(b"# EOF\n")
+    families = {f.name: f for f in text_string_to_metric_families(page.decode())}
+    [requests] = families["edged_requests"].samples
+    assert (requests.name, requests.value) == ("edged_requests_total", 7)
+    assert requests.labels == {"model": 'fa"ce\\'}
+    buckets = [(s.labels["le"], s.value) for s in families["edged_latency_seconds"].samples
+               if s.name.endswith("_bucket")]
+    assert buckets == [("0.01", 1), ("0.1", 3), ("1.0", 6), ("+Inf", 7)]
+    assert MetricsPage().render()[1] == "text/plain; version=0.0.4; charset=utf-8"  # no Accept: plain text

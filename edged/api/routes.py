@@ -29,7 +29,7 @@ from edged.errors import (
     ModelUnavailable,
 )
 from edged.health import Health
-from edged.metrics import PrometheusText, health_metrics, inference_metrics
+from edged.metrics import MetricsPage, health_metrics, inference_metrics
 from edged.models.manager import ModelManager, ServedModel
 from edged.models.validation import check_layout
 from edged.pipelines.group import PipelineNotFound, Pipelines
@@ -334,7 +334,7 @@ class Api:
         return {"pending": self.pending, "socket_problem": self.socket_problem, **self.counters}
 
     def metrics(self, request: Request, peer: Peer) -> Response:
-        text = PrometheusText()
+        text = MetricsPage()
         text.family("edged_uptime_seconds", "gauge", "Seconds since the daemon started.")
         text.sample("edged_uptime_seconds", round(time.time() - self.started, 3))
         text.family("edged_model_ready", "gauge", "1 when the model serves requests.")
@@ -354,7 +354,8 @@ class Api:
         for event, count in sorted(self.counters.items()):
             text.sample("edged_api_events_total", count, {"event": event})
         health_metrics(text, self.health.document())
-        return Response(200, text.render(), "text/plain; version=0.0.4")
+        body, content_type = text.render(request.headers.get("accept", ""))
+        return Response(200, body, content_type)
 
     def count(self, event: str) -> None:
         with self._lock:

@@ -80,7 +80,12 @@ def test_status_and_metrics_routes(api):
     assert status == 200 and document["models"]["tiny"]["state"] == "ready"
     response = api.handle(request("GET", "/metrics"), PEER)
     assert response.status == 200 and response.content_type.startswith("text/plain")
-    assert b'edged_model_ready{model="tiny"} 1' in response.body
+    assert b'edged_model_ready{model="tiny"} 1.0' in response.body
+    scrape = request("GET", "/metrics")
+    scrape.headers["accept"] = "application/openmetrics-text;version=1.0.0,text/plain;q=0.5"  # as Prometheus
+    response = api.handle(scrape, PEER)
+    assert response.content_type.startswith("application/openmetrics-text")
+    assert response.body.endswith(b"# EOF\n") and b'edged_model_ready{model="tiny"} 1.0' in response.body
 
 
 @pytest.mark.parametrize(("method", "path", "allow"), [

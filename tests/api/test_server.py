@@ -236,7 +236,7 @@ def test_metrics_and_status(daemon):
         client.infer("tiny", {"x": X})
         text = client.metrics()
         status = client.status()
-    assert 'edged_model_info{model="face",version="1",backend="openvino",precision="f32"} 1' in text
+    assert 'edged_model_info{backend="openvino",model="face",precision="f32",version="1"} 1.0' in text
     assert 'edged_inference_seconds_count{model="tiny"}' in text
     assert status["models"]["selfie"]["backend"] == "litert"
     assert status["models"]["tiny"]["requests"] >= 1
