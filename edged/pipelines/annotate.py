@@ -88,7 +88,7 @@ def _fit(image: np.ndarray, max_side: int) -> np.ndarray:
 def _scale(image: np.ndarray) -> tuple[int, float]:
     """Line thickness and font scale that read the same on a small and a large picture."""
     side = max(image.shape[:2])
-    return max(1, round(side / 400)), max(0.4, side / 1400)
+    return max(1, round(side / 300)), max(0.4, side / 1400)
 
 
 def _draw_detection(image: np.ndarray, detection: dict) -> None:
