@@ -58,7 +58,8 @@ class SinkSettings(Section):
     )
     history: int = Field(
         default=10, ge=0, le=1000,
-        description="snapshot: earlier snapshots kept beside latest.jpg (named by their UTC time); 0: none.",
+        description=("snapshot: the newest snapshots kept as files named by their UTC time, beside "
+                     "latest.jpg (a second name for the newest); 0: latest.jpg only."),
     )
     min_interval_s: float = Field(
         default=1.0, ge=0.1, le=86400,
