@@ -58,12 +58,9 @@ class SnapshotSink:
         self.failed = 0  # snapshots that some output (or the drawing) lost
         self.last_error = ""
         self.last_bytes = 0  # the newest JPEG's size
-        self._failing: dict[str, str] = {}  # output ("file", "mqtt", "drawing") -> why it fails now
+        self._failing: dict[str, str] = {}  # step ("drawing", "file", "mqtt") -> why it fails now
+        self.problem = ""  # what fails now, for the pipeline's status (read on other threads)
         self._last_at: float | None = None
-
-    @property
-    def problem(self) -> str:
-        return "; ".join(f"snapshot {what} failing: {why}" for what, why in self._failing.items())
 
     def write(self, result: dict) -> None:
         """A result without its frame: nothing to draw (the runner passes frames to `write_frame`)."""
@@ -113,10 +110,16 @@ class SnapshotSink:
             log.warning("pipeline %s: snapshot %s failing, snapshots are lost until it works: %s",
                         self.pipeline, what, reason)
             self._failing[what] = reason
+            self._update_problem()
 
     def _works(self, what: str) -> None:
         if self._failing.pop(what, None) is not None:
             log.info("pipeline %s: snapshot %s works again", self.pipeline, what)
+            self._update_problem()
+
+    def _update_problem(self) -> None:
+        """`problem` as one string, replaced whole: the status thread never sees it half made."""
+        self.problem = "; ".join(f"snapshot {what} failing: {why}" for what, why in self._failing.items())
 
     def details(self) -> dict:
         return {"kind": self.kind, "path": str(self.settings.path or ""), "taken": self.taken,

@@ -5,12 +5,14 @@ so a reader never sees half a JPEG and a failed write (a full disk) leaves only 
 that were there before: the temp file is removed. With a history, the snapshot is written
 once, under its time (`20261204T054512.345Z-000123.jpg`: UTC, then the frame number, so
 names sort by time), and `latest.jpg` becomes a second name for it (a hard link renamed
-into place): the bytes are written once. The oldest beyond `history` are deleted.
+into place): the bytes are written once (twice on a filesystem without hard links, such as
+FAT). The oldest beyond `history` are deleted.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import tempfile
@@ -22,6 +24,7 @@ from edged.fsio import atomic_write, fsync_dir
 
 LATEST = "latest.jpg"
 HISTORY_NAME = re.compile(r"\d{8}T\d{6}\.\d{3}Z-\d+\.jpg")
+NO_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK}  # os.link where a filesystem has none
 LEFTOVER = re.compile(r"\..+\.jpg\..+\.tmp")  # atomic_write's temp files, left by a crash
 
 
@@ -43,6 +46,7 @@ class SnapshotFiles:
             if LEFTOVER.fullmatch(name):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self.directory / name)
+        self._links = True  # latest.jpg is a hard link to the newest history file
         self._kept = deque(self.directory / n for n in names if HISTORY_NAME.fullmatch(n))
         self._prune()
 
@@ -60,7 +64,10 @@ class SnapshotFiles:
         path = self.directory / f"{stamp}.{millis:03d}Z-{frame:06d}.jpg"
         atomic_write(path, jpeg)
         try:
-            self._link_latest(path)
+            if self._links:
+                self._link_latest(path)
+            else:
+                atomic_write(self.latest, jpeg)
         finally:  # even when latest.jpg could not follow, the history file is counted and bounded
             if not self._kept or self._kept[-1] != path:
                 self._kept.append(path)
@@ -68,7 +75,14 @@ class SnapshotFiles:
 
     def _link_latest(self, path: Path) -> None:
         temporary = self.directory / f".{LATEST}.{path.stem}.tmp"
-        os.link(path, temporary)
+        try:
+            os.link(path, temporary)
+        except OSError as exc:
+            if exc.errno not in NO_LINKS:
+                raise
+            self._links = False  # a filesystem without hard links (FAT): latest.jpg is written too
+            atomic_write(self.latest, path.read_bytes())
+            return
         try:
             os.replace(temporary, self.latest)
         except OSError:
