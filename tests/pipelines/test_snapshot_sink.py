@@ -16,7 +16,7 @@ from edged.config import ConfigError, PipelineSettings, SinkSettings, SourceSett
 from edged.pipelines.group import Pipelines
 from edged.pipelines.runner import Pipeline
 from edged.pipelines.sinks import build_sinks
-from edged.pipelines.sinks.snapshot_files import HISTORY_NAME
+from edged.pipelines.sinks.snapshot_files import HISTORY_NAME, SnapshotFiles
 from tests.daemon_process import wait_until
 from tests.pipelines.test_mqtt_pipelines import portrait, write_image
 
@@ -168,3 +168,25 @@ def test_snapshot_settings_are_checked(tmp_path):
     with pytest.raises(OSError):
         build_sinks([snapshot_sink(tmp_path / "file")], "a", None)
     assert not os.path.exists(tmp_path / "file" / "latest.jpg")
+
+
+def test_the_directory_keeps_only_latest_without_history_and_prunes_to_a_smaller_history(tmp_path):
+    jpegs = [cv2.imencode(".jpg", np.full((64, 64, 3), grey, np.uint8))[1].tobytes()
+             for grey in (10, 120, 240)]
+    only_latest = SnapshotFiles(tmp_path / "a", history=0)
+    for number, jpeg in enumerate(jpegs):
+        only_latest.write(jpeg, 1_764_827_112.345 + number, number)
+    assert [p.name for p in (tmp_path / "a").iterdir()] == ["latest.jpg"]
+    assert (tmp_path / "a" / "latest.jpg").read_bytes() == jpegs[-1]
+    kept = SnapshotFiles(tmp_path / "b", history=3)
+    for number, jpeg in enumerate(jpegs):
+        kept.write(jpeg, 1_764_827_112.345 + number, number)
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == [
+        "20251204T054512.345Z-000000.jpg", "20251204T054513.345Z-000001.jpg",
+        "20251204T054514.345Z-000002.jpg", "latest.jpg"]
+    newest = tmp_path / "b" / "20251204T054514.345Z-000002.jpg"
+    assert os.stat(tmp_path / "b" / "latest.jpg").st_ino == os.stat(newest).st_ino  # written once
+    SnapshotFiles(tmp_path / "b", history=1)  # restarted with a smaller history: the oldest go
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["20251204T054514.345Z-000002.jpg",
+                                                                  "latest.jpg"]
+    assert (tmp_path / "b" / "latest.jpg").read_bytes() == jpegs[-1]
