@@ -23,6 +23,9 @@ from edged.shutdown import Signals
 if TYPE_CHECKING:
     from edged.config import Settings
 
+ANNOTATED_FORMATS = (".jpg", ".jpeg", ".png")  # what `predict --annotate` writes
+ANNOTATE_MAX_SIDE = 8192  # a larger input is drawn scaled down
+
 
 def _settings(args: argparse.Namespace) -> Settings:
     """The settings as the command needs them: whole for `run`, its own sections for clients."""
@@ -85,9 +88,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
     import numpy as np
 
     from edged.client import Client
+    from edged.config import ConfigError
 
     settings = _settings(args)
     path = Path(args.input)
+    if args.annotate is not None:
+        if path.suffix == ".npy":
+            raise ConfigError("--annotate draws on a picture: --input must be an image, not a .npy tensor")
+        if Path(args.annotate).suffix.lower() not in ANNOTATED_FORMATS:
+            raise ConfigError(f"--annotate {args.annotate}: name a {', '.join(ANNOTATED_FORMATS)} file")
     with Client(settings.socket.path) as client:
         meta = client.metadata(args.model, args.version)
         if path.suffix == ".npy":
@@ -112,6 +121,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def _predict_image(client, args: argparse.Namespace, meta: dict, path: Path) -> int:
     """An image goes through the model's preprocessing and, when it has one, its decoder."""
     from edged.api.codec import DATATYPES
+    from edged.pipelines.annotate import Seen
     from edged.pipelines.decoders import build_decoder
     from edged.pipelines.preprocess import image_to_tensor, read_image
 
@@ -127,6 +137,10 @@ def _predict_image(client, args: argparse.Namespace, meta: dict, path: Path) -> 
                   for name, a in outputs.items()}
     else:
         result = decoder.decode(outputs, placement, image.shape[1], image.shape[0])
+    if args.annotate is not None:
+        if decoder is None:
+            raise EdgedError(f"--annotate: model {args.model!r} has no decoder, so nothing to draw")
+        _write_annotated(Path(args.annotate), image, result, Seen(image, outputs, placement, decoder))
     if args.json:
         print(strict_json.dumps({"model": doc["model_name"], "version": doc["model_version"], **result}))
         return 0
@@ -141,6 +155,20 @@ def _predict_image(client, args: argparse.Namespace, meta: dict, path: Path) -> 
         if key != "detections" and decoder is not None:
             print(f"  {key}: {strict_json.dumps(value)}")
     return 0
+
+
+def _write_annotated(path: Path, image, result: dict, seen) -> None:
+    """The picture with what the decoder found drawn on it, at its own size, written atomically."""
+    import cv2
+
+    from edged.fsio import atomic_write
+    from edged.pipelines.annotate import annotate
+
+    drawn = annotate(result, seen, max_side=min(max(image.shape[:2]), ANNOTATE_MAX_SIDE))
+    ok, data = cv2.imencode(path.suffix.lower(), drawn)
+    if not ok:
+        raise EdgedError(f"{path}: OpenCV could not encode the picture")
+    atomic_write(path, data.tobytes())
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -296,6 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--version", dest="version", default=None, help="model version (default: active)")
     predict.add_argument("--input", required=True, help=".npy tensor, or a .jpg/.png image")
     predict.add_argument("--json", action="store_true", help="print the full JSON response")
+    predict.add_argument("--annotate", metavar="OUT", default=None,
+                         help="also write the picture with what the decoder found drawn on it "
+                              "(.jpg or .png; boxes, keypoints, masks, top labels)")
     predict.set_defaults(func=cmd_predict)
 
     status = sub.add_parser("status", help="show the daemon's models and counters")

@@ -66,6 +66,10 @@ class Topics:
     def results(self, pipeline: str) -> str:
         return self.of_device(f"results/{pipeline}")
 
+    def snapshots(self, pipeline: str) -> str:
+        """Retained: the pipeline's newest annotated snapshot, JPEG bytes."""
+        return self.of_device(f"snapshots/{pipeline}")
+
     # --- the registry's topics ---------------------------------------------------------
     def release(self, name: str, group: str | None = None, device: str | None = None) -> str:
         """Where the release of `name` is retained: for every device, one group, or one device."""

@@ -113,6 +113,11 @@ class SmallDisk:
     def free(self) -> None:
         self._filler.unlink(missing_ok=True)
 
+    def read_only(self, yes: bool = True) -> None:
+        """Remount it read-only (writes fail with EROFS, for root too), or writable again."""
+        subprocess.run(["mount", "-o", f"remount,{'ro' if yes else 'rw'}", str(self.path)], check=True,
+                       capture_output=True)
+
     def unmount(self) -> None:
         subprocess.run(["umount", "-l", str(self.path)], capture_output=True)
 

@@ -220,3 +220,31 @@ def test_a_closed_pipe_ends_the_command_quietly(tmp_path):
     _, stderr = lister.communicate(timeout=60)
     assert lister.returncode == 141  # as a shell reports `ls | head -1`
     assert stderr == b""
+
+
+def test_predict_annotate_draws_what_the_decoder_found(start_daemon, sample_store, tmp_path):
+    import cv2
+    import skimage.data
+
+    daemon = start_daemon(sample_store.root)
+    photo = tmp_path / "astronaut.png"
+    cv2.imwrite(str(photo), cv2.cvtColor(skimage.data.astronaut(), cv2.COLOR_RGB2BGR))
+    original = cv2.imread(str(photo))
+    predict = ("predict", "--socket", str(daemon.socket), "--input", str(photo))
+    for model, out in (("face", tmp_path / "faces.jpg"), ("selfie", tmp_path / "person.png")):
+        printed = edged(*predict, "--model", model, "--annotate", str(out)).stdout
+        assert printed.startswith(f"{model} 1\n")  # the results are printed as without --annotate
+        picture = cv2.imread(str(out))
+        assert picture is not None and picture.shape == original.shape
+        changed = (np.abs(picture.astype(int) - original).max(axis=2) > 60).mean()
+        # A face's box and keypoints touch a few percent of the picture; the mask over the
+        # person (more than half of it) changes most of it.
+        assert (0.002 < changed < 0.05) if model == "face" else changed > 0.3, (model, changed)
+    npy = tmp_path / "x.npy"
+    np.save(npy, X)
+    refused = edged("predict", "--socket", str(daemon.socket), "--model", "tiny", "--input", str(npy),
+                    "--annotate", str(tmp_path / "x.jpg"), check=False)
+    assert refused.returncode == 2 and "--input must be an image" in refused.stderr
+    refused = edged(*predict, "--model", "face", "--annotate", str(tmp_path / "x.gif"), check=False)
+    assert refused.returncode == 2 and "name a .jpg, .jpeg, .png file" in refused.stderr
+    assert not (tmp_path / "x.jpg").exists() and not (tmp_path / "x.gif").exists()

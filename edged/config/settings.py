@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
@@ -66,6 +68,24 @@ class Settings(TomlSettings):
                 raise ValueError(f"pipeline {name!r} reads its source over MQTT: it needs mqtt.enabled")
             if any(sink.kind == "mqtt" for sink in pipeline.sinks):
                 raise ValueError(f"pipeline {name!r} publishes results over MQTT: it needs mqtt.enabled")
+            if any(sink.kind == "snapshot" and sink.path is None for sink in pipeline.sinks):
+                raise ValueError(f"pipeline {name!r}: a snapshot sink without a path publishes over MQTT "
+                                 "only: it needs mqtt.enabled")
+        return self
+
+    @model_validator(mode="after")
+    def _one_snapshot_directory_each(self) -> Settings:
+        """Two snapshot sinks in one directory would overwrite each other's latest.jpg."""
+        seen: dict[Path, str] = {}
+        for name, pipeline in self.pipelines.items():
+            for sink in pipeline.sinks:
+                if sink.kind != "snapshot" or sink.path is None:
+                    continue
+                directory = sink.path.absolute()
+                if directory in seen:
+                    raise ValueError(f"pipelines {seen[directory]!r} and {name!r} both keep snapshots in "
+                                     f"{directory}: give each its own directory")
+                seen[directory] = name
         return self
 
     def model(self, name: str) -> ModelSettings:

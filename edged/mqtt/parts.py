@@ -38,6 +38,11 @@ class MqttPipe:
     def put_result(self, pipeline: str, document: dict) -> bool:
         return self.link.put("result", self.link.topics.results(pipeline), document)
 
+    def put_snapshot(self, pipeline: str, jpeg: bytes) -> bool:
+        # Retained, so a dashboard that subscribes later sees the newest at once; `replace`
+        # keeps one waiting in the outbox while the broker is away, not every one since.
+        return self.link.put("result", self.link.topics.snapshots(pipeline), jpeg, retain=True, replace=True)
+
     def subscribe(self, topic_filter: str, handler: Callable[[str, bytes], None]) -> None:
         self.link.subscribe(topic_filter, lambda message: handler(message.topic, message.payload))
 

@@ -32,6 +32,11 @@ class MqttPort(Protocol):
         False when the outbox refused it."""
         ...
 
+    def put_snapshot(self, pipeline: str, jpeg: bytes) -> bool:
+        """Queue a JPEG for `edged/devices/{id}/snapshots/{pipeline}`, retained, in place of
+        any older one still waiting; never waits. False when the outbox refused it."""
+        ...
+
     def subscribe(self, topic_filter: str, handler: MessageHandler) -> None:
         """Call `handler` for every message on `topic_filter`, on this connection and later ones."""
         ...
@@ -51,6 +56,9 @@ class SharedPort:
 
     def put_result(self, pipeline: str, document: dict) -> bool:
         return self.port.put_result(pipeline, document)
+
+    def put_snapshot(self, pipeline: str, jpeg: bytes) -> bool:
+        return self.port.put_snapshot(pipeline, jpeg)
 
     def subscribe(self, topic_filter: str, handler: MessageHandler) -> Callable[[], None]:
         """Add `handler` for `topic_filter`; returns the call that removes it again."""

@@ -35,12 +35,13 @@ from edged.config import PipelineSettings
 from edged.errors import EdgedError, ModelNotFound
 from edged.metrics import Histogram
 from edged.models.manager import ModelManager, ServedModel
+from edged.pipelines.annotate import Seen
 from edged.pipelines.decoders import Decoder, build_decoder
 from edged.pipelines.mqtt_port import SharedPort
 from edged.pipelines.opencv import as_bgr, setup_opencv
 from edged.pipelines.preprocess import Placement, Preprocessing, image_to_tensor, window_to_tensor
 from edged.pipelines.quality import InputQuality
-from edged.pipelines.sinks import Sink, build_sinks
+from edged.pipelines.sinks import FrameSink, Sink, build_sinks, wants_frames
 from edged.pipelines.sinks.stream import EventHub
 from edged.pipelines.sources import Frame, Window, build_source
 
@@ -78,8 +79,10 @@ class Pipeline:
         self.source = build_source(settings.source, name, mqtt)
         self.events = EventHub()  # the socket's event stream; costs nothing without subscribers
         self.sinks: list[Sink] = build_sinks(settings.sinks, name, mqtt)  # the configured sinks
-        # Where each result is written: the configured sinks and the event stream.
-        self._writers: list[Sink] = [*self.sinks, self.events]
+        # Where each result is written: the configured sinks and the event stream; sinks that
+        # draw on the frame (snapshots) get it too, and only they: the rest pay nothing for it.
+        self._frame_writers: list[FrameSink] = [s for s in self.sinks if wants_frames(s)]
+        self._writers: list[Sink] = [s for s in (*self.sinks, self.events) if not wants_frames(s)]
         self.quality = InputQuality(settings.quality, settings.source.is_sensor, name, self._log_fields)
         self.stages = {stage: Histogram() for stage in STAGES}
         self.processed = 0
@@ -126,7 +129,7 @@ class Pipeline:
         self.source.stop()
         for thread in self._threads:
             thread.join(timeout=2)
-        for sink in self._writers:
+        for sink in (*self._writers, *self._frame_writers):
             sink.close()  # the event hub's close ends its streams
 
     @property
@@ -240,6 +243,10 @@ class Pipeline:
                   counter: frame.number, "time": round(frame.captured_at, 6), **decoded}
         for sink in self._writers:
             sink.write(record)
+        if self._frame_writers and isinstance(frame, Frame):
+            seen = Seen(frame.image, item.outputs, item.placement, item.model.decoder)
+            for frame_sink in self._frame_writers:
+                frame_sink.write_frame(record, seen)
         self.stages["decode"].observe(middle - start)
         self.stages["sinks"].observe(time.perf_counter() - middle)
         with self._lock:

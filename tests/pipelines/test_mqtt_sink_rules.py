@@ -89,7 +89,9 @@ def test_sink_options_are_checked_against_the_kind():
         ({"kind": "mqtt", "backups": 5}, "backups: only for kind = 'jsonl'"),
         ({"kind": "mqtt", "heartbeat_s": 30}, "heartbeat_s: only with on_change = true"),
         ({"kind": "mqtt", "max_rate_hz": -1}, "greater than or equal to 0"),
-        ({"kind": "smtp"}, "'jsonl' or 'mqtt'"),
+        ({"kind": "smtp"}, "'jsonl', 'mqtt' or 'snapshot'"),
+        ({"kind": "snapshot", "max_rate_hz": 5}, "max_rate_hz: not for kind = 'snapshot'"),
+        ({"path": "/tmp/r.jsonl", "history": 5}, "history: only for kind = 'snapshot'"),
     ]
     for keys, message in cases:
         with pytest.raises(ConfigError) as info:

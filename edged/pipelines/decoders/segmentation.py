@@ -25,8 +25,9 @@ class SegmentationDecoder:
     def __init__(self, config: SegmentationConfig, labels: list[str] | None = None) -> None:
         self.config = config
 
-    def decode(self, outputs: dict[str, np.ndarray], placement: Placement, frame_w: int,
-               frame_h: int) -> dict:
+    def frame_mask(self, outputs: dict[str, np.ndarray], placement: Placement) -> np.ndarray:
+        """The mask's values over the frame alone (letterbox bars cut off), at the mask's
+        own resolution: stretched to the frame's size, it lies over the frame."""
         name = self.config.output or next(iter(outputs), "")
         if name not in outputs:
             raise InvalidInput(f"segmentation decoder: no output {name!r}")
@@ -34,10 +35,14 @@ class SegmentationDecoder:
         if mask.ndim != 2:
             raise InvalidInput(f"segmentation decoder: output {name!r} is not one 2-D mask")
         height, width = mask.shape
-        # Only the part of the input that shows the frame counts (not letterbox bars).
         top = round(placement.pad_y * height / placement.input_height)
         left = round(placement.pad_x * width / placement.input_width)
-        inner = mask[top : height - top or None, left : width - left or None] > self.config.threshold
+        return mask[top : height - top or None, left : width - left or None]
+
+    def decode(self, outputs: dict[str, np.ndarray], placement: Placement, frame_w: int,
+               frame_h: int) -> dict:
+        # Only the part of the input that shows the frame counts (not letterbox bars).
+        inner = self.frame_mask(outputs, placement) > self.config.threshold
         coverage = float(inner.mean()) if inner.size else 0.0
         result: dict = {"coverage": round(coverage, 5), "box": None}
         if inner.any():
