@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import signal
+import tomllib
 from pathlib import Path
 
 import cv2
@@ -150,7 +151,7 @@ def test_discovery_configs_follow_the_schema_and_read_what_edged_publishes(
         will = json.dumps({"state": "offline", "device": DEVICE, "reason": "connection lost",
                            "connected_at": 1.0}).encode()
         assert render(entity["availability_template"], will) == entity["payload_not_available"]
-        assert entity["state_topic"].startswith(f"{EDGED}/")
+        assert (entity.get("state_topic") or entity["image_topic"]).startswith(f"{EDGED}/")
     assert retained_now(broker, mqtt_subscriber) == found.keys()  # what Home Assistant finds at its start
 
     def value(object_id: str, component: str = "sensor") -> str:
@@ -182,7 +183,7 @@ def test_discovery_configs_follow_the_schema_and_read_what_edged_publishes(
     assert render(label["value_template"], json.dumps({"classes": []}).encode()) == "None"
 
     log = daemon.output()
-    assert "pipeline quiet has no mqtt sink, so no entities" in log
+    assert "pipeline quiet has no sink of kind mqtt, so no entities" in log
     assert "published 13 discovery configs under homeassistant/" in log
     with daemon.client() as client:
         section = client.status()["homeassistant"]
@@ -200,8 +201,7 @@ def test_entities_of_removed_pipelines_are_removed_at_start_and_at_reload(
         earlier.publish(topic, {"name": "gone", "state_topic": "x"}, retain=True)
 
     watcher = mqtt_subscriber(broker, [f"{PREFIX}/#"])
-    settings = config(broker, tmp_path, camera)
-    daemon = start_daemon(store.root, config=settings)
+    daemon = start_daemon(store.root, config=config(broker, tmp_path, camera))
     wait_until(lambda: configs(watcher).keys() - set(others) == PIPELINE_ENTITIES | MODEL_ENTITIES,
                what=lambda: (sorted(configs(watcher)), daemon.output()[-3000:]))
     watcher.wait_for(lambda m: m.payload == b"", topic=stale, timeout=30)
@@ -209,26 +209,58 @@ def test_entities_of_removed_pipelines_are_removed_at_start_and_at_reload(
         assert all(m.payload for m in watcher.messages(topic))
 
     # A reload without "vib": its label goes, the rest stays.
-    del settings["pipelines"]["vib"]
-    daemon.config_path.write_text(to_toml(settings))
-    daemon.proc.send_signal(signal.SIGHUP)
+    reload_without(daemon, "vib")
     label = f"{PREFIX}/sensor/{NODE}/pipeline_vib_label/config"
     watcher.wait_for(lambda m: m.payload == b"", topic=label, timeout=30)
-    assert "Home Assistant: removed " + label in daemon.output()
+    wait_until(lambda: "Home Assistant: removed " + label in daemon.output(), what=daemon.output)
+
+    # A model removed from the store takes its diagnostics with it; one added brings its own.
+    tiny = {f"{PREFIX}/sensor/{NODE}/model_tiny_{what}/config" for what in ("version", "latency_p95")}
+    store.remove("tiny")
+    for topic in tiny:
+        watcher.wait_for(lambda m: m.payload == b"", topic=topic, timeout=30)
+    store.add("later", [store.root / "face" / "1" / "face_detection_short_range.tflite"], "1")
+    store.activate("later", "1")
+    watcher.wait_for(lambda m: m.payload != b"",
+                     topic=f"{PREFIX}/sensor/{NODE}/model_later_latency_p95/config", timeout=30)
 
     # The fault: the broker is away while "mask" is removed; its entity goes once it is back.
     broker.stop()
-    del settings["pipelines"]["mask"]
-    daemon.config_path.write_text(to_toml(settings))
-    daemon.proc.send_signal(signal.SIGHUP)
-    wait_until(lambda: daemon.output().count("config reloaded: applied pipelines") == 2, what=daemon.output)
+    reload_without(daemon, "mask")
+    wait_until(lambda: daemon.output().count("config reloaded: applied pipelines;") == 2, what=daemon.output)
     broker.start()
-    with daemon.client() as client:  # the stale one, vib's, and now mask's
-        wait_until(lambda: client.status()["homeassistant"]["cleared"] == 3,
+    with daemon.client() as client:  # the stale one, vib's, tiny's two, and now mask's
+        wait_until(lambda: client.status()["homeassistant"]["cleared"] == 5,
                    what=lambda: (client.status()["homeassistant"], daemon.output()[-3000:]))
     label_and_coverage = {label, f"{PREFIX}/sensor/{NODE}/pipeline_mask_coverage/config"}
-    wanted = PIPELINE_ENTITIES - label_and_coverage | MODEL_ENTITIES
+    later = {f"{PREFIX}/sensor/{NODE}/model_later_{what}/config" for what in ("version", "latency_p95")}
+    wanted = PIPELINE_ENTITIES - label_and_coverage | MODEL_ENTITIES - tiny | later
     assert retained_now(broker, mqtt_subscriber) == wanted | {others[1]}  # the switch is not edged's
+
+
+def test_configs_come_back_after_a_broker_restart_and_when_home_assistant_starts(
+        start_daemon, broker, mqtt_subscriber, store, camera, tmp_path):
+    daemon = start_daemon(store.root, config=config(broker, tmp_path, camera))
+    wanted = PIPELINE_ENTITIES | MODEL_ENTITIES
+    wait_until(lambda: retained_now(broker, mqtt_subscriber) == wanted, what=daemon.output)
+    broker.restart()  # the fault: a broker without persistence forgets every retained message
+    wait_until(lambda: retained_now(broker, mqtt_subscriber) == wanted, what=daemon.output)
+
+    # Someone deleted one; Home Assistant's birth message brings it back.
+    count = f"{PREFIX}/sensor/{NODE}/pipeline_door_count/config"
+    home_assistant = mqtt_subscriber(broker, None)
+    home_assistant.publish(count, b"", retain=True)
+    assert count not in retained_now(broker, mqtt_subscriber)
+    home_assistant.publish(f"{PREFIX}/status", b"online")
+    wait_until(lambda: retained_now(broker, mqtt_subscriber) == wanted, what=daemon.output)
+
+
+def reload_without(daemon, pipeline: str) -> None:
+    """The daemon's config file without `pipeline`, then SIGHUP."""
+    settings = tomllib.loads(daemon.config_path.read_text())
+    del settings["pipelines"][pipeline]
+    daemon.config_path.write_text(to_toml(settings))
+    daemon.proc.send_signal(signal.SIGHUP)
 
 
 def retained_now(broker: Broker, mqtt_subscriber) -> set[str]:

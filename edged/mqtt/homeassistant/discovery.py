@@ -29,7 +29,13 @@ import paho.mqtt.client as mqtt
 from edged.config import PipelineSettings, Settings
 from edged.errors import EdgedError
 from edged.models.manager import ModelManager
-from edged.mqtt.homeassistant.entities import MAX_CONFIG_BYTES, QUOTABLE, Catalogue, Entity
+from edged.mqtt.homeassistant.entities import (
+    MAX_CONFIG_BYTES,
+    QUOTABLE,
+    SINK_ENTITIES,
+    Catalogue,
+    Entity,
+)
 from edged.mqtt.link import MqttLink
 
 log = logging.getLogger(__name__)
@@ -76,9 +82,10 @@ class Discovery:
         return configs
 
     def _pipeline_entities(self, name: str, pipeline: PipelineSettings) -> list[Entity]:
-        if not pipeline.sinks or not any(sink.kind == "mqtt" for sink in pipeline.sinks):
-            self._say(f"pipeline {name}", f"Home Assistant: pipeline {name} has no mqtt sink, so no "
-                                          "entities (its results do not reach the broker)")
+        if not any(sink.kind in SINK_ENTITIES for sink in pipeline.sinks):
+            self._say(f"pipeline {name}", f"Home Assistant: pipeline {name} has no sink of kind "
+                                          f"{' or '.join(SINK_ENTITIES)}, so no entities (nothing of it "
+                                          "reaches the broker)")
             return []
         decoder = self._decoder(pipeline.model)
         entities = self.catalogue.pipeline_entities(name, pipeline, decoder)
