@@ -120,12 +120,13 @@ class Discovery:
             if not self.link.connected.is_set():
                 return
             wanted = self.wanted()
-            for topic in self._published.keys() - wanted.keys():
-                self._clear(topic)
-            for topic, payload in wanted.items():
-                if self._published.get(topic) != payload:
-                    self.link.publish_retained(topic, payload)
+            problems = [self._clear(topic) for topic in self._published.keys() - wanted.keys()]
+            problems += [self.link.publish_retained(topic, payload) for topic, payload in wanted.items()
+                         if self._published.get(topic) != payload]
             self._published = wanted
+        if failed := [p for p in problems if p]:
+            log.warning("Home Assistant: %d discovery messages not sent (%s); all go again on the "
+                        "next connect", len(failed), failed[0])
 
     def republish(self) -> None:
         """Every config again (a new connection; Home Assistant came online)."""
@@ -135,10 +136,13 @@ class Discovery:
         log.info("Home Assistant: published %d discovery configs under %s/",
                  len(self._published), self.catalogue.prefix)
 
-    def _clear(self, topic: str) -> None:
-        self.link.publish_retained(topic, b"")
-        self.cleared += 1
-        log.info("Home Assistant: removed %s (its pipeline or model is gone)", topic)
+    def _clear(self, topic: str) -> str:
+        """An empty retained config: Home Assistant removes the entity. '' or why not sent."""
+        problem = self.link.publish_retained(topic, b"")
+        if not problem:
+            self.cleared += 1
+            log.info("Home Assistant: removed %s (its pipeline or model is gone)", topic)
+        return problem
 
     # --- the subscriptions (paho's thread) ----------------------------------------------
     def _on_config(self, message: mqtt.MQTTMessage) -> None:
@@ -151,7 +155,10 @@ class Discovery:
         with self._lock:
             if message.topic in self._published or message.topic in self.wanted():
                 return
-            self._clear(message.topic)
+            problem = self._clear(message.topic)
+        if problem:  # the connection went meanwhile: the next one gets the retained copy again
+            log.warning("Home Assistant: could not remove %s (%s); trying on the next connect",
+                        message.topic, problem)
 
     def _on_birth(self, message: mqtt.MQTTMessage) -> None:
         if message.payload == b"online":
