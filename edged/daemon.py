@@ -252,6 +252,8 @@ class Daemon:
         log.info("config reloaded: applied %s; needs a restart: %s",
                  ", ".join(applied) or "nothing", ", ".join(needs_restart) or "nothing")
         if self.mqtt is not None:
+            if "pipelines" in applied:
+                self.mqtt.pipelines_changed()
             self.mqtt.reporter.event("config_reloaded", **outcome)
         return outcome
 

@@ -86,6 +86,7 @@ EXAMPLES: dict[str, Any] = {
     "mqtt.tls.key_file": "/etc/edged/mqtt-client.key",
     "pipelines.source.uri": "/dev/video0",
     "pipelines.sinks.path": "/var/lib/edged/results/door.jsonl",
+    "homeassistant.device_name": "Front door camera",
 }
 # The names the packaged file uses for its commented per-name tables.
 EXAMPLE_NAMES = {"models": "face", "pipelines": "door"}

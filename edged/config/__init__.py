@@ -26,6 +26,7 @@ from edged.config.base import (
     default_socket_path,
     load_toml_settings,
 )
+from edged.config.homeassistant import HomeAssistantSettings
 from edged.config.mqtt import DEVICE_ID, MqttSettings, MqttTlsSettings, default_device_id
 from edged.config.pipelines import PipelineSettings, QualitySettings, SinkSettings
 from edged.config.serving import (
@@ -47,6 +48,7 @@ __all__ = [
     "SERIAL_RATES",
     "BackendSettings",
     "ConfigError",
+    "HomeAssistantSettings",
     "LoggingSettings",
     "ModelSettings",
     "MqttSettings",

@@ -8,6 +8,7 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from edged.config.base import TomlSettings, _for_daemon
+from edged.config.homeassistant import HomeAssistantSettings
 from edged.config.mqtt import MqttSettings
 from edged.config.pipelines import PipelineSettings
 from edged.config.serving import (
@@ -38,6 +39,9 @@ class Settings(TomlSettings):
     updates: UpdateSettings = Field(
         default_factory=UpdateSettings, description="Model updates from the registry, over MQTT."
     )
+    homeassistant: HomeAssistantSettings = Field(
+        default_factory=HomeAssistantSettings, description="Home Assistant MQTT discovery."
+    )
     logging: LoggingSettings = Field(default_factory=LoggingSettings, description="Logging.")
 
     @field_validator("models", "pipelines")
@@ -57,6 +61,12 @@ class Settings(TomlSettings):
             raise ValueError("updates.enabled needs mqtt.enabled: releases arrive over MQTT")
         if self.updates.enabled and not self.updates.public_keys:
             raise ValueError("updates.enabled needs updates.public_keys (from `edged-registry keygen`)")
+        return self
+
+    @model_validator(mode="after")
+    def _homeassistant_needs_mqtt(self) -> Settings:
+        if self.homeassistant.enabled and not self.mqtt.enabled and _for_daemon.get():
+            raise ValueError("homeassistant.enabled needs mqtt.enabled: discovery configs go to the broker")
         return self
 
     @model_validator(mode="after")

@@ -159,6 +159,13 @@ class MqttLink:
         """Publish outside the outbox (command replies): lost if the broker is away, by design."""
         self.client.publish(topic, _json(document), qos=1, properties=properties)
 
+    def publish_retained(self, topic: str, payload: bytes) -> str:
+        """Publish a retained message outside the outbox (Home Assistant's discovery configs,
+        derived state published again on every connect): lost if the broker is away.
+        '' when handed to the connection, else why not."""
+        info = self.client.publish(topic, payload, qos=1, retain=True)
+        return "" if info.rc == mqtt.MQTT_ERR_SUCCESS else mqtt.error_string(info.rc)
+
     def request(self, topic: str, payload: bytes, response_topic: str, correlation: bytes) -> None:
         """Publish a request (a chunk request) outside the outbox, QoS 1, with the MQTT v5
         response topic and correlation data its answer comes back with."""

@@ -48,8 +48,8 @@ class MqttPipe:
 
 
 class MqttParts:
-    """Reports, commands and updates over the link; started before the models load (their
-    events are queued in the outbox) and stopped in reverse order."""
+    """Reports, commands, updates and Home Assistant discovery over the link; started before
+    the models load (their events are queued in the outbox) and stopped in reverse order."""
 
     def __init__(self, settings: Settings, pipe: MqttPipe, manager: ModelManager, control: Control,
                  health: Health, pipelines: Pipelines,
@@ -60,6 +60,11 @@ class MqttParts:
                                  group=settings.updates.group)
         self.commands = Commands(self.link, control, health, pipelines, reload_config,
                                  settings.mqtt.command_senders) if settings.mqtt.commands else None
+        self.discovery = None
+        if settings.homeassistant.enabled:
+            from edged.mqtt.homeassistant.discovery import Discovery
+
+            self.discovery = Discovery(settings, self.link, manager, lambda: pipelines.settings)
         self.updates = None
         if settings.updates.enabled:
             from edged.mqtt.updates import UpdateAgent
@@ -77,10 +82,18 @@ class MqttParts:
             sections["commands"] = self.commands.status
         sections["updates"] = lambda: describe(self.updates)
         sections["mqtt"] = self.link.status
+        if self.discovery is not None:
+            sections["homeassistant"] = self.discovery.status
         return sections
 
     def on_model_event(self, event: ModelEvent) -> None:
         self.reporter.on_model_event(event)
+        self.pipelines_changed()  # a model's entities come and go with it
+
+    def pipelines_changed(self) -> None:
+        """The pipelines' config or the models changed: Home Assistant's entities follow."""
+        if self.discovery is not None:
+            self.discovery.refresh()
 
     def start(self) -> None:
         self.reporter.start()
@@ -88,6 +101,8 @@ class MqttParts:
             self.commands.start()
         if self.updates is not None:
             self.updates.start()
+        if self.discovery is not None:
+            self.discovery.start()
 
     def stop_steps(self) -> list[tuple[str, Callable[[], object]]]:
         """The stop, in reverse order of the start, as named steps for `run_steps`: each runs
