@@ -32,7 +32,7 @@ from edged.models.attempts import Attempts
 from edged.models.store import ModelStore
 guard = Attempts(ModelStore(sys.argv[1]), print).guard(
     "tiny", sys.argv[2], ModelSettings(), {"openvino": LoadOptions(), "litert": LoadOptions()})
-with guard("openvino"):
+with guard("openvino", "CPU"):
     os.abort()
 """
 
@@ -65,18 +65,18 @@ def crash_in_attempt(store: ModelStore, version: str = "1") -> None:
 
 def test_a_load_that_returns_or_raises_leaves_no_record(tiny_store):
     guard = Attempts(tiny_store, print).guard("tiny", "1", ModelSettings(), OPTIONS)
-    with guard("openvino"):
+    with guard("openvino", "CPU"):
         assert len(records(tiny_store)) == 1
-    with pytest.raises(ValueError), guard("openvino"):
+    with pytest.raises(ValueError), guard("openvino", "CPU"):
         raise ValueError("a load that raises")
     assert records(tiny_store) == []
-    with guard("openvino"):  # nothing remembered: tried again
+    with guard("openvino", "CPU"):  # nothing remembered: tried again
         pass
 
 
 def test_a_load_in_progress_is_not_taken_for_a_crash(tiny_store):
     attempts = Attempts(tiny_store, print)
-    with attempts.guard("tiny", "1", ModelSettings(), OPTIONS)("openvino"):
+    with attempts.guard("tiny", "1", ModelSettings(), OPTIONS)("openvino", "CPU"):
         assert attempts.crashed() == {}
         # Another process (an `edged run --check` beside the daemon) sees the lock too.
         seen = run_python("import sys; from edged.models.attempts import Attempts; "
@@ -96,15 +96,16 @@ def test_a_process_that_died_in_a_load_makes_that_backend_skipped(tiny_store):
     attempts = Attempts(tiny_store, skips.append)
     guard = attempts.guard("tiny", "1", ModelSettings(), OPTIONS)
     for _ in range(2):
-        with pytest.raises(BackendSkipped) as info, guard("openvino"):
+        with pytest.raises(BackendSkipped) as info, guard("openvino", "CPU"):
             pytest.fail("a skipped backend must not be entered")
-    expected = (f"openvino crashed the daemon while loading tiny 1 (runtime {runtime_version('openvino')}); "
-                "not tried again until the model version, the runtime version or the config changes")
+    expected = (f"openvino on CPU crashed the daemon while loading tiny 1 "
+                f"(runtime {runtime_version('openvino')}); not tried again until the model version, "
+                "the runtime version or the config changes")
     assert str(info.value) == expected
     assert [s["backend"] for s in skips] == ["openvino"], "reported once per process"
     assert skips[0]["reason"] == expected and skips[0]["version"] == "1"
     assert attempts.skipped() == {"tiny": expected}
-    with guard("litert"):  # the other backend is tried as usual
+    with guard("litert", "CPU"):  # the other backend is tried as usual
         pass
     assert records(tiny_store) == [path], "the crash record stays"
 
@@ -120,9 +121,9 @@ from edged.models.attempts import Attempts
 from edged.models.store import ModelStore
 attempts = Attempts(ModelStore(sys.argv[1]), print)
 guard = attempts.guard("tiny", "1", ModelSettings(), {"openvino": LoadOptions(), "litert": LoadOptions()})
-with guard("openvino"):
+with guard("openvino", "CPU"):
     print(attempts.release_own(), flush=True)
-    with guard("litert"):
+    with guard("litert", "CPU"):
         os.abort()
 """
 
@@ -134,7 +135,7 @@ def test_a_process_that_exits_on_purpose_in_a_load_leaves_no_record(tiny_store):
     assert records(tiny_store) == []
     attempts = Attempts(tiny_store, print)
     assert attempts.crashed() == {}
-    with attempts.guard("tiny", "1", ModelSettings(), OPTIONS)("openvino"):  # tried again
+    with attempts.guard("tiny", "1", ModelSettings(), OPTIONS)("openvino", "CPU"):  # tried again
         pass
     assert attempts.skipped() == {}
 
@@ -145,7 +146,7 @@ def test_forget_clears_the_records_of_one_model(tiny_store):
     assert attempts.forget("face") == 0
     assert attempts.forget("tiny") == 1
     assert records(tiny_store) == []
-    with attempts.guard("tiny", "1", ModelSettings(), OPTIONS)("openvino"):
+    with attempts.guard("tiny", "1", ModelSettings(), OPTIONS)("openvino", "CPU"):
         pass
 
 
@@ -160,7 +161,7 @@ def test_a_new_version_or_config_is_tried_again(tiny_store, change):
     else:
         options["openvino"] = LoadOptions(workers=1)
     attempts = Attempts(tiny_store, print)
-    with attempts.guard("tiny", version, settings, options)("openvino"):
+    with attempts.guard("tiny", version, settings, options)("openvino", "CPU"):
         pass
     assert attempts.skipped() == {}
 
@@ -196,9 +197,9 @@ def test_the_manager_serves_face_on_litert_after_openvino_crashed_it(sample_mode
         manager.load_all()
         face = manager.status()["face"]
         assert face["state"] == "ready" and face["backend"] == "litert"
-        assert face["skipped"].startswith("openvino crashed the daemon while loading face 1 (runtime ")
-        assert face["probes"]["openvino"]["skipped"] is True
-        assert "openvino skipped: openvino crashed the daemon" in face["reason"]
+        assert face["skipped"].startswith("openvino on CPU crashed the daemon while loading face 1 (runtime ")
+        assert face["probes"]["openvino/CPU"]["skipped"] is True
+        assert "openvino/CPU skipped: openvino on CPU crashed the daemon" in face["reason"]
         assert [kind for kind, _ in events] == ["model_skipped", "model_loaded"]
         assert events[0][1]["backend"] == "openvino" and events[0][1]["model"] == "face"
     finally:
