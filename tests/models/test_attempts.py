@@ -23,7 +23,7 @@ from tests.conftest import ROOT, _load_fetch_tool, build_tiny_ir, ir_files
 
 OPTIONS = {"openvino": LoadOptions(), "litert": LoadOptions()}
 
-# A process that records an attempt of tiny 1 on openvino and aborts inside it.
+# A process that records an attempt of tiny 1 on openvino (on the CPU, or argv[3]) and aborts inside it.
 ABORT_IN_ATTEMPT = """
 import os, sys
 from edged.backends.base import LoadOptions
@@ -32,7 +32,7 @@ from edged.models.attempts import Attempts
 from edged.models.store import ModelStore
 guard = Attempts(ModelStore(sys.argv[1]), print).guard(
     "tiny", sys.argv[2], ModelSettings(), {"openvino": LoadOptions(), "litert": LoadOptions()})
-with guard("openvino", "CPU"):
+with guard("openvino", sys.argv[3] if len(sys.argv) > 3 else "CPU"):
     os.abort()
 """
 
@@ -58,8 +58,8 @@ def records(store: ModelStore) -> list[Path]:
     return sorted((store.root / DIRECTORY).glob("*.json"))
 
 
-def crash_in_attempt(store: ModelStore, version: str = "1") -> None:
-    result = run_python(ABORT_IN_ATTEMPT, store.root, version)
+def crash_in_attempt(store: ModelStore, version: str = "1", device: str = "CPU") -> None:
+    result = run_python(ABORT_IN_ATTEMPT, store.root, version, device)
     assert result.returncode == -signal.SIGABRT, result.stderr
 
 
@@ -164,6 +164,32 @@ def test_a_new_version_or_config_is_tried_again(tiny_store, change):
     with attempts.guard("tiny", version, settings, options)("openvino", "CPU"):
         pass
     assert attempts.skipped() == {}
+
+
+def test_a_crash_on_one_device_spares_the_others(tiny_store):
+    """A GPU driver that crashed the daemon says nothing about the CPU plugin: the record
+    holds the device, and only that (backend, device) pair is skipped."""
+    crash_in_attempt(tiny_store, device="GPU")
+    [record] = [json.loads(path.read_text()) for path in records(tiny_store)]
+    assert (record["backend"], record["device"]) == ("openvino", "GPU")
+    skips: list[dict] = []
+    guard = Attempts(tiny_store, skips.append).guard("tiny", "1", ModelSettings(), OPTIONS)
+    with guard("openvino", "CPU"):
+        pass
+    with pytest.raises(BackendSkipped, match=r"^openvino on GPU crashed the daemon while loading tiny 1 "), \
+            guard("openvino", "GPU"):
+        pytest.fail("a skipped candidate must not be entered")
+    assert [(s["backend"], s["device"]) for s in skips] == [("openvino", "GPU")]
+
+
+def test_a_record_from_before_devices_is_forgotten(tiny_store):
+    crash_in_attempt(tiny_store)
+    [path] = records(tiny_store)
+    record = json.loads(path.read_text())
+    del record["device"]
+    path.write_text(json.dumps(record))
+    Attempts(tiny_store, print)
+    assert records(tiny_store) == []
 
 
 def test_records_that_cannot_match_again_are_forgotten(tiny_store, tmp_path):
