@@ -53,9 +53,10 @@ def test_a_configured_device_that_is_absent_fails_the_check_cleanly(tiny_store, 
     config.write_text('[models.tiny]\nbackend = "openvino"\ndevice = "NPU"\n')
     result = edged("run", "--check", "--config", str(config), "--store", str(tiny_store.root), check=False)
     assert result.returncode == 1, result.stderr
-    assert result.stdout.splitlines() == [
-        "tiny: failed: tiny 1: no backend can run tiny.xml (openvino/NPU: openvino: device NPU not present "
-        f"(OpenVINO finds {', '.join(ov.Core().available_devices)} on this machine))"]
+    [line] = result.stdout.splitlines()
+    found = ", ".join(ov.Core().available_devices)
+    assert line.startswith("tiny: failed: tiny 1: no backend can run tiny.xml (openvino/NPU: openvino: "
+                           f"device NPU not present (OpenVINO finds {found} on this machine")
 
 
 def test_a_bad_device_string_is_refused_before_anything_loads(tiny_store, tmp_path):

@@ -10,6 +10,7 @@ their devices that take it, and say what they run in through DEVICE_PROPERTIES t
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -24,6 +25,7 @@ from edged.errors import BackendError
 PRECISIONS = frozenset({"f32", "bf16", "f16"})  # OpenVINO's own names for them
 log = logging.getLogger(__name__)
 _core_lock = threading.Lock()
+_CANNOT_LOAD = re.compile(r'Cannot load library "[^"]*": (.+)')
 _core: ov.Core | None = None
 
 
@@ -161,6 +163,20 @@ def _present(wanted: str, available: list[str]) -> bool:
     return any(name.partition(".")[0] == base for name in available)
 
 
+def _plugin_problems(core: ov.Core, absent: list[str]) -> list[str]:
+    """Why the plugin of each absent device kind did not load, if it did not: a GPU plugin
+    without an OpenCL runtime (libOpenCL.so.1) tells nothing from a machine without a GPU."""
+    problems = []
+    for kind in dict.fromkeys(name.partition(".")[0] for name in absent):
+        try:
+            core.get_versions(kind)
+        except RuntimeError as exc:
+            why = first_line(exc)
+            loading = _CANNOT_LOAD.search(why)
+            problems.append(f"its {kind} plugin does not load: {loading[1] if loading else why}")
+    return problems
+
+
 class OpenVINOBackend(Backend):
     name = "openvino"
 
@@ -204,6 +220,7 @@ class OpenVINOBackend(Backend):
         if not absent:
             return device
         here = f"OpenVINO finds {', '.join(available) or 'no device'} on this machine"
+        here += "".join(f"; {problem}" for problem in _plugin_problems(core, absent))
         kept = [name for name in device.devices if name not in absent]
         if device.kind == "AUTO" and kept:
             log.info("%s: %s not present, AUTO chooses among %s (%s)", device.text, ", ".join(absent),
