@@ -102,7 +102,10 @@ class LiteRTModel(LoadedModel):
         def build() -> _Instance:
             return _Instance(content, threads, with_delegate)
 
-        others = [build() for _ in range(max(1, options.workers) - 1)]
+        # One interpreter on a delegate: the accelerator runs one inference at a time, and each
+        # interpreter would hold its own copy of the parameters (an Edge TPU caches 8 MB).
+        count = 1 if delegate else max(1, options.workers)
+        others = [build() for _ in range(count - 1)]
         self._pool = WarmPool([first, *others], build)
 
     def infer(

@@ -237,7 +237,10 @@ class OpenVINOBackend(Backend):
         config: dict[str, object] = {"PERFORMANCE_HINT": options.performance_hint}
         per_device: dict[str, dict[str, object]] = {}
         for name in device.devices or tuple(core.available_devices):
-            supported = core.get_property(name, "SUPPORTED_PROPERTIES")
+            try:
+                supported = core.get_property(name, "SUPPORTED_PROPERTIES")
+            except RuntimeError:  # a plugin that cannot say: compiled with its own defaults
+                supported = {}
             properties: dict[str, object] = {}
             if "INFERENCE_PRECISION_HINT" in supported:
                 properties["INFERENCE_PRECISION_HINT"] = options.precision

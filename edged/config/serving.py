@@ -74,8 +74,8 @@ class BackendSettings(Section):
     workers: int = Field(
         default_factory=lambda: os.cpu_count() or 1, ge=1, le=256,
         description=(
-            "Concurrent inferences per model on LiteRT (interpreters). OpenVINO runs one at a time "
-            "per model, recompiled after an error (its CPU graph keeps state across requests)."
+            "Concurrent inferences per model on LiteRT (interpreters; one on a delegate). OpenVINO runs "
+            "one at a time per model, recompiled after an error (its CPU graph keeps state across requests)."
         ),
     )
     litert_threads: int = Field(default=1, ge=1, le=256, description="Threads per LiteRT interpreter.")
