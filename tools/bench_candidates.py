@@ -5,7 +5,8 @@ With `backend = "auto"` every candidate is loaded (compiled) and probed (`probe_
 runs) before the fastest is kept, so each extra candidate costs its load and probe at every
 start. Each configuration below runs in a fresh process, as a start does (plugin loading
 and `Core.available_devices` included), with an empty OpenVINO cache ("cold") and then the
-cache that run filled ("warm"). Shown: the whole selection, what it adds over OpenVINO on
+cache that run filled ("warm"); the configurations take turns, round after round, so a busy
+moment of the machine is shared. Shown: the whole selection, what it adds over OpenVINO on
 the CPU alone, and each candidate's own share (`load_ms` in the model's status: load +
 probe, or the time to find that it cannot run). On a CPU-only machine the GPU and the
 delegate are absent: their figures are the cost of finding that out.
@@ -91,17 +92,18 @@ def one_start(model: Path, config: tuple[str, str | None, str | None], cache: Pa
 def measure(model: Path, runs: int, probe_runs: int) -> dict[str, dict[str, dict]]:
     """{configuration: {"cold"|"warm": {"select_ms": median, "candidates": {label: median load_ms}}}}"""
     figures: dict[str, dict[str, dict]] = {}
-    for name, config in CONFIGURATIONS.items():
-        samples: dict[str, list[dict]] = {"cold": [], "warm": []}
-        for _ in range(runs):
+    samples = {name: {"cold": [], "warm": []} for name in CONFIGURATIONS}
+    for _ in range(runs):  # round after round (see above)
+        for name, config in CONFIGURATIONS.items():
             cache = Path(tempfile.mkdtemp(prefix="edged-bench-cache-"))
             try:
-                samples["cold"].append(one_start(model, config, cache, probe_runs))
-                samples["warm"].append(one_start(model, config, cache, probe_runs))
+                samples[name]["cold"].append(one_start(model, config, cache, probe_runs))
+                samples[name]["warm"].append(one_start(model, config, cache, probe_runs))
             finally:
                 shutil.rmtree(cache, ignore_errors=True)
+    for name in CONFIGURATIONS:
         figures[name] = {}
-        for state, runs_of in samples.items():
+        for state, runs_of in samples[name].items():
             labels = list(runs_of[0]["probes"])
             figures[name][state] = {
                 "select_ms": round(statistics.median(r["select_ms"] for r in runs_of), 1),
