@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from edged.backends import candidates_for, get_backend
-from edged.backends.base import LoadedModel, LoadOptions, TensorSpec
+from edged.backends.base import LoadedModel, LoadOptions, TensorSpec, first_line
 from edged.errors import BackendError
 
 log = logging.getLogger(__name__)
@@ -74,10 +74,12 @@ def _crash_for_tests(backend: str) -> None:
 
 @dataclass(frozen=True)
 class Candidate:
-    """One runtime on one device; `device` None when the runtime could not say (not installed)."""
+    """One runtime on one device; `device` None when the runtime could not list its devices
+    (not installed, say), and `error` then says why."""
 
     backend: str
     device: str | None = None
+    error: str | None = field(default=None, compare=False)
 
     @property
     def label(self) -> str:
@@ -143,8 +145,8 @@ def candidates(model_format: str, wanted: str, options: dict[str, LoadOptions]) 
     for name in candidates_for(model_format) if auto else [wanted]:
         try:
             devices = get_backend(name).devices(options[name], auto)
-        except BackendError:
-            found.append(Candidate(name))
+        except Exception as exc:  # a runtime that cannot even list its devices is one reason
+            found.append(Candidate(name, error=first_line(exc)))
             continue
         found.extend(Candidate(name, device) for device in devices)
     return found
@@ -205,9 +207,8 @@ def _try(candidate: Candidate, path: Path, model_format: str, wanted: str,
         return round((time.perf_counter() - start) * 1000, 1)
 
     try:
-        if device is None:  # its module did not import: say why
-            get_backend(name)
-            raise BackendError(f"{name} lists no device")
+        if device is None:  # it could not list its devices: say why
+            raise BackendError(candidate.error or f"{name} lists no device")
         with attempt(name, device) if attempt is not None else nullcontext():
             _crash_for_tests(name)
             model = get_backend(name).load(path, model_format, options[name], device)
@@ -222,7 +223,7 @@ def _try(candidate: Candidate, path: Path, model_format: str, wanted: str,
         return {"error": str(exc), "skipped": True, "load_ms": spent()}
     except Exception as exc:  # a runtime may fail in any way; each is one reason
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        asked = device in (options[name].device, options[name].delegate)  # configured, not found here
+        asked = device is not None and device in (options[name].device, options[name].delegate)
         log.log(logging.WARNING if asked else logging.INFO, "%s: %s failed: %s", path.name, label, reason)
         if model is not None:
             model.close()
