@@ -34,6 +34,7 @@ def test_absent_gpu_and_delegate_leave_face_on_what_is_present(start_daemon, sam
     assert tiny["probes"]["openvino/AUTO"]["runs_on"] == "CPU"
 
     log = daemon.output()
+    assert "face 1 (litert), selfie 1 (litert), tiny 1 (openvino/AUTO)" in log  # a device beside its runtime
     for failed in ("face_detection_short_range.tflite: openvino/GPU failed: openvino: device GPU not present",
                    f"face_detection_short_range.tflite: litert/{MISSING_DELEGATE} failed: litert: delegate"):
         assert len([line for line in log.splitlines() if failed in line]) == 1, log

@@ -101,6 +101,11 @@ class Selection:
     def label(self) -> str:
         return Candidate(self.backend, self.device).label
 
+    @property
+    def short(self) -> str:
+        """For one-line summaries: the runtime, and the device when it is not the CPU."""
+        return self.backend if self.device == "CPU" else self.label
+
     def as_dict(self) -> dict:
         return {
             "backend": self.backend, "device": self.device, "reason": self.reason,
