@@ -78,7 +78,8 @@ def _check(settings: Settings) -> int:
     resolve_group(settings.socket.group)
     manager.load_all()
     for name, info in sorted(manager.status().items()):
-        detail = info.get("error") or f"{info['version']} on {info['backend']} ({info['reason']})"
+        where = f"{info['backend']}/{info['device']}" if "backend" in info else ""
+        detail = info.get("error") or f"{info['version']} on {where} ({info['reason']})"
         print(f"{name}: {info['state']}: {detail}")
     manager.close()
     return 1 if manager.failures else 0
@@ -184,6 +185,19 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def describe_candidates(probes: dict[str, dict]) -> str:
+    """Each candidate tried at load: its probe time and start cost, or why it failed."""
+    parts = []
+    for label, probe in probes.items():
+        cost = f", {probe['load_ms']:g} ms to load" if "load_ms" in probe else ""
+        if "error" in probe:
+            parts.append(f"{label} {'skipped' if probe.get('skipped') else 'failed'}: {probe['error']}")
+        else:
+            runs_on = f" (runs on {probe['runs_on']})" if "runs_on" in probe else ""
+            parts.append(f"{label}{runs_on} {probe['p50_ms']:g} ms{cost}")
+    return "; ".join(parts)
+
+
 def print_status(status: dict) -> None:
     """The health document as a few readable tables."""
     print(f"edged {status['version']}  up {status['uptime_s']:.0f} s  ready: {status['ready']}")
@@ -194,9 +208,12 @@ def print_status(status: dict) -> None:
             continue
         latency = "/".join("-" if v is None else f"{v:g}" for v in
                            (info["latency"][k] for k in ("p50_ms", "p95_ms", "p99_ms")))
-        print(f"  {name:20} {info['version']:8} {info['backend']:9} {info['precision']:5} "
+        where = f"{info['backend']}/{info.get('device', 'CPU')}"
+        print(f"  {name:20} {info['version']:8} {where:14} {info['precision']:5} "
               f"req {info['requests']:<8} err {info['errors']:<4} "
               f"p50/p95/p99 {latency} ms  ({info['reason']})")
+        if len(info.get("probes") or {}) > 1:
+            print(f"  {'':20} candidates: {describe_candidates(info['probes'])}")
     pipelines = status.get("pipelines") or {}
     if pipelines:
         print("pipelines:")

@@ -126,7 +126,7 @@ class Daemon:
                         self.store.root)
         self.pipelines.start_enabled()
         names = ", ".join(
-            f"{n} {m.version} ({m.selection.backend})" for n, m in sorted(self.manager.served().items())
+            f"{n} {m.version} ({m.selection.short})" for n, m in sorted(self.manager.served().items())
         )
         line = self.status_line()
         # From this last check to READY=1 nothing waits: told to stop before it, the daemon
@@ -260,7 +260,7 @@ class Daemon:
     def status_line(self) -> str:
         """One line for `systemctl status`: models, pipelines, broker, what needs attention."""
         served = sorted(self.manager.served().items())
-        models = ", ".join(f"{name} {m.version} {m.selection.backend}" for name, m in served)
+        models = ", ".join(f"{name} {m.version} {m.selection.short}" for name, m in served)
         parts = [f"serving {len(served)} model{'' if len(served) == 1 else 's'}"
                  + (f" ({models})" if models else "")]
         if failed := sorted(self.manager.failures):

@@ -20,7 +20,7 @@ from tests.broker import Broker
 from tests.conftest import _load_fetch_tool
 
 CRASH = {TEST_CRASH_VARIABLE: "openvino"}
-SKIPPED = "openvino crashed the daemon while loading {} (runtime openvino "
+SKIPPED = "openvino on CPU crashed the daemon while loading {} (runtime openvino "
 FACE_INPUT = {"input": np.zeros((1, 128, 128, 3), np.float32)}
 
 
@@ -121,7 +121,8 @@ def test_the_skip_is_published_as_an_event(start_daemon, broker: Broker, mqtt_su
     start_daemon(face_store.root, config, CRASH)
     skipped = events.wait_for(lambda m: m.json()["kind"] == "model_skipped", timeout=30).json()
     assert skipped["model"] == "face" and skipped["version"] == "1" and skipped["backend"] == "openvino"
+    assert skipped["device"] == "CPU"
     assert skipped["reason"].startswith(SKIPPED.format("face 1"))
     assert skipped["runtime"].startswith("openvino ")
     loaded = events.wait_for(lambda m: m.json()["kind"] == "model_loaded", timeout=30).json()
-    assert loaded["backend"] == "litert" and loaded["seq"] > skipped["seq"]
+    assert (loaded["backend"], loaded["device"]) == ("litert", "CPU") and loaded["seq"] > skipped["seq"]

@@ -120,3 +120,31 @@ def test_socket_outlives_the_service():
     assert f"EDGED_SOCKET__PATH={path}" in service["Service"]["Environment"]
     assert service["Unit"]["Requires"] == ["edged.socket"]
     assert service["Service"]["Type"] == ["notify"]
+
+
+# The drop-ins docs/accelerators.md gives for accelerators: each read with the unit as
+# systemd reads /etc/systemd/system/edged.service.d/.
+DROP_INS = sorted((UNIT_DIR / "accelerators").glob("*.conf"))
+
+
+@pytest.mark.parametrize("drop_in", DROP_INS, ids=lambda path: path.stem)
+def test_accelerator_drop_ins_verify_and_keep_the_exposure(drop_in, tmp_path):
+    root = make_root(tmp_path, {name: UNIT_DIR / name for name in UNITS})
+    directory = root / "lib/systemd/system/edged.service.d"
+    directory.mkdir()
+    shutil.copyfile(drop_in, directory / drop_in.name)
+    result = analyze("verify", f"--root={root}", "edged.service")
+    assert (result.stdout + result.stderr).strip() == "", result.stdout + result.stderr
+    security = analyze("security", "--offline=yes", f"--root={root}", "edged.service")
+    [device_class] = parse_unit(drop_in)["Service"]["DeviceAllow"]
+    acl = next(line for line in security.stdout.splitlines() if "device ACL" in line)
+    assert device_class.replace(" ", ":") in acl and "char-video4linux:rw" in acl, acl  # added, not replaced
+    match = re.search(r"Overall exposure level for edged.service: (\d+\.\d)", security.stdout)
+    assert match and float(match.group(1)) <= MAX_EXPOSURE, security.stdout
+
+
+def test_accelerator_drop_ins_are_the_ones_documented():
+    text = (ROOT / "docs" / "accelerators.md").read_text()
+    assert DROP_INS, "systemd/accelerators/ holds the drop-ins"
+    for drop_in in DROP_INS:
+        assert drop_in.read_text() in text, f"docs/accelerators.md shows {drop_in.name} as it is"

@@ -87,6 +87,8 @@ EXAMPLES: dict[str, Any] = {
     "pipelines.source.uri": "/dev/video0",
     "pipelines.sinks.path": "/var/lib/edged/results/door.jsonl",
     "homeassistant.device_name": "Front door camera",
+    "models.device": "GPU",
+    "models.delegate.library": "libedgetpu.so.1",
 }
 # The names the packaged file uses for its commented per-name tables.
 EXAMPLE_NAMES = {"models": "face", "pipelines": "door"}
@@ -137,8 +139,8 @@ def _nested(table: str, model: type[BaseModel], path: str, env_prefix: str,
     for name, info in model.model_fields.items():
         annotation = info.annotation
         args = typing.get_args(annotation)
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            found.extend(_nested(f"{table}.{name}", annotation, f"{path}.{name}",
+        if (sub := _model_of(annotation)) is not None:
+            found.extend(_nested(f"{table}.{name}", sub, f"{path}.{name}",
                                  f"{env_prefix}{name.upper()}__", info))
         elif typing.get_origin(annotation) is list and args and isinstance(args[0], type) \
                 and issubclass(args[0], BaseModel):
@@ -146,9 +148,17 @@ def _nested(table: str, model: type[BaseModel], path: str, env_prefix: str,
     return found
 
 
+def _model_of(annotation: Any) -> type[BaseModel] | None:
+    """The section a field holds, also when it is optional (`DelegateSettings | None`)."""
+    if typing.get_origin(annotation) in (types.UnionType, typing.Union):
+        others = [a for a in typing.get_args(annotation) if a is not type(None)]
+        annotation = others[0] if len(others) == 1 else None
+    return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+
+
 def _is_table(info: FieldInfo) -> bool:
     annotation, args = info.annotation, typing.get_args(info.annotation)
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+    if _model_of(annotation) is not None:
         return True
     return typing.get_origin(annotation) is list and bool(args) and isinstance(args[0], type) \
         and issubclass(args[0], BaseModel)
@@ -201,6 +211,8 @@ def type_name(annotation: Any, metadata: list[Any] | None = None) -> str:
             return f"{type_name(others[0], metadata)} (optional)"
     if origin is list and len(args) == 1:
         return f"list of {type_name(args[0])}s"
+    if origin is dict and len(args) == 2 and args[0] is str:
+        return f"table of {type_name(args[1])}s"
     names = {bool: "boolean", str: "string", int: "integer", float: "number", Path: "path",
              SecretStr: "secret string"}
     if annotation not in names:
@@ -234,6 +246,8 @@ def toml_value(value: Any) -> str:
         return json.dumps(str(value))  # a JSON string is a valid TOML basic string
     if isinstance(value, list | tuple):
         return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):  # an inline table
+        return "{" + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + "}"
     raise TypeError(f"no TOML form for {value!r}")
 
 
@@ -356,7 +370,7 @@ def render_toml() -> str:
         lines.append("")
         lines.append(f"#[{table}]")
         lines.extend(_comment(_plain(section.description)))
-        if section.table != table and top == "models":
+        if section.table != table and top == "models" and section.table.count(".") == 1:
             lines.extend(_comment(
                 f"One table per model; \"{EXAMPLE_MODEL}\" stands for the model's name as the store "
                 "lists it. A model without a table uses these defaults."

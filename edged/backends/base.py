@@ -61,6 +61,9 @@ class LoadOptions:
     threads_per_worker: int = 0  # 0: the runtime decides (LiteRT: 1)
     cache_dir: Path | None = None
     performance_hint: str = "LATENCY"
+    device: str | None = None  # OpenVINO: the configured device; None: CPU, or each one present under auto
+    delegate: str | None = None  # LiteRT: a delegate library, one more device to run on
+    delegate_options: Mapping[str, str] = field(default_factory=dict)
 
 
 class WarmPool(Generic[T]):
@@ -136,6 +139,8 @@ class LoadedModel(abc.ABC):
     """A model compiled by one backend, safe to call from several threads."""
 
     backend: str
+    device: str = "CPU"  # as asked: CPU, GPU, AUTO, a delegate library
+    runs_on: str = "CPU"  # what runs it, where the runtime says (AUTO -> CPU)
     precision: str
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
@@ -164,5 +169,11 @@ class Backend(abc.ABC):
     name: str
 
     @abc.abstractmethod
-    def load(self, path: Path, model_format: str, options: LoadOptions) -> LoadedModel:
-        """Compile `path`; raise BackendError with the runtime's reason on failure."""
+    def devices(self, options: LoadOptions, auto: bool) -> list[str]:
+        """The devices to try a model on, preferred first on a tie: what `options` asks for,
+        or under `backend = "auto"` (`auto`) every one that may run it here."""
+
+    @abc.abstractmethod
+    def load(self, path: Path, model_format: str, options: LoadOptions, device: str = "CPU") -> LoadedModel:
+        """Compile `path` for `device` (one of `devices`); raise BackendError with the
+        runtime's reason on failure, an absent device included."""

@@ -1,12 +1,16 @@
-"""OpenVINO runtime: reads IR, ONNX and TFLite, compiles for the CPU.
+"""OpenVINO runtime: reads IR, ONNX and TFLite, compiles for a device (CPU, GPU, NPU, AUTO, HETERO).
 
 Precision is always set explicitly: on CPUs with AVX512_BF16, OpenVINO would
-otherwise run bf16 and quietly give different numbers than f32.
+otherwise run bf16 and quietly give different numbers than f32. It is a property of
+each device: AUTO and HETERO are given it per device (DEVICE_PROPERTIES), for those of
+their devices that take it, and say what they run in through DEVICE_PROPERTIES too
+(the compiled AUTO model does not answer INFERENCE_PRECISION_HINT itself).
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -15,11 +19,13 @@ import numpy as np
 import openvino as ov
 
 from edged.backends.base import Backend, LoadedModel, LoadOptions, TensorSpec, first_line
+from edged.config.devices import OpenVINODevice, parse_device
 from edged.errors import BackendError
 
 PRECISIONS = frozenset({"f32", "bf16", "f16"})  # OpenVINO's own names for them
 log = logging.getLogger(__name__)
 _core_lock = threading.Lock()
+_CANNOT_LOAD = re.compile(r'Cannot load library "[^"]*": (.+)')
 _core: ov.Core | None = None
 
 
@@ -58,8 +64,9 @@ class OpenVINOModel(LoadedModel):
 
     backend = "openvino"
 
-    def __init__(self, compile_model: Callable[[], ov.CompiledModel]) -> None:
+    def __init__(self, compile_model: Callable[[], ov.CompiledModel], device: str = "CPU") -> None:
         self._compile_model = compile_model
+        self.device = device
         self._compiled: ov.CompiledModel | None = None
         self._request: ov.InferRequest | None = None
         self._own_outputs: list[ov.Tensor] = []  # the request's output memory, put back after a caller's
@@ -67,7 +74,8 @@ class OpenVINOModel(LoadedModel):
         self._lock = threading.Lock()
         self.inputs = [_spec(p, i, "input") for i, p in enumerate(self._compiled.inputs)]
         self.outputs = [_spec(p, i, "output") for i, p in enumerate(self._compiled.outputs)]
-        self.precision = self._compiled.get_property("INFERENCE_PRECISION_HINT").to_string()
+        self.precision = _precision(self._compiled)
+        self.runs_on = ",".join(self._compiled.get_property("EXECUTION_DEVICES")) or device
         self._input_index = {spec.name: i for i, spec in enumerate(self.inputs)}
         self._output_names = list(enumerate(spec.name for spec in self.outputs))
 
@@ -130,28 +138,118 @@ class OpenVINOModel(LoadedModel):
             self._compiled = self._request = None
 
 
+def _precision(compiled: ov.CompiledModel) -> str:
+    """What the compiled model computes in: "f32", or per device ("CPU f32, GPU f16")."""
+    try:
+        return compiled.get_property("INFERENCE_PRECISION_HINT").to_string()
+    except RuntimeError:  # AUTO, HETERO: each device has its own
+        pass
+    per_device = {}
+    for name, properties in compiled.get_property("DEVICE_PROPERTIES").items():
+        hint = properties.get("INFERENCE_PRECISION_HINT")
+        if hint is not None:
+            per_device[name] = hint.to_string() if hasattr(hint, "to_string") else str(hint)
+    if len(set(per_device.values())) == 1:
+        return next(iter(per_device.values()))
+    return ", ".join(f"{name} {hint}" for name, hint in per_device.items()) or "unknown"
+
+
+def _present(wanted: str, available: list[str]) -> bool:
+    """Whether the physical device `wanted` (GPU, GPU.1) is among `available`, where a lone
+    GPU is listed as "GPU" and several as "GPU.0", "GPU.1"."""
+    base, _, index = wanted.partition(".")
+    if index:
+        return wanted in available or (index == "0" and base in available)
+    return any(name.partition(".")[0] == base for name in available)
+
+
+def _plugin_problems(core: ov.Core, absent: list[str]) -> list[str]:
+    """Why the plugin of each absent device kind did not load, if it did not: a GPU plugin
+    without an OpenCL runtime (libOpenCL.so.1) tells nothing from a machine without a GPU."""
+    problems = []
+    for kind in dict.fromkeys(name.partition(".")[0] for name in absent):
+        try:
+            core.get_versions(kind)
+        except RuntimeError as exc:
+            why = first_line(exc)
+            loading = _CANNOT_LOAD.search(why)
+            problems.append(f"its {kind} plugin does not load: {loading[1] if loading else why}")
+    return problems
+
+
 class OpenVINOBackend(Backend):
     name = "openvino"
 
-    def load(self, path: Path, model_format: str, options: LoadOptions) -> LoadedModel:
+    def devices(self, options: LoadOptions, auto: bool) -> list[str]:
+        if options.device is not None:
+            return [options.device]
+        if not auto:
+            return ["CPU"]
+        available = list(_shared_core().available_devices)  # CPU first: the tie goes to it
+        return sorted(available, key=lambda name: (name != "CPU", available.index(name)))
+
+    def load(self, path: Path, model_format: str, options: LoadOptions, device: str = "CPU") -> LoadedModel:
         if options.precision not in PRECISIONS:
             raise BackendError(f"openvino: unsupported precision {options.precision!r}")
         core = _shared_core()
-        config: dict[str, object] = {
-            "INFERENCE_PRECISION_HINT": options.precision,
-            "PERFORMANCE_HINT": options.performance_hint,
-        }
-        if options.threads_per_worker > 0:
-            config["INFERENCE_NUM_THREADS"] = options.threads_per_worker
+        try:
+            target = self._target(core, parse_device(device))
+        except ValueError as exc:
+            raise BackendError(f"openvino: {device}: {exc}") from None
+        config = self._config(core, target, options)
         if options.cache_dir is not None:
             options.cache_dir.mkdir(parents=True, exist_ok=True)
             config["CACHE_DIR"] = str(options.cache_dir)
 
         def compile_model() -> ov.CompiledModel:
             # From the path, so that a compile after an error finds the cache entry.
-            return core.compile_model(str(path), "CPU", config)
+            return core.compile_model(str(path), target.text, config)
 
         try:
-            return OpenVINOModel(compile_model)
+            return OpenVINOModel(compile_model, device)
         except RuntimeError as exc:
-            raise BackendError(f"openvino cannot load {path.name}: {first_line(exc)}") from exc
+            raise BackendError(f"openvino cannot load {path.name} on {device}: {first_line(exc)}") from exc
+
+    @staticmethod
+    def _target(core: ov.Core, device: OpenVINODevice) -> OpenVINODevice:
+        """`device` if what it names is present; AUTO keeps those of its list that are (AUTO
+        is for "the best of what is here"); else BackendError in one line. OpenVINO's own
+        error for an absent GPU is a plugin library failing to load (libOpenCL.so.1 missing)."""
+        available = list(core.available_devices)
+        absent = [name for name in device.devices if not _present(name, available)]
+        if not absent:
+            return device
+        here = f"OpenVINO finds {', '.join(available) or 'no device'} on this machine"
+        here += "".join(f"; {problem}" for problem in _plugin_problems(core, absent))
+        kept = [name for name in device.devices if name not in absent]
+        if device.kind == "AUTO" and kept:
+            log.info("%s: %s not present, AUTO chooses among %s (%s)", device.text, ", ".join(absent),
+                     ", ".join(kept), here)
+            return OpenVINODevice(f"AUTO:{','.join(kept)}", "AUTO", tuple(kept))
+        what = "device" if len(absent) == 1 else "devices"
+        raise BackendError(f"openvino: {what} {', '.join(absent)} of {device.text} not present ({here})"
+                           if device.virtual else f"openvino: device {device.text} not present ({here})")
+
+    @staticmethod
+    def _config(core: ov.Core, device: OpenVINODevice, options: LoadOptions) -> dict[str, object]:
+        """The compile properties: the precision and threads for each device that takes them
+        (a physical device directly, AUTO and HETERO through DEVICE_PROPERTIES)."""
+        config: dict[str, object] = {"PERFORMANCE_HINT": options.performance_hint}
+        per_device: dict[str, dict[str, object]] = {}
+        for name in device.devices or tuple(core.available_devices):
+            try:
+                supported = core.get_property(name, "SUPPORTED_PROPERTIES")
+            except RuntimeError:  # a plugin that cannot say: compiled with its own defaults
+                supported = {}
+            properties: dict[str, object] = {}
+            if "INFERENCE_PRECISION_HINT" in supported:
+                properties["INFERENCE_PRECISION_HINT"] = options.precision
+            if options.threads_per_worker > 0 and "INFERENCE_NUM_THREADS" in supported:
+                properties["INFERENCE_NUM_THREADS"] = options.threads_per_worker
+            per_device[name] = properties
+        if not device.virtual:
+            return {**per_device[device.text], **config}
+        if device.kind == "AUTO":  # the probe times the device AUTO chose, not the CPU standing in
+            config["ENABLE_STARTUP_FALLBACK"] = False
+        config["DEVICE_PROPERTIES"] = {name: props for name, props in per_device.items() if props}
+        return config

@@ -1,11 +1,15 @@
-"""Picks the backend for a model by trying it on this device.
+"""Picks the runtime and device for a model by trying them on this machine.
 
-`auto` loads the model in every backend that reads its format, times a few
-warm runs of each on the same input, keeps the fastest and closes the rest.
-The figures and the reason are kept with the model, so `status` can say why
-a model runs where it runs. Each backend's load and probe run inside the
-caller's `attempt` hook, which records them durably (edged/models/attempts.py)
-so that a runtime crashing the whole process is not tried again after a restart.
+The candidates are (backend, device) pairs: `auto` takes every backend that reads the
+model's format and, for each, every device it may run on here (OpenVINO's
+`available_devices`, a configured LiteRT delegate, the CPU); a backend set in the config
+takes its configured device alone. Each candidate is loaded, a few warm runs are timed
+on the same input, the fastest is kept and the rest closed. A candidate that fails (an
+absent device, a delegate that does not load) is one reason and the next is tried. The
+figures and reasons are kept with the model, so `status` can say why a model runs
+where it runs. Each candidate's load and probe run inside the caller's `attempt` hook,
+which records them durably (edged/models/attempts.py) so that a runtime crashing the
+whole process is not tried again after a restart.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from edged.backends import candidates_for, get_backend
-from edged.backends.base import LoadedModel, LoadOptions, TensorSpec
+from edged.backends.base import LoadedModel, LoadOptions, TensorSpec, first_line
 from edged.errors import BackendError
 
 log = logging.getLogger(__name__)
@@ -36,9 +40,9 @@ RUNTIME_PACKAGES: dict[str, tuple[str, ...]] = {
     "litert": ("ai-edge-litert", "tflite-runtime"),
 }
 
-# Wraps the load and probe of one backend (the argument): records the attempt before and
-# clears it after, or raises BackendSkipped when that combination crashed the process.
-Attempt = Callable[[str], AbstractContextManager[object]]
+# Wraps the load and probe of one backend on one device (the arguments): records the attempt
+# before and clears it after, or raises BackendSkipped when that combination crashed the process.
+Attempt = Callable[[str, str], AbstractContextManager[object]]
 
 # TEST-ONLY: a backend name. The process aborts (SIGABRT) right before that backend loads
 # any model, as a runtime that segfaults would; tests/test_crash_loop.py needs a real
@@ -68,18 +72,44 @@ def _crash_for_tests(backend: str) -> None:
         os.abort()
 
 
+@dataclass(frozen=True)
+class Candidate:
+    """One runtime on one device; `device` None when the runtime could not list its devices
+    (not installed, say), and `error` then says why."""
+
+    backend: str
+    device: str | None = None
+    error: str | None = field(default=None, compare=False)
+
+    @property
+    def label(self) -> str:
+        """How status and logs name it: "openvino/GPU", "litert/libedgetpu.so.1"."""
+        return self.backend if self.device is None else f"{self.backend}/{self.device}"
+
+
 @dataclass
 class Selection:
     backend: str
     reason: str
     precision: str
-    probes: dict[str, dict] = field(default_factory=dict)  # backend -> {"p50_ms"} or {"error"}
-    ranking: list[str] = field(default_factory=list)  # backends that worked, fastest first
+    # label -> {"p50_ms", "load_ms"} or {"error", "load_ms"}; "runs_on" where AUTO chose
+    probes: dict[str, dict] = field(default_factory=dict)
+    ranking: list[str] = field(default_factory=list)  # labels of the candidates that worked, fastest first
+    device: str = "CPU"
+
+    @property
+    def label(self) -> str:
+        return Candidate(self.backend, self.device).label
+
+    @property
+    def short(self) -> str:
+        """For one-line summaries: the runtime, and the device when it is not the CPU."""
+        return self.backend if self.device == "CPU" else self.label
 
     def as_dict(self) -> dict:
         return {
-            "backend": self.backend, "reason": self.reason, "precision": self.precision,
-            "probes": self.probes, "ranking": self.ranking,
+            "backend": self.backend, "device": self.device, "reason": self.reason,
+            "precision": self.precision, "probes": self.probes, "ranking": self.ranking,
         }
 
 
@@ -111,6 +141,22 @@ def time_runs(model: LoadedModel, runs: int) -> float:
     return statistics.median(times) * 1000
 
 
+def candidates(model_format: str, wanted: str, options: dict[str, LoadOptions]) -> list[Candidate]:
+    """What `select` tries, in the order a tie goes: each backend's devices, backends in
+    table order. A backend that cannot be imported is one candidate with no device, so its
+    reason is shown like any other."""
+    auto = wanted == "auto"
+    found = []
+    for name in candidates_for(model_format) if auto else [wanted]:
+        try:
+            devices = get_backend(name).devices(options[name], auto)
+        except Exception as exc:  # a runtime that cannot even list its devices is one reason
+            found.append(Candidate(name, error=first_line(exc)))
+            continue
+        found.extend(Candidate(name, device) for device in devices)
+    return found
+
+
 def select(
     path: Path,
     model_format: str,
@@ -120,49 +166,70 @@ def select(
     exclude: frozenset[str] = frozenset(),
     attempt: Attempt | None = None,
 ) -> tuple[LoadedModel, Selection]:
-    """Load `path` on the backend `wanted` ("auto" to measure); raise BackendError if none can.
-    `attempt(backend)` wraps each backend's load and probe (see `Attempt`)."""
-    names = candidates_for(model_format) if wanted == "auto" else [wanted]
-    names = [n for n in names if n not in exclude]
-    if not names:
+    """Load `path` on the backend `wanted` ("auto" to measure every candidate); raise
+    BackendError if none can. `exclude`: candidate labels (or whole backends) not to try.
+    `attempt(backend, device)` wraps each candidate's load and probe (see `Attempt`)."""
+    tried = [c for c in candidates(model_format, wanted, options)
+             if c.label not in exclude and c.backend not in exclude]
+    if not tried:
         raise BackendError(f"no backend reads {model_format!r} models" + (
             f" besides {', '.join(sorted(exclude))}" if exclude else ""))
     loaded: dict[str, LoadedModel] = {}
     probes: dict[str, dict] = {}
-    for name in names:
-        candidate: LoadedModel | None = None
-        try:
-            with attempt(name) if attempt is not None else nullcontext():
-                _crash_for_tests(name)
-                candidate = get_backend(name).load(path, model_format, options[name])
-                runs = probe_runs if wanted == "auto" else 1
-                probes[name] = {"p50_ms": round(time_runs(candidate, runs), 4)}
-            loaded[name] = candidate
-        except BackendSkipped as exc:
-            probes[name] = {"error": str(exc), "skipped": True}
-            log.warning("%s: %s skipped: %s", path.name, name, exc)
-        except Exception as exc:  # a backend may fail in any way; each is one reason
-            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            probes[name] = {"error": reason}
-            log.info("%s: %s skipped: %s", path.name, name, reason)
-            if candidate is not None:
-                candidate.close()
+    for candidate in tried:
+        probes[candidate.label] = _try(candidate, path, model_format, wanted, options, probe_runs,
+                                       attempt, loaded)
     if not loaded:
-        reasons = "; ".join(f"{n}{' skipped' if p.get('skipped') else ''}: {p['error']}"
-                            for n, p in probes.items())
+        reasons = "; ".join(f"{label}{' skipped' if p.get('skipped') else ''}: {p['error']}"
+                            for label, p in probes.items())
         raise BackendError(f"no backend can run {path.name} ({reasons})")
-    ranking = sorted(loaded, key=lambda n: probes[n]["p50_ms"])
+    ranking = sorted(loaded, key=lambda label: probes[label]["p50_ms"])
     chosen = ranking[0]
-    for name in ranking[1:]:
-        loaded.pop(name).close()
+    for label in ranking[1:]:
+        loaded.pop(label).close()
     model = loaded[chosen]
     if wanted != "auto":
         reason = f"{chosen} set in config"
     elif len(ranking) == 1:
-        failed = [f"{n} {'skipped' if p.get('skipped') else 'failed'}: {p['error']}"
-                  for n, p in probes.items() if "error" in p]
-        reason = f"only backend able to run it ({'; '.join(failed) or 'no other backend reads it'})"
+        failed = [f"{label} {'skipped' if p.get('skipped') else 'failed'}: {p['error']}"
+                  for label, p in probes.items() if "error" in p]
+        reason = f"only candidate able to run it ({'; '.join(failed) or 'no other backend reads it'})"
     else:
-        figures = ", ".join(f"{n} {probes[n]['p50_ms']:.3f} ms" for n in ranking)
+        figures = ", ".join(f"{label} {probes[label]['p50_ms']:.3f} ms" for label in ranking)
         reason = f"fastest in probe ({figures})"
-    return model, Selection(chosen, reason, model.precision, probes, ranking)
+    return model, Selection(model.backend, reason, model.precision, probes, ranking, model.device)
+
+
+def _try(candidate: Candidate, path: Path, model_format: str, wanted: str,
+         options: dict[str, LoadOptions], probe_runs: int, attempt: Attempt | None,
+         loaded: dict[str, LoadedModel]) -> dict:
+    """Load and probe one candidate; its figures, or its error in one line (also logged)."""
+    name, device, label = candidate.backend, candidate.device, candidate.label
+    model: LoadedModel | None = None
+    start = time.perf_counter()
+
+    def spent() -> float:
+        return round((time.perf_counter() - start) * 1000, 1)
+
+    try:
+        if device is None:  # it could not list its devices: say why
+            raise BackendError(candidate.error or f"{name} lists no device")
+        with attempt(name, device) if attempt is not None else nullcontext():
+            _crash_for_tests(name)
+            model = get_backend(name).load(path, model_format, options[name], device)
+            runs = probe_runs if wanted == "auto" else 1
+            figures = {"p50_ms": round(time_runs(model, runs), 4)}
+        if model.runs_on != device:
+            figures["runs_on"] = model.runs_on
+        loaded[label] = model
+        return {**figures, "load_ms": spent()}
+    except BackendSkipped as exc:
+        log.warning("%s: %s skipped: %s", path.name, label, exc)
+        return {"error": str(exc), "skipped": True, "load_ms": spent()}
+    except Exception as exc:  # a runtime may fail in any way; each is one reason
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        asked = device is not None and device in (options[name].device, options[name].delegate)
+        log.log(logging.WARNING if asked else logging.INFO, "%s: %s failed: %s", path.name, label, reason)
+        if model is not None:
+            model.close()
+        return {"error": reason, "load_ms": spent()}

@@ -7,9 +7,10 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
 
 from edged.config.base import Section, default_cache_dir, default_data_dir, default_socket_path
+from edged.config.devices import DelegateSettings, parse_device
 
 
 class SocketSettings(Section):
@@ -73,8 +74,8 @@ class BackendSettings(Section):
     workers: int = Field(
         default_factory=lambda: os.cpu_count() or 1, ge=1, le=256,
         description=(
-            "Concurrent inferences per model on LiteRT (interpreters). OpenVINO runs one at a time "
-            "per model, recompiled after an error (its CPU graph keeps state across requests)."
+            "Concurrent inferences per model on LiteRT (interpreters; one on a delegate). OpenVINO runs "
+            "one at a time per model, recompiled after an error (its CPU graph keeps state across requests)."
         ),
     )
     litert_threads: int = Field(default=1, ge=1, le=256, description="Threads per LiteRT interpreter.")
@@ -112,11 +113,43 @@ class ModelSettings(Section):
             "them but give different numbers. LiteRT always runs a float model in f32."
         ),
     )
+    device: str | None = Field(
+        default=None,
+        description=(
+            "OpenVINO device: CPU, GPU, GPU.1, NPU, AUTO, AUTO:GPU,CPU or HETERO:GPU,CPU. Unset: CPU "
+            "with backend = openvino; with auto, every device OpenVINO finds (Core.available_devices), "
+            "each probed. One that is absent is skipped with the reason and the next candidate tried."
+        ),
+    )
+    delegate: DelegateSettings | None = Field(
+        default=None,
+        description=(
+            "A LiteRT delegate (a Coral Edge TPU: library = \"libedgetpu.so.1\"). With backend = litert "
+            "the model runs on it alone; with auto it is one more candidate beside LiteRT on the CPU."
+        ),
+    )
     reject_non_finite: bool = Field(
         default=True, description="Refuse inputs holding NaN or Infinity (OpenVINO turns NaN into 0)."
     )
     allowed_users: list[str] = Field(default=[], description="If set, only these users may use the model.")
     allowed_groups: list[str] = Field(default=[], description="If set, only these groups may use the model.")
+
+    @field_validator("device")
+    @classmethod
+    def _device_form(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_device(value)
+        return value
+
+    @model_validator(mode="after")
+    def _device_and_delegate_fit_the_backend(self) -> ModelSettings:
+        if self.device is not None and self.backend == "litert":
+            raise ValueError("device is an OpenVINO setting: with backend = \"litert\" use delegate, "
+                             "or set backend = \"openvino\" or \"auto\"")
+        if self.delegate is not None and self.backend == "openvino":
+            raise ValueError("delegate is a LiteRT setting: with backend = \"openvino\" use device, "
+                             "or set backend = \"litert\" or \"auto\"")
+        return self
 
 
 class LoggingSettings(Section):

@@ -7,7 +7,7 @@ probe is recorded before it starts, in a file of its own under `<store>/.attempt
 (written, fsynced, renamed into place) and locked (`flock`) by the process loading;
 when the load returns, whether it worked or raised, the file is removed. A record whose
 lock nobody holds is a load that never returned: the process died in it. That
-combination (model, version, backend, the runtime's version, a hash of the model's
+combination (model, version, backend, device, the runtime's version, a hash of the model's
 configuration) is skipped from then on and reported; a new version, a new runtime or a
 changed configuration is a new combination and is tried. Deleting a record clears it.
 
@@ -52,8 +52,13 @@ class Combination:
     model: str
     version: str
     backend: str
+    device: str  # "CPU", "GPU", "AUTO", a LiteRT delegate library: a GPU driver crash spares the CPU
     runtime: str  # "openvino 2026.4.1"
     config: str  # hash of the model's settings and the backend's load options
+
+    @property
+    def candidate(self) -> str:
+        return f"{self.backend}/{self.device}"
 
     @property
     def key(self) -> str:
@@ -61,9 +66,9 @@ class Combination:
         return hashlib.sha256(text.encode()).hexdigest()
 
     def skip_message(self) -> str:
-        return (f"{self.backend} crashed the daemon while loading {self.model} {self.version} "
-                f"(runtime {self.runtime}); not tried again until the model version, the runtime "
-                "version or the config changes")
+        return (f"{self.backend} on {self.device} crashed the daemon while loading {self.model} "
+                f"{self.version} (runtime {self.runtime}); not tried again until the model version, "
+                "the runtime version or the config changes")
 
 
 def config_hash(settings: ModelSettings, options: LoadOptions | None) -> str:
@@ -81,7 +86,7 @@ class Attempts:
         self.store = store
         self.directory = store.root / DIRECTORY
         self.on_skip = on_skip  # called once per skipped combination and process
-        self._skipped: dict[str, tuple[str, dict[str, str]]] = {}  # model -> (version, {backend: why})
+        self._skipped: dict[str, tuple[str, dict[str, str]]] = {}  # model -> (version, {candidate: why})
         self._reported: set[str] = set()
         self._lock = threading.Lock()
         self._numbers = itertools.count()
@@ -97,8 +102,8 @@ class Attempts:
             if self._skipped.get(model, (version,))[0] != version:
                 del self._skipped[model]  # about another version: no longer true of this one
 
-        def attempt(backend: str) -> contextlib.AbstractContextManager[object]:
-            return self._attempt(Combination(model, version, backend, runtime_version(backend),
+        def attempt(backend: str, device: str) -> contextlib.AbstractContextManager[object]:
+            return self._attempt(Combination(model, version, backend, device, runtime_version(backend),
                                              config_hash(settings, options.get(backend))))
         return attempt
 
@@ -117,20 +122,21 @@ class Attempts:
         finally:
             if record is not None:
                 self._clear(*record)
-            with self._lock:  # it returned: whatever was said about this backend is stale
-                self._skipped.get(combination.model, ("", {}))[1].pop(combination.backend, None)
+            with self._lock:  # it returned: whatever was said about this candidate is stale
+                self._skipped.get(combination.model, ("", {}))[1].pop(combination.candidate, None)
 
     def _skip(self, combination: Combination) -> None:
         message = combination.skip_message()
         with self._lock:
             why = self._skipped.setdefault(combination.model, (combination.version, {}))[1]
-            why[combination.backend] = message
+            why[combination.candidate] = message
             first = combination.key not in self._reported
             self._reported.add(combination.key)
         if first:
             log.error("%s", message, extra={"MODEL": combination.model, "VERSION": combination.version})
             self.on_skip({"model": combination.model, "version": combination.version,
-                          "backend": combination.backend, "runtime": combination.runtime,
+                          "backend": combination.backend, "device": combination.device,
+                          "runtime": combination.runtime,
                           "reason": message})
         raise BackendSkipped(message)
 
@@ -173,13 +179,14 @@ class Attempts:
         for path, record in self._unlocked("*.json"):
             try:
                 gone = not self.store.version_dir(record["model"], record["version"]).is_dir()
-                stale = gone or runtime_version(record["backend"]) != record["runtime"]
+                old = "device" not in record  # written before devices were recorded: never matches
+                stale = gone or old or runtime_version(record["backend"]) != record["runtime"]
             except (EdgedError, KeyError, TypeError):
                 continue  # not ours to judge; `crashed` says so
             if stale:
                 log.info("%s: forgetting the crash of %s %s on %s (%s)", path.name, record["model"],
                          record["version"], record["backend"], "version removed" if gone else
-                         "runtime changed")
+                         "recorded without its device" if old else "runtime changed")
                 path.unlink(missing_ok=True)
 
     def forget(self, model: str) -> int:

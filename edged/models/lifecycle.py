@@ -158,6 +158,7 @@ class Loaded(_Event):
     previous: str | None
     backend: str
     reason: str
+    device: str = "CPU"
 
 
 @dataclass(frozen=True)
@@ -183,10 +184,13 @@ class Fallback(_Event):
     from_backend: str
     to_backend: str
     error: str
+    from_device: str = "CPU"
+    to_device: str = "CPU"
 
     def as_dict(self) -> dict[str, Any]:
         return {"model": self.model, "version": self.version, "from": self.from_backend,
-                "to": self.to_backend, "error": self.error}
+                "to": self.to_backend, "error": self.error, "from_device": self.from_device,
+                "to_device": self.to_device}
 
 
 @dataclass(frozen=True)
@@ -199,6 +203,7 @@ class Skipped(_Event):
     backend: str
     runtime: str
     reason: str
+    device: str = "CPU"
 
 
 ModelEvent = Loaded | Failed | Unloaded | Fallback | Skipped

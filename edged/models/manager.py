@@ -94,7 +94,7 @@ class ModelManager:
                 self._count(stats, "rejected")
                 raise
             start = time.perf_counter()
-            where = f"{name} {served.version} on {served.selection.backend}"
+            where = f"{name} {served.version} on {served.selection.label}"
             try:  # a runtime error is judged there: the inputs' fault or the runtime's
                 outputs = run_checked(served.loaded, checked, where, into)
             except InputRejected as exc:  # the backend is sound: no step towards a fallback
@@ -208,13 +208,17 @@ class ModelManager:
         """OpenVINO's cache is kept per content: it tells models apart by path, size and mtime only."""
         b = self.settings.backends
         content = hashlib.sha256(" ".join(f.sha256 for f in manifest.files).encode()).hexdigest()[:16]
+        delegate = settings.delegate
         return {
             "openvino": LoadOptions(
                 precision=settings.precision, workers=b.workers, threads_per_worker=b.openvino_threads,
                 cache_dir=b.openvino_cache_dir / content, performance_hint=b.openvino_performance_hint,
+                device=settings.device,
             ),
             "litert": LoadOptions(
                 precision=settings.precision, workers=b.workers, threads_per_worker=b.litert_threads,
+                delegate=delegate.library if delegate else None,
+                delegate_options=dict(delegate.options) if delegate else {},
             ),
         }
 
@@ -274,10 +278,10 @@ class ModelManager:
         state.served = served  # the swap: new requests go to the new version from here
         state.pending = False
         self._clear_failure(state)
-        log.info("%s %s serving on %s: %s", name, version, selection.backend, selection.reason,
+        log.info("%s %s serving on %s: %s", name, version, selection.label, selection.reason,
                  extra={"MODEL": name, "VERSION": version})
         tell(self.events.on_loaded, Loaded(name, version, reason, old.version if old is not None else None,
-                                           selection.backend, selection.reason))
+                                           selection.backend, selection.reason, selection.device))
         if old is not None:
             old.retire()
         return True
@@ -309,8 +313,8 @@ class ModelManager:
             state = self._state(served.name)
             if state.served is not served:
                 return
-            failing = served.selection.backend
-            log.warning("%s: %s failing (%s); trying another backend", served.name, failing, error,
+            failing = served.selection.label
+            log.warning("%s: %s failing (%s); trying another candidate", served.name, failing, error,
                         extra={"MODEL": served.name, "VERSION": served.version})
             if not self._load(served.name, served.version, reason=f"fallback from {failing}",
                               exclude=frozenset({failing}),
@@ -318,8 +322,9 @@ class ModelManager:
                 served.consecutive_errors = 0  # no other backend now: try again after as many errors
                 return
             new = state.served
-            tell(self.events.on_fallback, Fallback(served.name, served.version, failing,
-                                                   new.selection.backend if new else "?", error))
+            tell(self.events.on_fallback, Fallback(
+                served.name, served.version, served.selection.backend, new.selection.backend if new else "?",
+                error, served.selection.device, new.selection.device if new else "?"))
 
     # --- reporting -----------------------------------------------------------
     def status(self) -> dict:

@@ -335,7 +335,7 @@ def test_a_broken_model_is_reported_while_others_serve(start_daemon, sample_stor
         with pytest.raises(ClientError) as info:
             client.metadata("garbage")
         assert info.value.status == 503
-        assert info.value.message.startswith("garbage 1: no backend can run garbage.tflite (openvino: ")
+        assert info.value.message.startswith("garbage 1: no backend can run garbage.tflite (openvino/CPU: ")
         assert "\n" not in info.value.message
         status, _, body = client.request("GET", "/v2/models/selfie/ready")
         assert status == 503 and json.loads(body) == {"name": "selfie", "ready": False}

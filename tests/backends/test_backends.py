@@ -108,9 +108,9 @@ def test_selfie_ends_on_litert_with_the_reason(sample_models):
     model, selection = select(sample_models["selfie"], "tflite", "auto", options, probe_runs=3)
     try:
         assert selection.backend == "litert" == model.backend
-        assert "Convolution2DTransposeBias" in selection.probes["openvino"]["error"]
-        assert selection.reason.startswith("only backend able to run it")
-        assert selection.ranking == ["litert"]
+        assert "Convolution2DTransposeBias" in selection.probes["openvino/CPU"]["error"]
+        assert selection.reason.startswith("only candidate able to run it")
+        assert selection.ranking == ["litert/CPU"]
     finally:
         model.close()
 
@@ -119,9 +119,9 @@ def test_auto_probes_every_candidate_and_keeps_the_fastest(sample_models):
     options = {"openvino": LoadOptions(), "litert": LoadOptions()}
     model, selection = select(sample_models["face"], "tflite", "auto", options, probe_runs=5)
     try:
-        assert set(selection.probes) == {"openvino", "litert"}
+        assert set(selection.probes) == {"openvino/CPU", "litert/CPU"}
         times = {name: probe["p50_ms"] for name, probe in selection.probes.items()}
-        assert selection.backend == min(times, key=times.get)
+        assert selection.label == min(times, key=times.get)
         assert selection.ranking == sorted(times, key=times.get)
         assert "fastest in probe" in selection.reason
     finally:
@@ -132,7 +132,7 @@ def test_explicit_backend_is_honoured(sample_models):
     options = {"openvino": LoadOptions(), "litert": LoadOptions()}
     model, selection = select(sample_models["face"], "tflite", "litert", options, probe_runs=5)
     assert selection.backend == "litert"
-    assert selection.reason == "litert set in config"
+    assert selection.reason == "litert/CPU set in config"
     model.close()
 
 
@@ -145,7 +145,7 @@ def test_model_no_backend_can_run_gives_one_clear_error(tmp_path):
     message = str(info.value)
     assert "\n" not in message
     assert message.startswith("no backend can run broken.tflite")
-    assert "openvino:" in message and "litert:" in message
+    assert "openvino/CPU:" in message and "litert/CPU:" in message
 
 
 def test_missing_backend_package_is_skipped_with_reason(sample_models, monkeypatch):

@@ -23,7 +23,7 @@ from tests.conftest import ROOT, _load_fetch_tool, build_tiny_ir, ir_files
 
 OPTIONS = {"openvino": LoadOptions(), "litert": LoadOptions()}
 
-# A process that records an attempt of tiny 1 on openvino and aborts inside it.
+# A process that records an attempt of tiny 1 on openvino (on the CPU, or argv[3]) and aborts inside it.
 ABORT_IN_ATTEMPT = """
 import os, sys
 from edged.backends.base import LoadOptions
@@ -32,7 +32,7 @@ from edged.models.attempts import Attempts
 from edged.models.store import ModelStore
 guard = Attempts(ModelStore(sys.argv[1]), print).guard(
     "tiny", sys.argv[2], ModelSettings(), {"openvino": LoadOptions(), "litert": LoadOptions()})
-with guard("openvino"):
+with guard("openvino", sys.argv[3] if len(sys.argv) > 3 else "CPU"):
     os.abort()
 """
 
@@ -58,25 +58,25 @@ def records(store: ModelStore) -> list[Path]:
     return sorted((store.root / DIRECTORY).glob("*.json"))
 
 
-def crash_in_attempt(store: ModelStore, version: str = "1") -> None:
-    result = run_python(ABORT_IN_ATTEMPT, store.root, version)
+def crash_in_attempt(store: ModelStore, version: str = "1", device: str = "CPU") -> None:
+    result = run_python(ABORT_IN_ATTEMPT, store.root, version, device)
     assert result.returncode == -signal.SIGABRT, result.stderr
 
 
 def test_a_load_that_returns_or_raises_leaves_no_record(tiny_store):
     guard = Attempts(tiny_store, print).guard("tiny", "1", ModelSettings(), OPTIONS)
-    with guard("openvino"):
+    with guard("openvino", "CPU"):
         assert len(records(tiny_store)) == 1
-    with pytest.raises(ValueError), guard("openvino"):
+    with pytest.raises(ValueError), guard("openvino", "CPU"):
         raise ValueError("a load that raises")
     assert records(tiny_store) == []
-    with guard("openvino"):  # nothing remembered: tried again
+    with guard("openvino", "CPU"):  # nothing remembered: tried again
         pass
 
 
 def test_a_load_in_progress_is_not_taken_for_a_crash(tiny_store):
     attempts = Attempts(tiny_store, print)
-    with attempts.guard("tiny", "1", ModelSettings(), OPTIONS)("openvino"):
+    with attempts.guard("tiny", "1", ModelSettings(), OPTIONS)("openvino", "CPU"):
         assert attempts.crashed() == {}
         # Another process (an `edged run --check` beside the daemon) sees the lock too.
         seen = run_python("import sys; from edged.models.attempts import Attempts; "
@@ -96,15 +96,16 @@ def test_a_process_that_died_in_a_load_makes_that_backend_skipped(tiny_store):
     attempts = Attempts(tiny_store, skips.append)
     guard = attempts.guard("tiny", "1", ModelSettings(), OPTIONS)
     for _ in range(2):
-        with pytest.raises(BackendSkipped) as info, guard("openvino"):
+        with pytest.raises(BackendSkipped) as info, guard("openvino", "CPU"):
             pytest.fail("a skipped backend must not be entered")
-    expected = (f"openvino crashed the daemon while loading tiny 1 (runtime {runtime_version('openvino')}); "
-                "not tried again until the model version, the runtime version or the config changes")
+    expected = (f"openvino on CPU crashed the daemon while loading tiny 1 "
+                f"(runtime {runtime_version('openvino')}); not tried again until the model version, "
+                "the runtime version or the config changes")
     assert str(info.value) == expected
     assert [s["backend"] for s in skips] == ["openvino"], "reported once per process"
     assert skips[0]["reason"] == expected and skips[0]["version"] == "1"
     assert attempts.skipped() == {"tiny": expected}
-    with guard("litert"):  # the other backend is tried as usual
+    with guard("litert", "CPU"):  # the other backend is tried as usual
         pass
     assert records(tiny_store) == [path], "the crash record stays"
 
@@ -120,9 +121,9 @@ from edged.models.attempts import Attempts
 from edged.models.store import ModelStore
 attempts = Attempts(ModelStore(sys.argv[1]), print)
 guard = attempts.guard("tiny", "1", ModelSettings(), {"openvino": LoadOptions(), "litert": LoadOptions()})
-with guard("openvino"):
+with guard("openvino", "CPU"):
     print(attempts.release_own(), flush=True)
-    with guard("litert"):
+    with guard("litert", "CPU"):
         os.abort()
 """
 
@@ -134,7 +135,7 @@ def test_a_process_that_exits_on_purpose_in_a_load_leaves_no_record(tiny_store):
     assert records(tiny_store) == []
     attempts = Attempts(tiny_store, print)
     assert attempts.crashed() == {}
-    with attempts.guard("tiny", "1", ModelSettings(), OPTIONS)("openvino"):  # tried again
+    with attempts.guard("tiny", "1", ModelSettings(), OPTIONS)("openvino", "CPU"):  # tried again
         pass
     assert attempts.skipped() == {}
 
@@ -145,7 +146,7 @@ def test_forget_clears_the_records_of_one_model(tiny_store):
     assert attempts.forget("face") == 0
     assert attempts.forget("tiny") == 1
     assert records(tiny_store) == []
-    with attempts.guard("tiny", "1", ModelSettings(), OPTIONS)("openvino"):
+    with attempts.guard("tiny", "1", ModelSettings(), OPTIONS)("openvino", "CPU"):
         pass
 
 
@@ -160,9 +161,35 @@ def test_a_new_version_or_config_is_tried_again(tiny_store, change):
     else:
         options["openvino"] = LoadOptions(workers=1)
     attempts = Attempts(tiny_store, print)
-    with attempts.guard("tiny", version, settings, options)("openvino"):
+    with attempts.guard("tiny", version, settings, options)("openvino", "CPU"):
         pass
     assert attempts.skipped() == {}
+
+
+def test_a_crash_on_one_device_spares_the_others(tiny_store):
+    """A GPU driver that crashed the daemon says nothing about the CPU plugin: the record
+    holds the device, and only that (backend, device) pair is skipped."""
+    crash_in_attempt(tiny_store, device="GPU")
+    [record] = [json.loads(path.read_text()) for path in records(tiny_store)]
+    assert (record["backend"], record["device"]) == ("openvino", "GPU")
+    skips: list[dict] = []
+    guard = Attempts(tiny_store, skips.append).guard("tiny", "1", ModelSettings(), OPTIONS)
+    with guard("openvino", "CPU"):
+        pass
+    with pytest.raises(BackendSkipped, match=r"^openvino on GPU crashed the daemon while loading tiny 1 "), \
+            guard("openvino", "GPU"):
+        pytest.fail("a skipped candidate must not be entered")
+    assert [(s["backend"], s["device"]) for s in skips] == [("openvino", "GPU")]
+
+
+def test_a_record_from_before_devices_is_forgotten(tiny_store):
+    crash_in_attempt(tiny_store)
+    [path] = records(tiny_store)
+    record = json.loads(path.read_text())
+    del record["device"]
+    path.write_text(json.dumps(record))
+    Attempts(tiny_store, print)
+    assert records(tiny_store) == []
 
 
 def test_records_that_cannot_match_again_are_forgotten(tiny_store, tmp_path):
@@ -196,9 +223,9 @@ def test_the_manager_serves_face_on_litert_after_openvino_crashed_it(sample_mode
         manager.load_all()
         face = manager.status()["face"]
         assert face["state"] == "ready" and face["backend"] == "litert"
-        assert face["skipped"].startswith("openvino crashed the daemon while loading face 1 (runtime ")
-        assert face["probes"]["openvino"]["skipped"] is True
-        assert "openvino skipped: openvino crashed the daemon" in face["reason"]
+        assert face["skipped"].startswith("openvino on CPU crashed the daemon while loading face 1 (runtime ")
+        assert face["probes"]["openvino/CPU"]["skipped"] is True
+        assert "openvino/CPU skipped: openvino on CPU crashed the daemon" in face["reason"]
         assert [kind for kind, _ in events] == ["model_skipped", "model_loaded"]
         assert events[0][1]["backend"] == "openvino" and events[0][1]["model"] == "face"
     finally:

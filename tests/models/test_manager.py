@@ -101,7 +101,7 @@ def test_a_failing_backend_hands_the_model_to_the_next(sample_store, tmp_path):
     manager = make_manager(sample_store, tmp_path, fallback_after_errors=2, fallback_retry_s=3600)
     try:
         served = manager.get("face")
-        first = served.selection.backend
+        first = served.selection.label
 
         def broken_infer(inputs, into=None):  # a fault the real runtime cannot produce on demand
             raise RuntimeError("device lost")
@@ -113,7 +113,7 @@ def test_a_failing_backend_hands_the_model_to_the_next(sample_store, tmp_path):
                 manager.infer("face", x)
         wait_until(lambda: manager.get("face") is not served, timeout=30, what="the fallback")
         moved = manager.get("face")  # described before it is served: no reader sees less
-        assert moved.selection.backend != first
+        assert moved.selection.label != first
         assert moved.selection.reason == f"fallback from {first} after 2 errors (device lost)"
         assert manager.infer("face", x).outputs["regressors"].shape == (1, 896, 16)
         assert manager.stats["face"].errors == 2

@@ -56,7 +56,7 @@ def test_every_bad_request_is_a_one_line_client_error(reshape_manager):
         messages.append(str(info.value))
     assert len(set(messages)) == 1
     message = messages[0]
-    assert message.startswith(f"reshape 1 on {backend}: the model rejected these inputs: ")
+    assert message.startswith(f"reshape 1 on {backend}/CPU: the model rejected these inputs: ")
     assert "\n" not in message and "Exception from" not in message
     for rows in (4, 12):
         np.testing.assert_array_equal(manager.infer("reshape", reshape_inputs(rows, dtype)).outputs["y"],

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -76,8 +77,10 @@ class SharedHandle(LoadedModel):
         self.shared = shared
         self.inputs, self.outputs, self.precision = shared.inputs, shared.outputs, shared.precision
 
-    def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return self.shared.infer(inputs)
+    def infer(
+        self, inputs: dict[str, np.ndarray], into: Mapping[str, np.ndarray] | None = None
+    ) -> dict[str, np.ndarray]:
+        return self.shared.infer(inputs, into)
 
     def close(self) -> None:
         """The shared model stays for the other devices (see the module's docstring)."""
@@ -91,7 +94,10 @@ class SharedOpenVINO(Backend):
         self._models: dict[tuple, OpenVINOModel] = {}
         self.compiles = 0
 
-    def load(self, path: Path, model_format: str, options: LoadOptions) -> LoadedModel:
+    def devices(self, options: LoadOptions, auto: bool) -> list[str]:
+        return ["CPU"]  # simulated devices share one CPU
+
+    def load(self, path: Path, model_format: str, options: LoadOptions, device: str = "CPU") -> LoadedModel:
         files = json.loads((path.parent / "manifest.json").read_bytes())["files"]
         store_root = path.parent.parent.parent.resolve()  # {store}/{name}/{version}/{file}
         faulty = store_root in FAULTY_STORES
