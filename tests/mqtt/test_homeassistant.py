@@ -14,6 +14,7 @@ import tomllib
 from pathlib import Path
 
 import cv2
+import numpy as np
 import pytest
 import skimage.data
 from jinja2.sandbox import SandboxedEnvironment
@@ -87,7 +88,8 @@ def config(broker: Broker, workdir: Path, camera: Path, **homeassistant: object)
                  "reconnect_max_s": 1.0, "health_interval_s": 1},
         "homeassistant": {"enabled": True, **homeassistant},
         "pipelines": {
-            "door": {"model": "face", "source": images, "sinks": [{"kind": "mqtt", "max_rate_hz": 5}]},
+            "door": {"model": "face", "source": images, "sinks": [
+                {"kind": "mqtt", "max_rate_hz": 5}, {"kind": "snapshot", "min_interval_s": 0.5}]},
             "mask": {"model": "selfie", "source": images, "sinks": [{"kind": "mqtt", "max_rate_hz": 5}]},
             "vib": {"model": "win", "sinks": [{"kind": "mqtt"}],
                     "source": {"kind": "mqtt", "uri": "sensors/+/vib", "channels": 2, "window": 4,
@@ -116,6 +118,7 @@ PIPELINE_ENTITIES = {
     f"{PREFIX}/sensor/{NODE}/pipeline_door_best_score/config",
     f"{PREFIX}/sensor/{NODE}/pipeline_mask_coverage/config",
     f"{PREFIX}/sensor/{NODE}/pipeline_vib_label/config",
+    f"{PREFIX}/image/{NODE}/pipeline_door_snapshot/config",
 }
 MODEL_ENTITIES = {f"{PREFIX}/sensor/{NODE}/model_{model}_{what}/config"
                   for model in ("face", "selfie", "tiny", "win") for what in ("version", "latency_p95")}
@@ -129,7 +132,8 @@ def test_discovery_configs_follow_the_schema_and_read_what_edged_publishes(
                what=lambda: (sorted(configs(watcher)), daemon.output()[-3000:]))
     sensor = mqtt_subscriber(broker, None)
     sensor.publish("sensors/a1/vib", "1,10\n2,20\n3,30\n4,40")  # one window: "high" wins
-    for topic in ("results/door", "results/mask", "results/vib", "state", "health", "status"):
+    for topic in ("results/door", "results/mask", "results/vib", "snapshots/door", "state", "health",
+                  "status"):
         watcher.wait_for(topic=f"{EDGED}/{topic}", timeout=60)
 
     found = configs(watcher)
@@ -173,6 +177,12 @@ def test_discovery_configs_follow_the_schema_and_read_what_edged_publishes(
     health = json.loads(last(watcher, f"{EDGED}/health"))
     assert float(value("model_face_latency_p95")) == health["models"]["face"]["latency"]["p95_ms"] > 0
 
+    # The snapshot's image entity reads the JPEG edged retains for the pipeline.
+    image = found[f"{PREFIX}/image/{NODE}/pipeline_door_snapshot/config"]
+    assert (image["image_topic"], image["content_type"]) == (f"{EDGED}/snapshots/door", "image/jpeg")
+    jpeg = cv2.imdecode(np.frombuffer(last(watcher, image["image_topic"]), np.uint8), cv2.IMREAD_COLOR)
+    assert jpeg is not None and jpeg.shape == (512, 512, 3)  # the astronaut, annotated
+
     # A detector that sees nothing: the same templates read an empty result.
     empty = json.dumps({**door, "detections": []}).encode()
     detected = found[f"{PREFIX}/binary_sensor/{NODE}/pipeline_door_detected/config"]
@@ -183,11 +193,11 @@ def test_discovery_configs_follow_the_schema_and_read_what_edged_publishes(
     assert render(label["value_template"], json.dumps({"classes": []}).encode()) == "None"
 
     log = daemon.output()
-    assert "pipeline quiet has no sink of kind mqtt, so no entities" in log
-    assert "published 13 discovery configs under homeassistant/" in log
+    assert "pipeline quiet has no sink of kind mqtt or snapshot, so no entities" in log
+    assert "published 14 discovery configs under homeassistant/" in log
     with daemon.client() as client:
         section = client.status()["homeassistant"]
-    assert section == {"enabled": True, "node_id": NODE, "entities": 13, "cleared": 0}
+    assert section == {"enabled": True, "node_id": NODE, "entities": 14, "cleared": 0}
 
 
 def test_entities_of_removed_pipelines_are_removed_at_start_and_at_reload(

@@ -9,7 +9,8 @@ the fields edged puts there. Nothing here publishes: `discovery.py` does.
 
 Entities per pipeline come from `SINK_ENTITIES`, keyed by sink kind, and for the `mqtt`
 sink from `DECODER_ENTITIES`, keyed by the model's decoder type. A new sink kind that
-Home Assistant should show (a snapshot's `image` entity) is one function and one entry.
+Home Assistant should show is one function and one entry, as the snapshot sink's `image`
+entity is.
 """
 
 from __future__ import annotations
@@ -94,9 +95,17 @@ def results_entities(pipeline: str, decoder: str | None, topics: Topics) -> list
     return build(pipeline, topics.results(pipeline)) if build else []
 
 
+def snapshot_entities(pipeline: str, decoder: str | None, topics: Topics) -> list[Entity]:
+    """A snapshot sink's newest annotated frame (retained JPEG bytes), as an `image` entity."""
+    return [Entity("image", object_id("pipeline", pipeline, "snapshot"), {
+        "name": f"{pipeline} snapshot", "image_topic": topics.snapshots(pipeline),
+        "content_type": "image/jpeg"})]
+
+
 # sink kind -> its entities, given the pipeline's name, its model's decoder type and the topics
 SINK_ENTITIES: dict[str, Callable[[str, str | None, Topics], list[Entity]]] = {
     "mqtt": results_entities,
+    "snapshot": snapshot_entities,
 }
 
 
