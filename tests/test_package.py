@@ -113,6 +113,18 @@ def test_lintian_finds_no_error(deb):
     assert errors == [] and result.returncode == 0, result.stdout + result.stderr
 
 
+def test_openvinos_gpu_and_npu_plugins_ship_and_opencl_is_only_recommended(deb):
+    """An Intel iGPU or NPU needs OpenVINO's plugins in the package; the GPU plugin's OpenCL
+    library is for machines that have one, so it must not be a hard dependency."""
+    control = run("dpkg-deb", "--field", str(deb)).stdout
+    fields = dict(line.split(": ", 1) for line in control.splitlines() if ": " in line)
+    assert fields["Recommends"] == "ocl-icd-libopencl1"
+    assert "opencl" not in fields["Depends"].lower()
+    files = run("dpkg-deb", "--contents", str(deb)).stdout
+    for plugin in ("libopenvino_intel_gpu_plugin.so", "libopenvino_intel_npu_plugin.so"):
+        assert f"/openvino/libs/{plugin}" in files, plugin
+
+
 def test_install_check_remove_purge(deb, this_machine, sample_models, tiny_ir):
     ok("dpkg", "-i", str(deb))
     assert ok(EDGED, "--version").strip() == f"edged {edged.__version__}"

@@ -74,11 +74,11 @@ rm -rf "$venv"/bin/pip* "$venv"/bin/activate* "$venv"/bin/Activate.ps1 \
 find "$venv" -name __pycache__ -type d -prune -exec rm -rf {} +
 rmdir "$venv/include/python$pyver" "$venv/include"  # headers for building extensions: none
 find "$site/numpy" -name tests -type d -prune -exec rm -rf {} +
-# edged runs OpenVINO on the CPU and LiteRT's interpreter: the GPU and NPU
-# plugins and LiteRT's accelerator and vendor (NPU) plugins are never loaded,
+# OpenVINO's GPU and NPU plugins stay: `device = "GPU"`/`"NPU"` load them (an
+# Intel iGPU or NPU, docs/accelerators.md). LiteRT's accelerator and vendor (NPU)
+# plugins are never loaded (edged uses its interpreter, and delegates by path),
 # and the vendor ones link to another OpenVINO release than the one installed.
-rm -rf "$site"/openvino/libs/libopenvino_intel_gpu_plugin.so "$site"/openvino/libs/libopenvino_intel_npu_plugin.so \
-    "$site"/ai_edge_litert/libLiteRtWebGpuAccelerator.so "$site"/ai_edge_litert/vendors
+rm -rf "$site"/ai_edge_litert/libLiteRtWebGpuAccelerator.so "$site"/ai_edge_litert/vendors
 # A tool that applies NPU compiler plugins, with an RPATH to the system's lib dirs.
 rm -f "$site"/ai_edge_litert/tools/apply_plugin_main
 # Only commands keep an exec bit: modules, shared libraries and data files that
@@ -165,7 +165,19 @@ find "$root" ! -type l -exec chmod u+w,go-w,a+rX {} +
 #    are found through their $ORIGIN RPATHs).
 mkdir -p "$root/DEBIAN"
 printf 'Source: edged\n\nPackage: edged\nArchitecture: any\n' > "$work/debian/control"
-shlibs=$(cd "$work" && dpkg-shlibdeps -O --ignore-missing-info "${elves[@]/#/-e}" 2>"$work/shlibdeps.log" \
+#    OpenVINO's GPU plugin links libOpenCL.so.1, which only a machine with an
+#    Intel GPU needs (its OpenCL runtime, intel-opencl-icd, brings it): it is
+#    recommended, not required, and left out of what dpkg-shlibdeps reads; the
+#    plugin says what is missing when it cannot load.
+required=()
+recommends=""
+for elf in "${elves[@]}"; do
+    case $elf in
+        */libopenvino_intel_gpu_plugin.so) recommends="ocl-icd-libopencl1" ;;
+        *) required+=("$elf") ;;
+    esac
+done
+shlibs=$(cd "$work" && dpkg-shlibdeps -O --ignore-missing-info "${required[@]/#/-e}" 2>"$work/shlibdeps.log" \
     | sed -n 's/^shlibs:Depends=//p') || { cat "$work/shlibdeps.log" >&2; exit 1; }
 depends="python$pyver, adduser, procps${shlibs:+, $shlibs}"
 
@@ -176,6 +188,9 @@ size=$(du -sk --exclude=DEBIAN "$root" | cut -f1)
 sed -e "s|@VERSION@|$version|" -e "s|@ARCH@|$arch|" -e "s|@MAINTAINER@|$maintainer|" \
     -e "s|@INSTALLED_SIZE@|$size|" -e "s|@DEPENDS@|$depends|" \
     packaging/deb/control.in > "$root/DEBIAN/control"
+if [ -n "$recommends" ]; then
+    sed -i "/^Depends: /a Recommends: $recommends" "$root/DEBIAN/control"
+fi
 (cd "$root" && find . -path ./DEBIAN -prune -o -type f -printf '%P\0' | LC_ALL=C sort -z \
     | xargs -0 md5sum > DEBIAN/md5sums)
 
