@@ -75,6 +75,23 @@ def test_a_backend_that_crashed_the_daemon_is_skipped_until_a_new_version(
     assert face["skipped"].startswith(SKIPPED.format("face 2"))
 
 
+def test_a_runtime_that_crashed_while_listing_its_devices_is_skipped(start_daemon, face_store, tmp_path):
+    """A runtime that dies on import, or a driver that dies while devices are listed, happens
+    before any candidate loads: that step is on record too, or systemd would restart into it."""
+    config = config_for(tmp_path)
+    crashes(start_daemon(face_store.root, config, {TEST_CRASH_VARIABLE: "openvino@devices"}, ready=False))
+    assert list((face_store.root / DIRECTORY).glob("*.json")), "the listing is on record"
+
+    second = start_daemon(face_store.root, config, {TEST_CRASH_VARIABLE: "openvino@devices"})
+    face = model_status(second, "face")
+    assert face["state"] == "ready" and face["backend"] == "litert"
+    assert face["skipped"].startswith("openvino crashed the daemon while listing its devices for face 1 "
+                                      "(runtime openvino ")
+    assert face["probes"]["openvino"]["skipped"] is True
+    with second.client() as client:
+        assert client.infer("face", FACE_INPUT)
+
+
 def test_a_model_only_the_crashing_backend_reads_fails_until_the_config_changes(
         start_daemon, tiny_store, tmp_path):
     config = config_for(tmp_path)

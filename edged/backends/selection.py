@@ -9,7 +9,8 @@ absent device, a delegate that does not load) is one reason and the next is trie
 figures and reasons are kept with the model, so `status` can say why a model runs
 where it runs. Each candidate's load and probe run inside the caller's `attempt` hook,
 which records them durably (edged/models/attempts.py) so that a runtime crashing the
-whole process is not tried again after a restart.
+whole process is not tried again after a restart; so does each backend's import and
+device listing (as the device `LISTING`), since a runtime or a driver can crash there too.
 """
 
 from __future__ import annotations
@@ -44,9 +45,13 @@ RUNTIME_PACKAGES: dict[str, tuple[str, ...]] = {
 # before and clears it after, or raises BackendSkipped when that combination crashed the process.
 Attempt = Callable[[str, str], AbstractContextManager[object]]
 
+# What `attempt` is given as the device while a backend is imported and lists its devices.
+LISTING = "listing devices"
+
 # TEST-ONLY: a backend name. The process aborts (SIGABRT) right before that backend loads
-# any model, as a runtime that segfaults would; tests/test_crash_loop.py needs a real
-# crash on demand. Never set it on a device.
+# any model, as a runtime that segfaults would; with `@devices` after the name, right before
+# it lists its devices. tests/test_crash_loop.py needs a real crash on demand. Never set it
+# on a device.
 TEST_CRASH_VARIABLE = "EDGED_TEST_CRASH_BACKEND"
 
 
@@ -64,11 +69,13 @@ def runtime_version(backend: str) -> str:
     return "not installed"
 
 
-def _crash_for_tests(backend: str) -> None:
-    """The test-only switch above; a no-op unless the variable names `backend`."""
-    if os.environ.get(TEST_CRASH_VARIABLE) == backend:
-        log.critical("%s=%s: aborting before %s loads (test-only switch)", TEST_CRASH_VARIABLE,
-                     backend, backend)
+def _crash_for_tests(backend: str, stage: str = "") -> None:
+    """The test-only switch above; a no-op unless the variable names `backend` (and `stage`,
+    "@devices", when given)."""
+    value = os.environ.get(TEST_CRASH_VARIABLE)
+    if value == backend + stage:
+        log.critical("%s=%s: aborting before %s %s (test-only switch)", TEST_CRASH_VARIABLE, value,
+                     backend, "lists its devices" if stage else "loads")
         os.abort()
 
 
@@ -80,6 +87,7 @@ class Candidate:
     backend: str
     device: str | None = None
     error: str | None = field(default=None, compare=False)
+    skipped: bool = field(default=False, compare=False)  # listing its devices crashed the process
 
     @property
     def label(self) -> str:
@@ -141,15 +149,24 @@ def time_runs(model: LoadedModel, runs: int) -> float:
     return statistics.median(times) * 1000
 
 
-def candidates(model_format: str, wanted: str, options: dict[str, LoadOptions]) -> list[Candidate]:
+def candidates(model_format: str, wanted: str, options: dict[str, LoadOptions],
+               attempt: Attempt | None = None, exclude: frozenset[str] = frozenset()) -> list[Candidate]:
     """What `select` tries, in the order a tie goes: each backend's devices, backends in
-    table order. A backend that cannot be imported is one candidate with no device, so its
-    reason is shown like any other."""
+    table order. A backend that cannot be imported, or list its devices, is one candidate
+    with no device, so its reason is shown like any other. Importing and listing run inside
+    `attempt(backend, LISTING)`: a runtime that crashes the process there is skipped next time."""
     auto = wanted == "auto"
     found = []
     for name in candidates_for(model_format) if auto else [wanted]:
+        if name in exclude:
+            continue
         try:
-            devices = get_backend(name).devices(options[name], auto)
+            with attempt(name, LISTING) if attempt is not None else nullcontext():
+                _crash_for_tests(name, "@devices")
+                devices = get_backend(name).devices(options[name], auto)
+        except BackendSkipped as exc:
+            found.append(Candidate(name, error=str(exc), skipped=True))
+            continue
         except Exception as exc:  # a runtime that cannot even list its devices is one reason
             found.append(Candidate(name, error=first_line(exc)))
             continue
@@ -169,8 +186,8 @@ def select(
     """Load `path` on the backend `wanted` ("auto" to measure every candidate); raise
     BackendError if none can. `exclude`: candidate labels (or whole backends) not to try.
     `attempt(backend, device)` wraps each candidate's load and probe (see `Attempt`)."""
-    tried = [c for c in candidates(model_format, wanted, options)
-             if c.label not in exclude and c.backend not in exclude]
+    tried = [c for c in candidates(model_format, wanted, options, attempt, exclude)
+             if c.label not in exclude]
     if not tried:
         raise BackendError(f"no backend reads {model_format!r} models" + (
             f" besides {', '.join(sorted(exclude))}" if exclude else ""))
@@ -213,7 +230,8 @@ def _try(candidate: Candidate, path: Path, model_format: str, wanted: str,
 
     try:
         if device is None:  # it could not list its devices: say why
-            raise BackendError(candidate.error or f"{name} lists no device")
+            error = candidate.error or f"{name} lists no device"
+            raise BackendSkipped(error) if candidate.skipped else BackendError(error)
         with attempt(name, device) if attempt is not None else nullcontext():
             _crash_for_tests(name)
             model = get_backend(name).load(path, model_format, options[name], device)

@@ -14,7 +14,6 @@ from pydantic import Field, field_validator
 
 from edged.config.base import Section
 
-PHYSICAL = ("CPU", "GPU", "NPU")
 _PHYSICAL = re.compile(r"(CPU|GPU|NPU)(\.\d+)?")
 FORMS = ("CPU, GPU, NPU (or one of several: GPU.1), AUTO, AUTO:<devices> or HETERO:<devices>, "
          "<devices> being physical devices separated by commas (AUTO:GPU,CPU)")

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edged.backends.base import LoadOptions
-from edged.backends.selection import Attempt, BackendSkipped, runtime_version
+from edged.backends.selection import LISTING, Attempt, BackendSkipped, runtime_version
 from edged.config import ModelSettings
 from edged.errors import EdgedError
 from edged.fsio import fsync_dir
@@ -52,7 +52,7 @@ class Combination:
     model: str
     version: str
     backend: str
-    device: str  # "CPU", "GPU", "AUTO", a LiteRT delegate library: a GPU driver crash spares the CPU
+    device: str  # "CPU", "GPU", "AUTO", a delegate library, LISTING: a GPU driver crash spares the CPU
     runtime: str  # "openvino 2026.4.1"
     config: str  # hash of the model's settings and the backend's load options
 
@@ -66,9 +66,11 @@ class Combination:
         return hashlib.sha256(text.encode()).hexdigest()
 
     def skip_message(self) -> str:
-        return (f"{self.backend} on {self.device} crashed the daemon while loading {self.model} "
-                f"{self.version} (runtime {self.runtime}); not tried again until the model version, "
-                "the runtime version or the config changes")
+        what = (f"{self.backend} crashed the daemon while listing its devices for" if self.device == LISTING
+                else f"{self.backend} on {self.device} crashed the daemon while loading")
+        return (f"{what} {self.model} {self.version} (runtime "
+                f"{self.runtime}); not tried again until the model version, the runtime version "
+                "or the config changes")
 
 
 def config_hash(settings: ModelSettings, options: LoadOptions | None) -> str:

@@ -162,8 +162,9 @@ class MqttLink:
     def publish_retained(self, topic: str, payload: bytes) -> str:
         """Publish a retained message outside the outbox (Home Assistant's discovery configs,
         derived state published again on every connect): lost if the broker is away.
-        '' when handed to the connection, else why not."""
-        info = self.client.publish(topic, payload, qos=1, retain=True)
+        QoS 0, so that paho does not resend a stale copy after a reconnect, over the fresh one
+        the connect publishes. '' when handed to the connection, else why not."""
+        info = self.client.publish(topic, payload, qos=0, retain=True)
         return "" if info.rc == mqtt.MQTT_ERR_SUCCESS else mqtt.error_string(info.rc)
 
     def request(self, topic: str, payload: bytes, response_topic: str, correlation: bytes) -> None:

@@ -25,7 +25,6 @@ from edged.config import HomeAssistantSettings, MqttSettings, PipelineSettings
 from edged.topics import Topics
 
 COMPONENTS = ("binary_sensor", "sensor", "image")  # the only ones edged publishes, and sweeps
-NODE_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # Home Assistant's character class for node and object ids
 QUOTABLE = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # a name safe inside a template's '...' string
 MAX_CONFIG_BYTES = 8 << 10  # one config; ours are under 1 KiB
 
