@@ -121,7 +121,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def _predict_image(client, args: argparse.Namespace, meta: dict, path: Path) -> int:
     """An image goes through the model's preprocessing and, when it has one, its decoder."""
-    from edged.api.codec import DATATYPES
+    from edged.api.tensors import DATATYPES
     from edged.pipelines.annotate import Seen
     from edged.pipelines.decoders import build_decoder
     from edged.pipelines.preprocess import image_to_tensor, read_image

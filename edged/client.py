@@ -16,9 +16,9 @@ from urllib.parse import quote
 
 import numpy as np
 
-from edged.api import codec
-from edged.api.codec import ShmRef, ShmTensor
+from edged.api import client_codec
 from edged.api.http import send_parts
+from edged.api.tensors import Parts, ShmRef, ShmTensor
 from edged.errors import EdgedError
 
 
@@ -93,7 +93,7 @@ class Client:
         binary: bool = True, outputs: list[str] | dict[str, ShmRef | None] | None = None,
     ) -> tuple[dict, dict[str, np.ndarray | ShmTensor]]:
         """Like `infer`, also returning the response document (model_version, id)."""
-        body, header_length = codec.encode_request_parts(
+        body, header_length = client_codec.encode_request_parts(
             inputs, binary=binary, outputs=outputs, binary_outputs=binary
         )
         headers = {"Content-Type": "application/octet-stream" if header_length else "application/json"}
@@ -104,7 +104,7 @@ class Client:
         if status != 200:
             raise ClientError(status, _error_text(data))
         length = response_headers.get("inference-header-content-length")
-        return codec.decode_response(data, int(length) if length else None)
+        return client_codec.decode_response(data, int(length) if length else None)
 
     # --- system shared memory ----------------------------------------------------
     def register_system_shared_memory(self, name: str, key: str, byte_size: int, offset: int = 0) -> None:
@@ -140,7 +140,7 @@ class Client:
         return json.loads(bytes(data)) if data else None
 
     def request(
-        self, method: str, path: str, body: bytes | codec.Parts = b"", headers: dict[str, str] | None = None,
+        self, method: str, path: str, body: bytes | Parts = b"", headers: dict[str, str] | None = None,
         fds: list[int] | None = None,
     ) -> tuple[int, dict[str, str], bytearray]:
         """`fds`: descriptors passed with the request (SCM_RIGHTS), as `register_memfd` does."""

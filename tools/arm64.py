@@ -50,7 +50,7 @@ SCORE_TOLERANCE = 0.01
 TIME_INFERENCE = """
 import sys, time
 import numpy as np
-from edged.api.codec import DATATYPES
+from edged.api.tensors import DATATYPES
 from edged.client import Client
 with Client(sys.argv[1]) as client:
     spec = client.metadata("face")["inputs"][0]

@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 from fetch_models import ROOT, fetch  # tools/ is sys.path[0] when this script runs
 
-from edged.api.codec import ShmRef, ShmTensor
+from edged.api.tensors import ShmRef, ShmTensor
 from edged.backends import get_backend
 from edged.client import Client
 from edged.config import BackendSettings, ModelSettings, Settings
@@ -346,7 +346,7 @@ def client_process(socket_path: str, model: str, path: str, seconds: float, barr
 
 
 def _dtype(datatype: str) -> np.dtype:
-    from edged.api.codec import DATATYPES
+    from edged.api.tensors import DATATYPES
     return DATATYPES[datatype]
 
 

@@ -41,7 +41,7 @@ INPUT = "/srv/edged-boot/input.npy"
 # Writes a zeros tensor shaped as the model's first input (run by the package's python).
 MAKE_INPUT = f"""
 import numpy as np
-from edged.api.codec import DATATYPES
+from edged.api.tensors import DATATYPES
 from edged.client import Client
 with Client({SOCK!r}) as client:
     spec = client.metadata("face")["inputs"][0]

@@ -16,8 +16,10 @@ from urllib.parse import unquote
 from edged import __version__, strict_json
 from edged.api import codec
 from edged.api.access import Peer, Rule
+from edged.api.header_cache import HeaderCache
 from edged.api.http import HTTPError, Request, Response, parse_length
 from edged.api.shared_memory import RegionNotFound, Regions
+from edged.api.tensors import HEADER_LENGTH, ShmTensor, datatype_of
 from edged.config import Settings
 from edged.errors import (
     BackendError,
@@ -71,7 +73,7 @@ class Api:
         }
         self.max_pending = settings.socket.max_pending_requests
         self.max_json = settings.socket.max_json_bytes
-        self.header_cache = codec.HeaderCache()
+        self.header_cache = HeaderCache()
         self.regions = Regions(settings.socket.max_shm_regions_per_uid, settings.socket.max_shm_bytes_per_uid)
         self.pending = 0
         self.counters: dict[str, int] = {}
@@ -125,9 +127,9 @@ class Api:
             self.count("refused_busy")
             return error_response(503, f"server busy: {self.pending} requests in progress, try again")
         json_length = request.length
-        if codec.HEADER_LENGTH in request.headers:
+        if HEADER_LENGTH in request.headers:
             try:
-                json_length = parse_length(request.headers[codec.HEADER_LENGTH],
+                json_length = parse_length(request.headers[HEADER_LENGTH],
                                            "Inference-Header-Content-Length")
             except HTTPError as exc:
                 return error_response(400, str(exc))
@@ -194,7 +196,7 @@ class Api:
         loaded = served.loaded
 
         def tensors(specs):
-            return [{"name": s.name, "datatype": codec.datatype_of(s.dtype), "shape": list(s.shape)}
+            return [{"name": s.name, "datatype": datatype_of(s.dtype), "shape": list(s.shape)}
                     for s in specs]
 
         return json_response(200, {
@@ -224,9 +226,9 @@ class Api:
             self.pending += 1
         try:
             header_length = None
-            if codec.HEADER_LENGTH in request.headers:
+            if HEADER_LENGTH in request.headers:
                 try:
-                    header_length = parse_length(request.headers[codec.HEADER_LENGTH],
+                    header_length = parse_length(request.headers[HEADER_LENGTH],
                                                  "Inference-Header-Content-Length")
                 except HTTPError as exc:
                     raise InvalidInput(str(exc)) from None
@@ -234,7 +236,7 @@ class Api:
             inputs, places = decoded.inputs, {}
             if decoded.uses_shared_memory:  # checked before the daemon allocates and reads anything
                 loaded = self.manager.get(name, version).loaded
-                check_layout({k: v for k, v in inputs.items() if isinstance(v, codec.ShmTensor)},
+                check_layout({k: v for k, v in inputs.items() if isinstance(v, ShmTensor)},
                              loaded.inputs)
                 places = self.regions.output_places(peer.uid, decoded.outputs, loaded.outputs)
                 inputs = self.regions.read_inputs(peer.uid, inputs)

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from edged.api.access import Peer
-from edged.api.codec import OutputRequest, ShmRef, ShmTensor, Tensor
+from edged.api.tensors import OutputRequest, ShmRef, ShmTensor, Tensor
 from edged.backends.base import TensorSpec
 from edged.errors import EdgedError, Forbidden, InvalidInput
 

@@ -1,4 +1,5 @@
-"""Unit tests for the Open Inference Protocol codec: round trips and untrusted-input errors."""
+"""Unit tests for the Open Inference Protocol codec (edged/api/codec.py, client_codec.py,
+tensors.py, header_cache.py): round trips and untrusted-input errors."""
 
 from __future__ import annotations
 
@@ -9,20 +10,17 @@ import numpy as np
 import pytest
 
 from edged.api import codec
-from edged.api.codec import (
+from edged.api.client_codec import decode_response, encode_request
+from edged.api.codec import decode_request, encode_response, parse_json
+from edged.api.header_cache import HeaderCache
+from edged.api.tensors import (
     DATATYPES,
     MAX_RANK,
     MAX_TENSORS,
-    HeaderCache,
     InferRequest,
     ShmRef,
     ShmTensor,
     datatype_of,
-    decode_request,
-    decode_response,
-    encode_request,
-    encode_response,
-    parse_json,
 )
 from edged.errors import InvalidInput
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edged.api import codec
+from edged.api import client_codec
 from edged.backends import get_backend
 from edged.backends.base import LoadOptions
 from edged.client import Client, ClientError
@@ -174,7 +174,7 @@ def test_non_finite_inputs_are_refused_unless_the_model_allows_them(daemon):
 
 
 def test_binary_size_disagreeing_with_header(daemon):
-    body, length = codec.encode_request({"x": X})
+    body, length = client_codec.encode_request({"x": X})
     doc = json.loads(body[:length])
     doc["inputs"][0]["parameters"]["binary_data_size"] = 12
     header = json.dumps(doc).encode()

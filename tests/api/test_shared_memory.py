@@ -24,8 +24,8 @@ import numpy as np
 import pytest
 
 from edged.api.access import Peer
-from edged.api.codec import ShmRef, ShmTensor
 from edged.api.shared_memory import RegionNotFound, Regions
+from edged.api.tensors import ShmRef, ShmTensor
 from edged.backends import get_backend
 from edged.backends.base import LoadOptions
 from edged.client import Client, ClientError
